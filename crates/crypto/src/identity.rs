@@ -53,6 +53,15 @@ pub enum KeyError {
     /// An X25519 agreement gave the all-zero result: the peer sent a low-order point.
     #[error("non-contributory X25519 agreement (low-order public key)")]
     NonContributory,
+    /// The prekey id space (u32) is used up; generate a new identity.
+    #[error("prekey ids exhausted")]
+    PrekeyIdsExhausted,
+    /// More one-time prekeys asked for in one batch than allowed.
+    #[error("one-time prekey batch too large")]
+    BatchTooLarge,
+    /// A prekey id in a message does not match the key we hold.
+    #[error("unknown prekey id {0}")]
+    UnknownPrekey(u32),
     /// A username outside the allowed alphabet or length.
     #[error("invalid username: use 1-32 characters of a-z, 0-9, '_', '.', '-'")]
     InvalidUsername,

@@ -46,7 +46,9 @@ pub mod dh;
 pub mod fingerprint;
 pub mod identity;
 mod kdf;
+pub mod prekey;
 pub mod secret;
+pub mod x3dh;
 
 pub use codec::DecodeError;
 pub use dh::{DhKeyPair, DhPublicKey};
