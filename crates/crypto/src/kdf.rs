@@ -42,9 +42,18 @@ const CHAIN_NEXT_KEY_INPUT: u8 = 0x02;
 
 /// `KDF_CK(ck)`: returns `(message key seed, next chain key)`.
 pub(crate) fn chain_step(ck: &Secret32) -> (Secret32, Secret32) {
+    #[cfg(test)]
+    CHAIN_STEPS.with(|c| c.set(c.get() + 1));
     let mk = hmac_sha256(ck.expose(), &[&[CHAIN_MESSAGE_KEY_INPUT]]);
     let next = hmac_sha256(ck.expose(), &[&[CHAIN_NEXT_KEY_INPUT]]);
     (Secret32::from_bytes(*mk), Secret32::from_bytes(*next))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Counts `chain_step` calls on this thread, so tests can prove a refused
+    /// message derived no keys.
+    pub(crate) static CHAIN_STEPS: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
 }
 
 /// A ChaCha20-Poly1305 key and nonce derived from a single-use message key seed.

@@ -46,7 +46,9 @@ pub mod dh;
 pub mod fingerprint;
 pub mod identity;
 mod kdf;
+pub mod padding;
 pub mod prekey;
+pub mod ratchet;
 pub mod secret;
 pub mod x3dh;
 
