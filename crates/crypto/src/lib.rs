@@ -47,6 +47,7 @@ pub mod fingerprint;
 pub mod identity;
 mod kdf;
 pub mod secret;
+pub mod sender_key;
 
 pub use codec::DecodeError;
 pub use dh::{DhKeyPair, DhPublicKey};
