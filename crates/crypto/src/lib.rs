@@ -50,6 +50,7 @@ pub mod padding;
 pub mod prekey;
 pub mod ratchet;
 pub mod secret;
+pub mod sender_key;
 pub mod x3dh;
 
 pub use codec::DecodeError;

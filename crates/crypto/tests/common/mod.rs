@@ -58,8 +58,8 @@ pub fn check(file: &str, header: &str, values: &[(&str, String)]) {
         std::fs::write(&path, out).unwrap();
         return;
     }
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let stored = parse(&text);
     assert_eq!(
         stored.len(),
