@@ -1,0 +1,36 @@
+//! # messenger-rendezvous
+//!
+//! The messenger's self-hosted server as a library; the `rendezvous` binary
+//! is a thin `main` around it. The server will keep presence, the key
+//! directory, friend and group rosters and store-and-forward mailboxes of
+//! ciphertext, behind QUIC (quinn) with TLS 1.3 (rustls, ring provider only).
+//!
+//! Today it holds the server's TLS identity: [`tls::ServerIdentity`] makes a
+//! self-signed certificate in the data directory on first start, reuses it
+//! afterwards, and gives the `SHA256:` fingerprint clients pin.
+//!
+//! ## What it does not do
+//!
+//! It never sees a plaintext message and holds no user secrets: every body
+//! it stores or relays is ciphertext made on a client. It does not print;
+//! the binary decides what to show (e.g. the fingerprint at start-up).
+//!
+//! ## Example
+//!
+//! ```
+//! use messenger_rendezvous::tls::ServerIdentity;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let identity = ServerIdentity::load_or_create(dir.path())?;
+//! assert!(identity.was_created());
+//! assert!(identity.fingerprint().starts_with("SHA256:"));
+//!
+//! // The next start reuses the same certificate.
+//! let again = ServerIdentity::load_or_create(dir.path())?;
+//! assert_eq!(again.fingerprint(), identity.fingerprint());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod tls;
