@@ -515,6 +515,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use base64::Engine;
+    use proptest::prelude::*;
     use rand::SeedableRng;
 
     use super::*;
@@ -888,5 +889,55 @@ mod tests {
             }
         }
         assert!(format!("{opened:?}").contains("Secret32(..)"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The `keyfile_parse` fuzz target as a stable test: any input is
+        /// parsed without panicking and never opens.
+        #[test]
+        fn arbitrary_bytes_never_open(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = peek_public(&bytes);
+            let _ = peek_params(&bytes);
+            prop_assert!(open(&bytes, b"correct horse").is_err());
+        }
+
+        /// A valid, cheap header prefix followed by arbitrary bytes reaches
+        /// the public-identity and AEAD checks and is refused there.
+        #[test]
+        fn arbitrary_body_behind_valid_header_never_opens(
+            m in 16u32..64,
+            t in 1u32..3,
+            p in 1u32..3,
+            rest in proptest::collection::vec(any::<u8>(), FILE_LEN - 22..=FILE_LEN - 22),
+        ) {
+            let mut bytes = MAGIC.to_vec();
+            bytes.extend_from_slice(&[VERSION, KDF_ARGON2ID_V13]);
+            for v in [m, t, p] {
+                bytes.extend_from_slice(&v.to_be_bytes());
+            }
+            bytes.extend_from_slice(&rest);
+            prop_assert!(
+                matches!(peek_params(&bytes), Err(KeyFileError::PublicIdentity(_))),
+                "{:?}",
+                peek_params(&bytes)
+            );
+            prop_assert!(open(&bytes, b"correct horse").is_err());
+        }
+
+        /// One to three changed bytes anywhere: always an error.
+        #[test]
+        fn random_edits_never_open(
+            edits in proptest::collection::vec((0..FILE_LEN, 1u8..=255), 1..4),
+        ) {
+            let (_, _, file) = fixture();
+            let mut bad = file.clone();
+            for (at, mask) in edits {
+                bad[at] ^= mask;
+            }
+            prop_assume!(bad != file);
+            prop_assert!(open(&bad, b"correct horse").is_err());
+        }
     }
 }
