@@ -46,6 +46,7 @@ pub mod dh;
 pub mod fingerprint;
 pub mod identity;
 mod kdf;
+pub mod keyfile;
 pub mod padding;
 pub mod prekey;
 pub mod ratchet;

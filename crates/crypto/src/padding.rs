@@ -15,7 +15,7 @@ pub(crate) fn pad_in_place(buf: &mut Vec<u8>, start: usize) {
 
 /// Length of the plaintext inside a padded buffer, or `None` if the padding is malformed.
 pub(crate) fn unpadded_len(padded: &[u8]) -> Option<usize> {
-    if padded.is_empty() || padded.len() % PADDING_BUCKET != 0 {
+    if padded.is_empty() || !padded.len().is_multiple_of(PADDING_BUCKET) {
         return None;
     }
     let marker = padded.iter().rposition(|b| *b != 0)?;

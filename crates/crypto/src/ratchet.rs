@@ -245,7 +245,7 @@ impl<'a> Parsed<'a> {
         let index = r.u32()?;
         let header_end = bytes.len() - r.remaining();
         let body = r.remaining();
-        if body < TAG_LEN + padded_len(0) || (body - TAG_LEN) % crate::padding::PADDING_BUCKET != 0
+        if body < TAG_LEN + padded_len(0) || !(body - TAG_LEN).is_multiple_of(crate::padding::PADDING_BUCKET)
         {
             return Err(DecodeError::Invalid {
                 what: "message body",
@@ -443,10 +443,10 @@ impl Session {
         now: u64,
     ) -> Result<Vec<u8>, RatchetError> {
         let parsed = Parsed::parse(message)?;
-        if let Some(info) = &parsed.prekey {
-            if info.initiation != self.initiation || info.sender != self.remote {
-                return Err(RatchetError::SessionMismatch);
-            }
+        if let Some(info) = &parsed.prekey
+            && (info.initiation != self.initiation || info.sender != self.remote)
+        {
+            return Err(RatchetError::SessionMismatch);
         }
         let mut next = self.clone();
         let plaintext = next.decrypt_parsed(rng, &parsed, now)?;
@@ -568,18 +568,17 @@ impl Session {
                 stored_at: now,
             });
             in_chain += 1;
-            if in_chain > MAX_SKIPPED_KEYS_PER_CHAIN {
-                if let Some(oldest) = self.skipped.iter().position(|k| k.their_key == their_key) {
-                    self.skipped.remove(oldest);
-                    in_chain -= 1;
-                }
+            if in_chain > MAX_SKIPPED_KEYS_PER_CHAIN
+                && let Some(oldest) = self.skipped.iter().position(|k| k.their_key == their_key)
+            {
+                self.skipped.remove(oldest);
+                in_chain -= 1;
             }
-            if self.skipped.len() > MAX_SKIPPED_KEYS {
-                if let Some(old) = self.skipped.pop_front() {
-                    if old.their_key == their_key {
-                        in_chain -= 1;
-                    }
-                }
+            if self.skipped.len() > MAX_SKIPPED_KEYS
+                && let Some(old) = self.skipped.pop_front()
+                && old.their_key == their_key
+            {
+                in_chain -= 1;
             }
         }
     }
