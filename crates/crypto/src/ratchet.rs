@@ -245,7 +245,8 @@ impl<'a> Parsed<'a> {
         let index = r.u32()?;
         let header_end = bytes.len() - r.remaining();
         let body = r.remaining();
-        if body < TAG_LEN + padded_len(0) || !(body - TAG_LEN).is_multiple_of(crate::padding::PADDING_BUCKET)
+        if body < TAG_LEN + padded_len(0)
+            || !(body - TAG_LEN).is_multiple_of(crate::padding::PADDING_BUCKET)
         {
             return Err(DecodeError::Invalid {
                 what: "message body",

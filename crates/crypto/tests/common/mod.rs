@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// A deterministic RNG for fixture generation.
-pub fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
+pub(crate) fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
     use rand::SeedableRng;
     rand::rngs::StdRng::seed_from_u64(seed)
 }
@@ -38,7 +38,7 @@ fn parse(text: &str) -> BTreeMap<String, String> {
 
 /// Compares `values` (name, value) with `keys/vectors/<file>`, in order.
 /// A value is written as given: hex for bytes, `"..."` for text.
-pub fn check(file: &str, header: &str, values: &[(&str, String)]) {
+pub(crate) fn check(file: &str, header: &str, values: &[(&str, String)]) {
     let path = vectors_dir().join(file);
     if std::env::var_os("MESSENGER_WRITE_VECTORS").is_some() {
         assert!(
@@ -77,6 +77,6 @@ pub fn check(file: &str, header: &str, values: &[(&str, String)]) {
 }
 
 /// Hex of bytes.
-pub fn hx(bytes: impl AsRef<[u8]>) -> String {
+pub(crate) fn hx(bytes: impl AsRef<[u8]>) -> String {
     hex::encode(bytes)
 }
