@@ -47,6 +47,7 @@ pub mod fingerprint;
 pub mod identity;
 mod kdf;
 pub mod secret;
+pub mod stream;
 
 pub use codec::DecodeError;
 pub use dh::{DhKeyPair, DhPublicKey};
