@@ -442,7 +442,8 @@ where
 {
     let (mut encryptor, header) = StreamEncryptor::new(key, rng);
     writer.write_all(&header)?;
-    let mut buf = Vec::with_capacity(ENCRYPTED_CHUNK_LEN + 1);
+    // Plaintext passes through this buffer; wipe it when done.
+    let mut buf = Zeroizing::new(Vec::with_capacity(ENCRYPTED_CHUNK_LEN + 1));
     let mut carry = None;
     let mut total = 0u64;
     loop {
@@ -483,7 +484,8 @@ where
     let mut header = Vec::with_capacity(HEADER_LEN);
     read_up_to(reader, &mut header, HEADER_LEN)?;
     let mut decryptor = StreamDecryptor::new(key, &header)?;
-    let mut buf = Vec::with_capacity(ENCRYPTED_CHUNK_LEN + 1);
+    // Plaintext passes through this buffer; wipe it when done.
+    let mut buf = Zeroizing::new(Vec::with_capacity(ENCRYPTED_CHUNK_LEN + 1));
     let mut carry = None;
     let mut total = 0u64;
     loop {
@@ -505,7 +507,8 @@ where
     }
 }
 
-/// The payload key of one stream, ready to seal and open chunks.
+/// The payload key of one stream, ready to seal and open chunks. The AEAD
+/// wipes its key on drop (the `zeroize` feature of `chacha20poly1305`).
 struct ChunkCipher {
     aead: ChaCha20Poly1305,
 }
