@@ -52,6 +52,7 @@ pub mod prekey;
 pub mod ratchet;
 pub mod secret;
 pub mod sender_key;
+pub mod stream;
 pub mod x3dh;
 
 pub use codec::DecodeError;
