@@ -20,21 +20,6 @@ pub(crate) fn hkdf_sha256(salt: Option<&[u8]>, ikm: &[u8], info: &[u8], out: &mu
     }
 }
 
-/// HMAC-SHA256 of one message.
-pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Zeroizing<[u8; 32]> {
-    // HMAC accepts keys of any length, so this never fails.
-    let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(key) {
-        Ok(mac) => mac,
-        Err(_) => return Zeroizing::new([0; 32]),
-    };
-    for part in parts {
-        mac.update(part);
-    }
-    let mut out = Zeroizing::new([0u8; 32]);
-    out.copy_from_slice(&mac.finalize().into_bytes());
-    out
-}
-
 /// Input byte of `KDF_CK` for the message key (Double Ratchet §5.2).
 const CHAIN_MESSAGE_KEY_INPUT: u8 = 0x01;
 /// Input byte of `KDF_CK` for the next chain key (Double Ratchet §5.2).
@@ -44,9 +29,22 @@ const CHAIN_NEXT_KEY_INPUT: u8 = 0x02;
 pub(crate) fn chain_step(ck: &Secret32) -> (Secret32, Secret32) {
     #[cfg(test)]
     CHAIN_STEPS.with(|c| c.set(c.get() + 1));
-    let mk = hmac_sha256(ck.expose(), &[&[CHAIN_MESSAGE_KEY_INPUT]]);
-    let next = hmac_sha256(ck.expose(), &[&[CHAIN_NEXT_KEY_INPUT]]);
-    (Secret32::from_bytes(*mk), Secret32::from_bytes(*next))
+    // Key the HMAC once and clone it for the two inputs.
+    let Ok(keyed) = <Hmac<Sha256> as KeyInit>::new_from_slice(ck.expose()) else {
+        // HMAC accepts keys of any length; this branch is unreachable.
+        return (Secret32::from_bytes([0; 32]), Secret32::from_bytes([0; 32]));
+    };
+    let output = |input: u8| {
+        let mut mac = keyed.clone();
+        mac.update(&[input]);
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&mac.finalize().into_bytes());
+        Secret32::from_bytes(*out)
+    };
+    (
+        output(CHAIN_MESSAGE_KEY_INPUT),
+        output(CHAIN_NEXT_KEY_INPUT),
+    )
 }
 
 #[cfg(test)]
