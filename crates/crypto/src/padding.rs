@@ -5,6 +5,11 @@
 /// Bucket size in bytes; every padded plaintext is a non-zero multiple of it.
 pub const PADDING_BUCKET: usize = 256;
 
+/// Largest plaintext of one 1:1 or group message: 64 KiB. Larger content
+/// (files) goes through STREAM instead; with padding the encrypted body stays
+/// within one frame.
+pub const MAX_PLAINTEXT_LEN: usize = 64 * 1024;
+
 /// Appends the padding to `buf` (which holds the plaintext).
 pub(crate) fn pad_in_place(buf: &mut Vec<u8>, start: usize) {
     let len = buf.len() - start;

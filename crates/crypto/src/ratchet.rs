@@ -63,9 +63,7 @@ pub const MAX_SKIPPED_KEYS: usize = 5000;
 pub const MAX_RECEIVING_CHAINS: usize = 5;
 /// Skipped keys older than this are deleted (DR §6.4): 30 days.
 pub const SKIPPED_KEY_MAX_AGE_SECS: u64 = 30 * 24 * 60 * 60;
-/// Largest plaintext one message carries; with padding the ciphertext body
-/// stays within 64 KiB + one bucket.
-pub const MAX_PLAINTEXT_LEN: usize = 64 * 1024;
+pub use crate::padding::MAX_PLAINTEXT_LEN;
 
 /// Info of `KDF_RK` (DR §3.1), distinct from every other HKDF use.
 const ROOT_KDF_INFO: &[u8] = b"messenger/1 DR root";
@@ -1317,7 +1315,7 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("RATCHET_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(128)
+            std::env::var("RATCHET_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
         ))]
 
         /// T-11: random interleavings, reorderings within a window, drops and

@@ -60,6 +60,7 @@ use crate::identity::{
     MAX_USERNAME_LEN, SIGNATURE_LEN, SigningContext, Username, sign_with, verify_strict,
 };
 use crate::kdf::{aead_key, chain_step};
+use crate::padding::{MAX_PLAINTEXT_LEN, pad_in_place, padded_len, unpadded_len};
 use crate::secret::Secret32;
 
 /// Longest group id, in bytes. Ids are opaque client-chosen names (a UUID is
@@ -796,7 +797,13 @@ fn seal(
     let aad = associated_data(group_id, sender, &message);
     let k = aead_key(seed, MESSAGE_KEY_INFO);
     let cipher = ChaCha20Poly1305::new(&Key::from(*k.key));
-    let mut body = plaintext.to_vec();
+    if plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(SenderKeyError::PlaintextTooLong);
+    }
+    // Padded to buckets like 1:1 messages, so sizes leak only coarsely.
+    let mut body = Vec::with_capacity(padded_len(plaintext.len()) + 16);
+    body.extend_from_slice(plaintext);
+    pad_in_place(&mut body, 0);
     cipher
         .encrypt_in_place(&Nonce::from(k.nonce), &aad, &mut body)
         .map_err(|_| SenderKeyError::PlaintextTooLong)?;
@@ -814,6 +821,8 @@ fn open(seed: &Secret32, aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, Sende
     cipher
         .decrypt_in_place(&Nonce::from(k.nonce), aad, &mut buf)
         .map_err(|_| SenderKeyError::Tampered)?;
+    let len = unpadded_len(&buf).ok_or(SenderKeyError::Tampered)?;
+    buf.truncate(len);
     Ok(buf)
 }
 
@@ -880,7 +889,13 @@ mod tests {
         assert_eq!(msg[6], b'g');
         assert_eq!(&msg[7..11], &alice.chain_id().to_be_bytes());
         assert_eq!(&msg[11..15], &0u32.to_be_bytes());
-        assert_eq!(msg.len(), 15 + 5 + TAG_LEN + SIGNATURE_LEN);
+        // The 5-byte plaintext is padded to one 256-byte bucket.
+        assert_eq!(msg.len(), 15 + 256 + TAG_LEN + SIGNATURE_LEN);
+        let too_long = vec![0u8; MAX_PLAINTEXT_LEN + 1];
+        assert!(matches!(
+            alice.encrypt(&name("alice"), &too_long),
+            Err(SenderKeyError::PlaintextTooLong)
+        ));
     }
 
     #[test]
