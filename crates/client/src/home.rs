@@ -284,6 +284,19 @@ impl Home {
         // reported as such without being read whole.
         let cap = keyfile::FILE_LEN as u64 + 1;
         match read_capped(&path, cap) {
+            Ok(Some(bytes)) if bytes.len() > keyfile::FILE_LEN => {
+                // Report the real length, not the capped one.
+                let found = fs::metadata(&path)
+                    .map(|m| usize::try_from(m.len()).unwrap_or(usize::MAX))
+                    .unwrap_or(bytes.len());
+                Err(HomeError::KeyFile {
+                    path,
+                    source: KeyFileError::WrongLength {
+                        expected: keyfile::FILE_LEN,
+                        found,
+                    },
+                })
+            }
             Ok(Some(bytes)) => Ok(bytes),
             Ok(None) => Err(HomeError::NotInitialized {
                 home: self.dir.clone(),
@@ -780,10 +793,24 @@ mod tests {
             Err(HomeError::WrongPassphrase)
         ));
 
-        // Truncated, extended, garbage, empty: a typed key-file error naming
-        // the path, from profile() and unlock() alike.
+        // An extended file is reported with its real length.
         let mut long = good.clone();
         long.extend_from_slice(&[0; 4096]);
+        fs::write(home.key_file_path(), &long).unwrap();
+        let err = home.profile().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                HomeError::KeyFile {
+                    source: KeyFileError::WrongLength { found, .. },
+                    ..
+                } if found == long.len()
+            ),
+            "{err:?}"
+        );
+
+        // Truncated, extended, garbage, empty: a typed key-file error naming
+        // the path, from profile() and unlock() alike.
         for bytes in [&good[..100], &long[..], b"garbage".as_slice(), b""] {
             fs::write(home.key_file_path(), bytes).unwrap();
             for err in [
