@@ -1,0 +1,141 @@
+//! The command line, as clap definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Environment variable naming the home directory.
+pub(crate) const HOME_ENV: &str = "MESSENGER_HOME";
+/// Environment variable holding the passphrase.
+pub(crate) const PASSPHRASE_ENV: &str = "MESSENGER_PASSPHRASE";
+/// Environment variable holding the new passphrase for `passwd`.
+pub(crate) const NEW_PASSPHRASE_ENV: &str = "MESSENGER_NEW_PASSPHRASE";
+
+/// Largest `--kdf-memory-mib`: the key file's own cap (1 GiB), which a
+/// larger value would make unreadable.
+const MAX_KDF_MEMORY_MIB: u32 = 1024;
+
+const AFTER_HELP: &str = "\
+Passphrases are never taken on the command line. They are read, in order, from
+--passphrase-file FILE, from the MESSENGER_PASSPHRASE environment variable, or
+from a prompt without echo when standard input is a terminal. A file readable
+only by you is safer than the variable, which other programs you run inherit.
+
+Environment:
+  MESSENGER_HOME            profile directory, like --home
+  MESSENGER_PASSPHRASE      the passphrase
+  MESSENGER_NEW_PASSPHRASE  the new passphrase for `messenger passwd`";
+
+/// End-to-end encrypted messenger for people who self-host.
+#[derive(Debug, Parser)]
+#[command(name = "messenger", version, after_help = AFTER_HELP)]
+pub(crate) struct Cli {
+    /// Profile directory holding your identity [default: the platform data
+    /// directory, e.g. ~/.local/share/messenger]
+    #[arg(long, global = true, env = HOME_ENV, hide_env_values = true, value_name = "DIR")]
+    pub(crate) home: Option<PathBuf>,
+
+    /// Read the passphrase from FILE (its contents, less one trailing newline)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) passphrase_file: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create your identity, sealed under a passphrase, and print its fingerprint
+    Init(InitArgs),
+    /// Show your name and fingerprint (needs no passphrase)
+    Whoami(JsonArgs),
+    /// Print your SHA256: fingerprint, to compare with what others see
+    Fingerprint(JsonArgs),
+    /// Change the passphrase your identity is sealed under
+    Passwd(PasswdArgs),
+}
+
+/// `messenger init`.
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// Your username: 1-32 characters of a-z, 0-9, '_', '.', '-'
+    pub(crate) name: String,
+
+    /// Replace an existing identity (the old one is lost for good)
+    #[arg(long)]
+    pub(crate) force: bool,
+
+    #[command(flatten)]
+    pub(crate) kdf: KdfArgs,
+}
+
+/// `messenger passwd`.
+#[derive(Debug, Args)]
+pub(crate) struct PasswdArgs {
+    /// Read the new passphrase from FILE (its contents, less one trailing
+    /// newline) [env: MESSENGER_NEW_PASSPHRASE]
+    #[arg(long, value_name = "FILE")]
+    pub(crate) new_passphrase_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub(crate) kdf: KdfArgs,
+}
+
+/// Key-file cost options.
+#[derive(Debug, Args)]
+pub(crate) struct KdfArgs {
+    /// Argon2 memory cost in MiB for sealing the key file [default: 64, or
+    /// for passwd the file's current cost]. Lower values unlock faster but
+    /// resist guessing less
+    #[arg(
+        long,
+        value_name = "MIB",
+        help_heading = "Advanced",
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_KDF_MEMORY_MIB))
+    )]
+    pub(crate) kdf_memory_mib: Option<u32>,
+}
+
+/// Output format options.
+#[derive(Debug, Args)]
+pub(crate) struct JsonArgs {
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_go_before_or_after_the_subcommand() {
+        for argv in [
+            &["messenger", "--home", "/h", "whoami"][..],
+            &["messenger", "whoami", "--home", "/h"][..],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert_eq!(cli.home, Some(PathBuf::from("/h")), "{argv:?}");
+        }
+        let cli = Cli::try_parse_from(["messenger", "passwd", "--passphrase-file", "/p"]).unwrap();
+        assert_eq!(cli.passphrase_file, Some(PathBuf::from("/p")));
+    }
+
+    #[test]
+    fn kdf_memory_is_bounded() {
+        let parse =
+            |v: &str| Cli::try_parse_from(["messenger", "init", "a", "--kdf-memory-mib", v]);
+        assert!(parse("1").is_ok());
+        assert!(parse("1024").is_ok());
+        assert!(parse("0").is_err());
+        assert!(parse("1025").is_err());
+    }
+}
