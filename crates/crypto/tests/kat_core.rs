@@ -156,3 +156,29 @@ fn first_ratchet_messages() {
         ],
     );
 }
+
+/// T-01 kept as a vector file too: Signal's published displayable fingerprint
+/// (libsignal `fingerprint.rs`), reproduced by our generic function.
+#[test]
+fn signal_published_safety_number() {
+    use messenger_crypto::fingerprint::{combine_halves, displayable_half};
+    let alice =
+        hex::decode("0506863bc66d02b40d27b8d49ca7c09e9239236f9d7d25d6fcca5ce13c7064d868").unwrap();
+    let bob =
+        hex::decode("05f781b6fb32fed9ba1cf2de978d4d5da28dc34046ae814402b5c0dbd96fda907b").unwrap();
+    let a = displayable_half(5200, b"+14152222222", &alice);
+    let b = displayable_half(5200, b"+14153333333", &bob);
+    check(
+        "signal_safety_number.txt",
+        "Signal's published safety-number vector (libsignal rust/protocol/src/fingerprint.rs tests),\n\
+         a fact reproduced by messenger_crypto::fingerprint::displayable_half:\n\
+         5200 iterations; alice key and id, bob key and id as below; output = sorted halves.",
+        &[
+            ("alice_key", hx(&alice)),
+            ("alice_id", "\"+14152222222\"".into()),
+            ("bob_key", hx(&bob)),
+            ("bob_id", "\"+14153333333\"".into()),
+            ("safety_number", format!("\"{}\"", combine_halves(&a, &b))),
+        ],
+    );
+}
