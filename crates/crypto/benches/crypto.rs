@@ -130,6 +130,18 @@ fn agreement(c: &mut Criterion) {
             black_box((ours, theirs))
         })
     });
+    g.bench_function("initiator side (EK + 4 DH + KDF)", |bench| {
+        bench.iter(|| black_box(x3dh::initiate(&mut rng, &a, &an, &bundle, &bn).unwrap()))
+    });
+    let (_, init) = x3dh::initiate(&mut rng, &a, &an, &bundle, &bn).unwrap();
+    g.bench_function("responder side (base-key check + 4 DH + KDF)", |bench| {
+        bench.iter(|| {
+            black_box(
+                x3dh::respond(&b, &bn, &spk, Some(&opk), a.public(), &an, black_box(&init))
+                    .unwrap(),
+            )
+        })
+    });
     g.bench_function("bundle parse + verify (two Ed25519 checks)", |bench| {
         bench.iter(|| black_box(VerifiedBundle::from_bytes(black_box(&bundle_bytes)).unwrap()))
     });

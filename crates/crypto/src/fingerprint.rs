@@ -197,7 +197,7 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
-        /// T-24 (sampled; the full 1,000 pairs run in `tests/`): symmetric, and a
+        /// T-24 (sampled; the full 1,000 pairs run in `tests/safety_numbers.rs`): symmetric, and a
         /// one-bit change of either key's input changes the number.
         #[test]
         fn bit_flip_changes_number(sa in any::<[u8; 32]>(), sb in any::<[u8; 32]>(), bit in 0usize..256) {

@@ -26,6 +26,7 @@
 
 use core::fmt;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
@@ -71,8 +72,10 @@ const ROOT_KDF_INFO: &[u8] = b"messenger/1 DR root";
 const MESSAGE_KEY_INFO: &[u8] = b"messenger/1 DR message";
 /// Version of the [`SessionPickle`] encoding.
 const PICKLE_VERSION: u8 = 1;
-/// Ratchet header: version, ratchet key, previous chain length, message number.
-const HEADER_LEN: usize = 1 + 32 + 4 + 4;
+/// Ratchet header as laid out on the wire: version, type, ratchet key,
+/// previous chain length, message number (a prekey message puts its X3DH
+/// fields between the type and the ratchet key).
+const HEADER_LEN: usize = 1 + 1 + 32 + 4 + 4;
 const TAG_LEN: usize = 16;
 
 /// Why a 1:1 message could not be made or read. No variant carries secret data.
@@ -153,6 +156,15 @@ impl PrekeyMessageInfo {
     }
 }
 
+/// The parts of a session that never change after it is made. Shared, so the
+/// copy that decryption works on costs a reference count, not a deep copy.
+struct Fixed {
+    associated_data: AssociatedData,
+    local: PublicIdentity,
+    remote: PublicIdentity,
+    initiation: Initiation,
+}
+
 #[derive(Clone)]
 struct Chain {
     key: Secret32,
@@ -177,10 +189,7 @@ struct SkippedKey {
 /// prints only public facts. Persist it only through [`Session::pickle`].
 #[derive(Clone)]
 pub struct Session {
-    associated_data: AssociatedData,
-    local: PublicIdentity,
-    remote: PublicIdentity,
-    initiation: Initiation,
+    fixed: Arc<Fixed>,
     awaiting_reply: bool,
     root_key: Secret32,
     sending_key: DhKeyPair,
@@ -193,8 +202,8 @@ pub struct Session {
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
-            .field("remote", &self.remote.fingerprint())
-            .field("base_key", &self.initiation.base_key)
+            .field("remote", &self.fixed.remote.fingerprint())
+            .field("base_key", &self.fixed.initiation.base_key)
             .field("awaiting_reply", &self.awaiting_reply)
             .field("receiving_chains", &self.receiving.len())
             .field("skipped_keys", &self.skipped.len())
@@ -284,14 +293,26 @@ fn kdf_rk(root: &Secret32, dh_out: &[u8; 32]) -> (Secret32, Chain) {
     out
 }
 
-fn aead_ad(session_ad: &AssociatedData, authenticated: &[u8]) -> Vec<u8> {
+/// Room for the AEAD associated data: 2 + [`MAX_AD_LEN`] + the longest
+/// authenticated prefix (a prekey message header, 212 bytes).
+const AEAD_AD_BUF: usize = 2 + MAX_AD_LEN + 256;
+
+/// `u16 BE len(AD) ‖ AD ‖ authenticated`, built on the stack.
+fn aead_ad<'b>(
+    buf: &'b mut [u8; AEAD_AD_BUF],
+    session_ad: &AssociatedData,
+    authenticated: &[u8],
+) -> Result<&'b [u8], RatchetError> {
     let ad = session_ad.as_bytes();
-    let mut out = Vec::with_capacity(2 + ad.len() + authenticated.len());
-    // The session AD is at most ~210 bytes, far below u16::MAX.
-    out.extend_from_slice(&(ad.len() as u16).to_be_bytes());
-    out.extend_from_slice(ad);
-    out.extend_from_slice(authenticated);
-    out
+    let len = 2 + ad.len() + authenticated.len();
+    if len > AEAD_AD_BUF {
+        return Err(DecodeError::Invalid { what: "message" }.into());
+    }
+    // The session AD is at most MAX_AD_LEN bytes, far below u16::MAX.
+    buf[..2].copy_from_slice(&(ad.len() as u16).to_be_bytes());
+    buf[2..2 + ad.len()].copy_from_slice(ad);
+    buf[2 + ad.len()..len].copy_from_slice(authenticated);
+    Ok(&buf[..len])
 }
 
 impl Session {
@@ -311,10 +332,12 @@ impl Session {
         let dh = sending_key.agree(their_spk)?;
         let (root_key, sending) = kdf_rk(&agreement.shared_key, &dh);
         Ok(Self {
-            associated_data: agreement.associated_data,
-            local: me.public().clone(),
-            remote: bundle.identity().clone(),
-            initiation,
+            fixed: Arc::new(Fixed {
+                associated_data: agreement.associated_data,
+                local: me.public().clone(),
+                remote: bundle.identity().clone(),
+                initiation,
+            }),
             awaiting_reply: true,
             root_key,
             sending_key,
@@ -359,10 +382,12 @@ impl Session {
             &info.initiation,
         )?;
         let mut session = Self {
-            associated_data: agreement.associated_data,
-            local: me.public().clone(),
-            remote: info.sender,
-            initiation: info.initiation,
+            fixed: Arc::new(Fixed {
+                associated_data: agreement.associated_data,
+                local: me.public().clone(),
+                remote: info.sender,
+                initiation: info.initiation,
+            }),
             awaiting_reply: false,
             root_key: agreement.shared_key,
             sending_key: signed_prekey.keypair().clone(),
@@ -389,15 +414,15 @@ impl Session {
         let (seed, next) = chain_step(&chain.key);
 
         let mut out = Vec::with_capacity(
-            2 + PUBLIC_IDENTITY_LEN + 41 + HEADER_LEN + padded_len(plaintext.len()) + TAG_LEN,
+            HEADER_LEN + PUBLIC_IDENTITY_LEN + 32 + 9 + padded_len(plaintext.len()) + TAG_LEN,
         );
         out.push(MESSAGE_VERSION);
         if self.awaiting_reply {
             out.push(TYPE_PREKEY);
-            out.extend_from_slice(&self.local.to_bytes());
-            out.extend_from_slice(self.initiation.base_key.as_bytes());
-            out.extend_from_slice(&self.initiation.signed_prekey_id.to_be_bytes());
-            match self.initiation.one_time_prekey_id {
+            out.extend_from_slice(&self.fixed.local.to_bytes());
+            out.extend_from_slice(self.fixed.initiation.base_key.as_bytes());
+            out.extend_from_slice(&self.fixed.initiation.signed_prekey_id.to_be_bytes());
+            match self.fixed.initiation.one_time_prekey_id {
                 None => out.push(0),
                 Some(id) => {
                     out.push(1);
@@ -411,7 +436,8 @@ impl Session {
         out.extend_from_slice(&self.previous_sending_len.to_be_bytes());
         out.extend_from_slice(&index.to_be_bytes());
         let header_end = out.len();
-        let ad = aead_ad(&self.associated_data, &out);
+        let mut ad_buf = [0u8; AEAD_AD_BUF];
+        let ad = aead_ad(&mut ad_buf, &self.fixed.associated_data, &out)?;
 
         out.extend_from_slice(plaintext);
         pad_in_place(&mut out, header_end);
@@ -443,14 +469,38 @@ impl Session {
     ) -> Result<Vec<u8>, RatchetError> {
         let parsed = Parsed::parse(message)?;
         if let Some(info) = &parsed.prekey
-            && (info.initiation != self.initiation || info.sender != self.remote)
+            && (info.initiation != self.fixed.initiation || info.sender != self.fixed.remote)
         {
             return Err(RatchetError::SessionMismatch);
+        }
+        // Fast path: the next message of a known chain needs no skipping and
+        // no DH step, so derive its key on the side and commit only after the
+        // AEAD check, without copying the session.
+        if let Some(pos) = self
+            .receiving
+            .iter()
+            .position(|c| c.their_key == parsed.ratchet_key)
+            && self.receiving[pos].chain.next_index == parsed.index
+            && !self.has_expired_skipped(now)
+        {
+            let (seed, next) = chain_step(&self.receiving[pos].chain.key);
+            let plaintext = self.open(&seed, &parsed)?;
+            let chain = &mut self.receiving[pos].chain;
+            chain.key = next;
+            chain.next_index += 1;
+            self.awaiting_reply = false;
+            return Ok(plaintext);
         }
         let mut next = self.clone();
         let plaintext = next.decrypt_parsed(rng, &parsed, now)?;
         *self = next;
         Ok(plaintext)
+    }
+
+    fn has_expired_skipped(&self, now: u64) -> bool {
+        self.skipped
+            .iter()
+            .any(|k| now.saturating_sub(k.stored_at) > SKIPPED_KEY_MAX_AGE_SECS)
     }
 
     fn decrypt_parsed<R: CryptoRng + ?Sized>(
@@ -497,12 +547,13 @@ impl Session {
 
     fn open(&self, seed: &Secret32, msg: &Parsed<'_>) -> Result<Vec<u8>, RatchetError> {
         let key = aead_key(seed, MESSAGE_KEY_INFO);
-        let ad = aead_ad(&self.associated_data, msg.authenticated);
+        let mut ad_buf = [0u8; AEAD_AD_BUF];
+        let ad = aead_ad(&mut ad_buf, &self.fixed.associated_data, msg.authenticated)?;
         let (body, tag) = msg.ciphertext.split_at(msg.ciphertext.len() - TAG_LEN);
         let mut buf = body.to_vec();
         let tag = Tag::try_from(tag).map_err(|_| RatchetError::Tampered)?;
         ChaCha20Poly1305::new(&Key::from(*key.key))
-            .decrypt_inout_detached(&Nonce::from(key.nonce), &ad, (&mut buf[..]).into(), &tag)
+            .decrypt_inout_detached(&Nonce::from(key.nonce), ad, (&mut buf[..]).into(), &tag)
             .map_err(|_| RatchetError::Tampered)?;
         let len = unpadded_len(&buf).ok_or(RatchetError::Tampered)?;
         buf.truncate(len);
@@ -598,6 +649,13 @@ impl Session {
             .ok_or(RatchetError::Duplicate)
     }
 
+    /// Deletes skipped message keys older than [`SKIPPED_KEY_MAX_AGE_SECS`]
+    /// (DR §6.4). Decryption does this too; call it when a session has been
+    /// idle, then persist the session.
+    pub fn expire_skipped_keys(&mut self, now: u64) {
+        self.expire_skipped(now);
+    }
+
     fn expire_skipped(&mut self, now: u64) {
         self.skipped
             .retain(|k| now.saturating_sub(k.stored_at) <= SKIPPED_KEY_MAX_AGE_SECS);
@@ -605,19 +663,19 @@ impl Session {
 
     /// The peer's public identity (from the bundle, or from its prekey message).
     pub fn remote_identity(&self) -> &PublicIdentity {
-        &self.remote
+        &self.fixed.remote
     }
 
     /// The X3DH base key this session grew from; a repeated prekey message
     /// with the same base key belongs to this session.
     pub fn base_key(&self) -> &DhPublicKey {
-        &self.initiation.base_key
+        &self.fixed.initiation.base_key
     }
 
     /// Whether X3DH used a one-time prekey (false when the server had none or
     /// withheld them: initial forward secrecy then rests on the signed prekey).
     pub fn used_one_time_prekey(&self) -> bool {
-        self.initiation.one_time_prekey_id.is_some()
+        self.fixed.initiation.one_time_prekey_id.is_some()
     }
 
     /// Whether we started the session and have not yet heard back.
@@ -639,12 +697,12 @@ impl Session {
     pub fn pickle(&self) -> SessionPickle {
         let mut w = Writer::with_capacity(512 + self.skipped.len() * 76);
         w.u8(PICKLE_VERSION)
-            .var_bytes(self.associated_data.as_bytes())
-            .bytes(&self.local.to_bytes())
-            .bytes(&self.remote.to_bytes())
-            .bytes(self.initiation.base_key.as_bytes())
-            .u32(self.initiation.signed_prekey_id);
-        match self.initiation.one_time_prekey_id {
+            .var_bytes(self.fixed.associated_data.as_bytes())
+            .bytes(&self.fixed.local.to_bytes())
+            .bytes(&self.fixed.remote.to_bytes())
+            .bytes(self.fixed.initiation.base_key.as_bytes())
+            .u32(self.fixed.initiation.signed_prekey_id);
+        match self.fixed.initiation.one_time_prekey_id {
             None => w.u8(0),
             Some(id) => w.u8(1).u32(id),
         };
@@ -732,15 +790,38 @@ impl Session {
             });
         }
         r.finish()?;
+        for chain in &receiving {
+            let n = skipped
+                .iter()
+                .filter(|k| k.their_key == chain.their_key)
+                .count();
+            if n > MAX_SKIPPED_KEYS_PER_CHAIN {
+                return Err(DecodeError::Invalid {
+                    what: "session pickle",
+                }
+                .into());
+            }
+        }
+        if skipped
+            .iter()
+            .any(|k| !receiving.iter().any(|c| c.their_key == k.their_key))
+        {
+            return Err(DecodeError::Invalid {
+                what: "session pickle",
+            }
+            .into());
+        }
         Ok(Self {
-            associated_data,
-            local,
-            remote,
-            initiation: Initiation {
-                base_key,
-                signed_prekey_id,
-                one_time_prekey_id,
-            },
+            fixed: Arc::new(Fixed {
+                associated_data,
+                local,
+                remote,
+                initiation: Initiation {
+                    base_key,
+                    signed_prekey_id,
+                    one_time_prekey_id,
+                },
+            }),
             awaiting_reply,
             root_key,
             sending_key,
@@ -1256,6 +1337,19 @@ mod tests {
     }
 
     #[test]
+    fn idle_sessions_expire_skipped_keys() {
+        let mut p = pair(16, true);
+        let _late = p.alice.encrypt(b"late").unwrap();
+        let next = p.alice.encrypt(b"next").unwrap();
+        p.bob.decrypt(&mut p.rng, &next, NOW).unwrap();
+        p.bob.expire_skipped_keys(NOW + SKIPPED_KEY_MAX_AGE_SECS);
+        assert_eq!(p.bob.skipped_key_count(), 1);
+        p.bob
+            .expire_skipped_keys(NOW + SKIPPED_KEY_MAX_AGE_SECS + 1);
+        assert_eq!(p.bob.skipped_key_count(), 0);
+    }
+
+    #[test]
     fn skipped_keys_expire() {
         let mut p = pair(13, true);
         let late = p.alice.encrypt(b"late").unwrap();
@@ -1375,6 +1469,10 @@ mod tests {
 
     #[test]
     fn header_len_matches_layout() {
-        assert_eq!(HEADER_LEN, 41);
+        let mut p = pair(15, true);
+        let r = p.bob.encrypt(b"r").unwrap();
+        p.alice.decrypt(&mut p.rng, &r, NOW).unwrap();
+        let m = p.alice.encrypt(b"").unwrap();
+        assert_eq!(m.len(), HEADER_LEN + 256 + TAG_LEN);
     }
 }

@@ -118,9 +118,8 @@ fn kdf(dhs: &[&Zeroizing<[u8; 32]>]) -> Secret32 {
 }
 
 /// Alice's side (§3.3): generates `EK_A`, runs the DHs against a verified
-/// bundle and returns the agreement and the [`Initiation`] to send, plus the
-/// ephemeral key pair so callers can reuse it (it is dropped, and wiped,
-/// otherwise).
+/// bundle and returns the agreement and the [`Initiation`] to send. The
+/// ephemeral private key is wiped when this returns (§3.3).
 pub fn initiate<R: CryptoRng + ?Sized>(
     rng: &mut R,
     me: &IdentityKeyPair,
