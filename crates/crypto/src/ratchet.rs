@@ -448,7 +448,7 @@ impl Session {
         let tag = cipher
             .encrypt_inout_detached(
                 &Nonce::from(key.nonce),
-                &ad,
+                ad,
                 (&mut out[header_end..]).into(),
             )
             .map_err(|_| RatchetError::TooLarge(plaintext.len()))?;
