@@ -446,11 +446,7 @@ impl Session {
         tests::record_key_nonce(&key);
         let cipher = ChaCha20Poly1305::new(&Key::from(*key.key));
         let tag = cipher
-            .encrypt_inout_detached(
-                &Nonce::from(key.nonce),
-                ad,
-                (&mut out[header_end..]).into(),
-            )
+            .encrypt_inout_detached(&Nonce::from(key.nonce), ad, (&mut out[header_end..]).into())
             .map_err(|_| RatchetError::TooLarge(plaintext.len()))?;
         out.extend_from_slice(&tag);
 
