@@ -58,6 +58,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod msg;
 
 pub use error::ErrorCode;
 pub use frame::{
