@@ -45,6 +45,7 @@
 use std::ffi::OsStr;
 use std::io::{self, BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -243,16 +244,18 @@ pub fn spawn_and_wait_for_line(
             program,
             waiting_for,
             stdout,
-            stderr,
             ..
         }) => {
             let status = exit_status_within(&mut guard, EXIT_STATUS_GRACE);
+            // Stdout closing first says nothing about stderr: let its reader
+            // reach end of file before taking the tail.
+            lines.wait_stderr_closed(EXIT_STATUS_GRACE);
             Err(TestkitError::Exited {
                 program,
                 status,
                 waiting_for,
                 stdout,
-                stderr,
+                stderr: lines.stderr_tail(),
             })
         }
         Err(other) => Err(other),
@@ -269,6 +272,7 @@ pub struct StdoutLines {
     lines: Receiver<String>,
     seen: Vec<String>,
     stderr: Arc<Mutex<String>>,
+    stderr_closed: Arc<AtomicBool>,
 }
 
 impl StdoutLines {
@@ -330,6 +334,14 @@ impl StdoutLines {
         self.seen.iter().map(|line| format!("{line}\n")).collect()
     }
 
+    /// Waits, at most `grace`, until the child's stderr reached end of file.
+    fn wait_stderr_closed(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while !self.stderr_closed.load(Ordering::Acquire) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The last [`STDERR_TAIL_MAX`] bytes the child wrote to stderr so far.
     pub fn stderr_tail(&self) -> String {
         self.stderr
@@ -362,8 +374,10 @@ impl StdoutLines {
             });
         }
         let tail = Arc::new(Mutex::new(String::new()));
+        let stderr_closed = Arc::new(AtomicBool::new(stderr.is_none()));
         if let Some(stderr) = stderr {
             let tail = Arc::clone(&tail);
+            let closed = Arc::clone(&stderr_closed);
             thread::spawn(move || {
                 let mut reader = BufReader::new(stderr);
                 let mut buf = Vec::new();
@@ -379,6 +393,7 @@ impl StdoutLines {
                     }
                     buf.clear();
                 }
+                closed.store(true, Ordering::Release);
             });
         }
         Self {
@@ -386,6 +401,7 @@ impl StdoutLines {
             lines,
             seen: Vec::new(),
             stderr: tail,
+            stderr_closed,
         }
     }
 }
