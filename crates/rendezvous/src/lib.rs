@@ -33,4 +33,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod store;
 pub mod tls;
