@@ -171,7 +171,12 @@ fn batch(counter: &mut u32, size: usize) -> Vec<NewEnvelope> {
             let mut message_id = [0u8; 16];
             message_id[..4].copy_from_slice(&counter.to_be_bytes());
             NewEnvelope {
-                recipient: if *counter % 2 == 0 { "bob" } else { "carol" }.to_owned(),
+                recipient: if counter.is_multiple_of(2) {
+                    "bob"
+                } else {
+                    "carol"
+                }
+                .to_owned(),
                 sender: "alice".to_owned(),
                 group: None,
                 message_id,

@@ -432,7 +432,7 @@ impl Store {
                 options,
             }),
         };
-        store.write("create tables", |tx| tables::create_all(tx))?;
+        store.write("create tables", tables::create_all)?;
         Ok(store)
     }
 
