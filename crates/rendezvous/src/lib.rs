@@ -8,6 +8,9 @@
 //! Today it holds the server's TLS identity: [`tls::ServerIdentity`] makes a
 //! self-signed certificate in the data directory on first start, reuses it
 //! afterwards, and gives the `SHA256:` fingerprint clients pin.
+//! [`store::Store`] is the storage layer (redb): accounts and the key
+//! directory, store-and-forward mailboxes with group commit, friends, groups
+//! and announcements; `docs/storage.md` describes its tables.
 //!
 //! ## What it does not do
 //!
@@ -33,4 +36,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod store;
 pub mod tls;

@@ -1,0 +1,276 @@
+//! Store-and-forward mailboxes: append (group commit), pending, ack, expiry.
+
+use std::collections::HashMap;
+
+use redb::{ReadableTable, Table, WriteTransaction};
+
+use super::tables::{
+    ACCOUNTS, COUNTERS, DEDUPE, DEDUPE_EXPIRY, MAILBOX, MAILBOX_EXPIRY, MAILBOX_USAGE, NEXT_SEQ,
+};
+use super::{
+    AppendOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, QuotaKind, Store,
+    StoreError, StoreOptions,
+};
+
+impl Store {
+    /// Stores a batch of envelopes in ONE durable write transaction (group
+    /// commit) and returns one result per envelope, in batch order.
+    ///
+    /// Per envelope: [`AppendOutcome::Stored`] with a fresh sequence number;
+    /// [`AppendOutcome::Duplicate`] when the same (recipient, sender,
+    /// message id) was stored before, even if it was since acknowledged (the
+    /// dedupe record lives until the envelope's expiry time, see
+    /// [`super::StoreOptions::envelope_ttl_secs`]);
+    /// [`StoreError::UnknownUser`] for an unknown recipient;
+    /// [`StoreError::QuotaExceeded`] when the recipient's mailbox would go
+    /// over a bound. These refusals do not affect the other envelopes.
+    ///
+    /// If the transaction fails (disk full, I/O error), every envelope of the
+    /// batch gets that error: `Stored` is only ever reported after the
+    /// commit returned `Ok`.
+    pub fn append(&self, batch: Vec<NewEnvelope>) -> Vec<Result<AppendOutcome, StoreError>> {
+        const OP: &str = "append";
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let options = self.inner.options;
+        match self.write(OP, |tx| append_in(tx, OP, &batch, options)) {
+            Ok(results) => results,
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// Up to `max` of the recipient's envelopes with `seq > after_seq`, in
+    /// sequence order.
+    pub fn pending(
+        &self,
+        recipient: &str,
+        after_seq: u64,
+        max: usize,
+    ) -> Result<Vec<EnvelopeRecord>, StoreError> {
+        const OP: &str = "read pending";
+        let Some(start) = after_seq.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        self.read(OP, |tx| {
+            let mailbox = tx.open_table(MAILBOX).op(OP)?;
+            let mut out = Vec::new();
+            for entry in mailbox
+                .range((recipient, start)..=(recipient, u64::MAX))
+                .op(OP)?
+                .take(max)
+            {
+                let (key, value) = entry.op(OP)?;
+                let (sender, group, message_id, sent_at, _expires_at, body) = value.value();
+                out.push(EnvelopeRecord {
+                    seq: key.value().1,
+                    recipient: recipient.to_owned(),
+                    sender: sender.to_owned(),
+                    group: group.map(str::to_owned),
+                    message_id: *message_id,
+                    sent_at,
+                    body: body.to_vec(),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes the recipient's own envelopes with these sequence numbers
+    /// and returns how many were removed. Sequence numbers of other users'
+    /// envelopes, or already removed ones, are ignored. Dedupe records stay.
+    pub fn ack(&self, recipient: &str, seqs: &[u64]) -> Result<u32, StoreError> {
+        const OP: &str = "ack";
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        self.write(OP, |tx| {
+            let mut mailbox = tx.open_table(MAILBOX).op(OP)?;
+            let mut expiry = tx.open_table(MAILBOX_EXPIRY).op(OP)?;
+            let mut removed = 0u32;
+            let mut removed_bytes = 0u64;
+            for &seq in seqs {
+                let Some(old) = mailbox.remove((recipient, seq)).op(OP)? else {
+                    continue;
+                };
+                let (_, _, _, _, expires_at, body) = old.value();
+                removed_bytes += body.len() as u64;
+                drop(old);
+                expiry.remove((expires_at, seq)).op(OP)?;
+                removed += 1;
+            }
+            if removed > 0 {
+                let mut usage = tx.open_table(MAILBOX_USAGE).op(OP)?;
+                release(&mut usage, OP, recipient, removed, removed_bytes)?;
+            }
+            Ok(removed)
+        })
+    }
+
+    /// Deletes envelopes whose expiry time (`sent_at` plus the TTL) is at or
+    /// before `now`, and dedupe records likewise; returns how many envelopes
+    /// were removed. At most [`PURGE_BATCH`] of each per call: call again
+    /// while it returns `PURGE_BATCH`.
+    pub fn purge_expired(&self, now: u64) -> Result<u32, StoreError> {
+        const OP: &str = "purge expired";
+        self.write(OP, |tx| {
+            let mut expiry = tx.open_table(MAILBOX_EXPIRY).op(OP)?;
+            let mut due: Vec<(u64, u64, String)> = Vec::new();
+            for entry in expiry.range(..=(now, u64::MAX)).op(OP)?.take(PURGE_BATCH) {
+                let (key, recipient) = entry.op(OP)?;
+                let (expires_at, seq) = key.value();
+                due.push((expires_at, seq, recipient.value().to_owned()));
+            }
+            let mut mailbox = tx.open_table(MAILBOX).op(OP)?;
+            let mut freed: HashMap<&str, (u32, u64)> = HashMap::new();
+            for (expires_at, seq, recipient) in &due {
+                expiry.remove((*expires_at, *seq)).op(OP)?;
+                let Some(old) = mailbox.remove((recipient.as_str(), *seq)).op(OP)? else {
+                    continue;
+                };
+                let len = old.value().5.len() as u64;
+                let slot = freed.entry(recipient.as_str()).or_default();
+                slot.0 += 1;
+                slot.1 += len;
+            }
+            let mut usage = tx.open_table(MAILBOX_USAGE).op(OP)?;
+            let mut removed = 0u32;
+            for (recipient, (count, bytes)) in freed {
+                release(&mut usage, OP, recipient, count, bytes)?;
+                removed += count;
+            }
+
+            let mut dedupe_expiry = tx.open_table(DEDUPE_EXPIRY).op(OP)?;
+            let mut stale: Vec<(u64, u64, String, String, [u8; 16])> = Vec::new();
+            for entry in dedupe_expiry
+                .range(..=(now, u64::MAX))
+                .op(OP)?
+                .take(PURGE_BATCH)
+            {
+                let (key, value) = entry.op(OP)?;
+                let (expires_at, seq) = key.value();
+                let (recipient, sender, id) = value.value();
+                stale.push((
+                    expires_at,
+                    seq,
+                    recipient.to_owned(),
+                    sender.to_owned(),
+                    *id,
+                ));
+            }
+            let mut dedupe = tx.open_table(DEDUPE).op(OP)?;
+            for (expires_at, seq, recipient, sender, id) in &stale {
+                dedupe_expiry.remove((*expires_at, *seq)).op(OP)?;
+                dedupe
+                    .remove((recipient.as_str(), sender.as_str(), id))
+                    .op(OP)?;
+            }
+            Ok(removed)
+        })
+    }
+
+    /// (waiting envelopes, waiting body bytes) of a recipient.
+    pub fn mailbox_usage(&self, recipient: &str) -> Result<(u32, u64), StoreError> {
+        const OP: &str = "read mailbox usage";
+        self.read(OP, |tx| {
+            let usage = tx.open_table(MAILBOX_USAGE).op(OP)?;
+            Ok(usage.get(recipient).op(OP)?.map_or((0, 0), |g| g.value()))
+        })
+    }
+}
+
+/// The body of [`Store::append`]'s transaction.
+fn append_in(
+    tx: &WriteTransaction,
+    op: &'static str,
+    batch: &[NewEnvelope],
+    options: StoreOptions,
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
+    let accounts = tx.open_table(ACCOUNTS).op(op)?;
+    let mut mailbox = tx.open_table(MAILBOX).op(op)?;
+    let mut usage = tx.open_table(MAILBOX_USAGE).op(op)?;
+    let mut expiry = tx.open_table(MAILBOX_EXPIRY).op(op)?;
+    let mut dedupe = tx.open_table(DEDUPE).op(op)?;
+    let mut dedupe_expiry = tx.open_table(DEDUPE_EXPIRY).op(op)?;
+    let mut counters = tx.open_table(COUNTERS).op(op)?;
+    let first_seq = counters.get(NEXT_SEQ).op(op)?.map_or(1, |g| g.value());
+    let mut next_seq = first_seq;
+
+    let mut results = Vec::with_capacity(batch.len());
+    for env in batch {
+        let recipient = env.recipient.as_str();
+        let dedupe_key = (recipient, env.sender.as_str(), &env.message_id);
+        if let Some(found) = dedupe.get(dedupe_key).op(op)? {
+            results.push(Ok(AppendOutcome::Duplicate {
+                seq: found.value().0,
+            }));
+            continue;
+        }
+        if accounts.get(recipient).op(op)?.is_none() {
+            results.push(Err(StoreError::UnknownUser));
+            continue;
+        }
+        let (count, bytes) = usage.get(recipient).op(op)?.map_or((0, 0), |g| g.value());
+        let len = env.body.len() as u64;
+        if count >= options.mailbox_max_messages {
+            results.push(Err(StoreError::QuotaExceeded {
+                kind: QuotaKind::Count,
+                limit: u64::from(options.mailbox_max_messages),
+            }));
+            continue;
+        }
+        if bytes.saturating_add(len) > options.mailbox_max_bytes {
+            results.push(Err(StoreError::QuotaExceeded {
+                kind: QuotaKind::Bytes,
+                limit: options.mailbox_max_bytes,
+            }));
+            continue;
+        }
+        let seq = next_seq;
+        next_seq += 1;
+        let expires_at = env.sent_at.saturating_add(options.envelope_ttl_secs);
+        mailbox
+            .insert(
+                (recipient, seq),
+                (
+                    env.sender.as_str(),
+                    env.group.as_deref(),
+                    &env.message_id,
+                    env.sent_at,
+                    expires_at,
+                    env.body.as_slice(),
+                ),
+            )
+            .op(op)?;
+        usage.insert(recipient, (count + 1, bytes + len)).op(op)?;
+        expiry.insert((expires_at, seq), recipient).op(op)?;
+        dedupe.insert(dedupe_key, (seq, expires_at)).op(op)?;
+        dedupe_expiry.insert((expires_at, seq), dedupe_key).op(op)?;
+        results.push(Ok(AppendOutcome::Stored { seq }));
+    }
+    if next_seq != first_seq {
+        counters.insert(NEXT_SEQ, next_seq).op(op)?;
+    }
+    Ok(results)
+}
+
+/// Lowers a recipient's usage by what was removed; drops the row at zero.
+fn release(
+    usage: &mut Table<&str, (u32, u64)>,
+    op: &'static str,
+    recipient: &str,
+    count: u32,
+    bytes: u64,
+) -> Result<(), StoreError> {
+    let (old_count, old_bytes) = usage.get(recipient).op(op)?.map_or((0, 0), |g| g.value());
+    let new = (
+        old_count.saturating_sub(count),
+        old_bytes.saturating_sub(bytes),
+    );
+    if new.0 == 0 {
+        usage.remove(recipient).op(op)?;
+    } else {
+        usage.insert(recipient, new).op(op)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,603 @@
+//! The server's storage: a narrow interface owned by the service layer, with
+//! redb as its one implementation.
+//!
+//! Everything the server keeps (accounts and the key directory, invites,
+//! mailboxes of ciphertext envelopes, friends, groups, announcements) goes
+//! through [`Store`]. Each method is one redb transaction, so each is atomic;
+//! every write transaction commits with [`redb::Durability::Immediate`] and
+//! two-phase commit (the server writes bytes that attackers choose, which is
+//! the case redb recommends it for). A method that returns `Ok` has been
+//! durably committed; one that returns `Err` may, after an I/O error in the
+//! final `fsync`, still have been committed, which is why [`Store::append`] is
+//! idempotent: a sender that retries gets [`AppendOutcome::Duplicate`].
+//!
+//! Group commit: [`Store::append`] takes a batch of envelopes (one per
+//! recipient; a group send is one envelope per member) and stores them in one
+//! write transaction, one `fsync` pair for the batch. The service layer
+//! collects the batch; no envelope of it may be acknowledged before `append`
+//! returns.
+//!
+//! Disk full and other I/O errors: redb refuses every later operation with
+//! `PreviousIo` until the database is reopened. The store does that itself:
+//! after a failed operation it drops the database and reopens it from the
+//! same path (or the same backend factory) before the next operation, and an
+//! operation that meets `PreviousIo` reopens and retries once. While the disk
+//! stays full, operations fail with [`StoreError::StorageFull`]; once space
+//! returns, service resumes without a restart. `docs/storage.md` has the
+//! table layout and the reasons behind each bound.
+//!
+//! What it does not do: it never sees plaintext (bodies are ciphertext made
+//! on clients and stored as opaque bytes), checks no signatures (the service
+//! verifies before it stores) and keeps no presence (that lives in memory).
+//!
+//! ```
+//! use messenger_rendezvous::store::{AccountRecord, AppendOutcome, NewEnvelope, Store, StoreOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::open(&dir.path().join("server.redb"), StoreOptions::default())?;
+//! for name in ["alice", "bob"] {
+//!     let account = AccountRecord {
+//!         username: name.to_owned(),
+//!         identity: vec![1; 32],
+//!         signed_prekey: vec![2; 96],
+//!         registered_at: 1,
+//!     };
+//!     store.create_account(account, vec![(1, vec![3; 32])])?;
+//! }
+//! let sent = store.append(vec![NewEnvelope {
+//!     recipient: "bob".to_owned(),
+//!     sender: "alice".to_owned(),
+//!     group: None,
+//!     message_id: [7; 16],
+//!     sent_at: 10,
+//!     body: b"ciphertext".to_vec(),
+//! }]);
+//! let Ok(AppendOutcome::Stored { seq }) = sent[0] else { panic!("not stored") };
+//! let pending = store.pending("bob", 0, 100)?;
+//! assert_eq!(pending[0].seq, seq);
+//! assert_eq!(store.ack("bob", &[seq])?, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use redb::{Database, DatabaseError, Durability, ReadableDatabase, WriteTransaction};
+
+mod accounts;
+mod mailbox;
+mod social;
+mod tables;
+
+pub use redb::StorageBackend;
+
+/// Default maximum number of envelopes waiting in one mailbox: a month of
+/// heavy use (300 messages a day) for someone offline, while one abusive
+/// sender cannot grow a mailbox without bound.
+pub const DEFAULT_MAILBOX_MAX_MESSAGES: u32 = 10_000;
+
+/// Default maximum body bytes waiting in one mailbox (64 MiB): 10,000
+/// envelopes of the common 1-4 KiB size fit, plus a few relayed file chunks;
+/// 1,000 offline users then cost at most 64 GiB of disk.
+pub const DEFAULT_MAILBOX_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Default time an envelope waits for its recipient (30 days), as the
+/// threat-model tests (T-41) assume: long enough for a holiday, short enough
+/// that abandoned accounts do not keep ciphertext forever.
+pub const DEFAULT_ENVELOPE_TTL_SECS: u64 = 30 * 24 * 60 * 60;
+
+/// Most one-time prekeys stored per user. A client uploads about 100 at a
+/// time; 1,000 covers ten uploads without anyone using up server space with
+/// an endless pool (each costs about 60 bytes).
+pub const MAX_ONE_TIME_PREKEYS: u32 = 1_000;
+
+/// Most expired envelopes (and, separately, dedupe entries) one
+/// [`Store::purge_expired`] call removes, so that one purge transaction stays
+/// short (well under 100 ms) and does not hold up appends; the caller repeats
+/// while it returns a full count.
+pub const PURGE_BATCH: usize = 10_000;
+
+/// Most announcements one [`Store::announcements_after`] call returns, so a
+/// user returning after a long time gets them in bounded pages.
+pub const MAX_ANNOUNCEMENTS_PER_CALL: usize = 1_000;
+
+/// Tunable bounds of a [`Store`]; every field has a documented default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Most envelopes waiting per recipient ([`DEFAULT_MAILBOX_MAX_MESSAGES`]).
+    pub mailbox_max_messages: u32,
+    /// Most body bytes waiting per recipient ([`DEFAULT_MAILBOX_MAX_BYTES`]).
+    pub mailbox_max_bytes: u64,
+    /// Seconds after `sent_at` when an envelope expires
+    /// ([`DEFAULT_ENVELOPE_TTL_SECS`]). The dedupe record of an envelope is
+    /// kept for the same time, even after the envelope was acknowledged.
+    pub envelope_ttl_secs: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            mailbox_max_messages: DEFAULT_MAILBOX_MAX_MESSAGES,
+            mailbox_max_bytes: DEFAULT_MAILBOX_MAX_BYTES,
+            envelope_ttl_secs: DEFAULT_ENVELOPE_TTL_SECS,
+        }
+    }
+}
+
+/// An account and its long-lived public keys, as registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    /// Lowercase, already validated username.
+    pub username: String,
+    /// Public identity key bytes, as the service encodes them.
+    pub identity: Vec<u8>,
+    /// The current signed prekey (public key and signature), opaque.
+    pub signed_prekey: Vec<u8>,
+    /// Registration time, seconds since the Unix epoch.
+    pub registered_at: u64,
+}
+
+/// A one-time prekey: its id (chosen by the owner) and public key bytes.
+pub type OneTimePrekey = (u32, Vec<u8>);
+
+/// An envelope to store: routing fields and an opaque ciphertext body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEnvelope {
+    /// The user whose mailbox receives it.
+    pub recipient: String,
+    /// The authenticated sender.
+    pub sender: String,
+    /// The group it was sent to, if any.
+    pub group: Option<String>,
+    /// The sender's id for the message; with recipient and sender it makes
+    /// the dedupe key.
+    pub message_id: [u8; 16],
+    /// When the server accepted it, seconds since the Unix epoch; expiry
+    /// counts from here.
+    pub sent_at: u64,
+    /// Ciphertext made on the sender's client.
+    pub body: Vec<u8>,
+}
+
+/// A stored envelope, as returned to its recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeRecord {
+    /// Server sequence number; increasing in order of storage (global, so
+    /// per recipient too).
+    pub seq: u64,
+    /// The mailbox it sits in.
+    pub recipient: String,
+    /// The authenticated sender.
+    pub sender: String,
+    /// The group it was sent to, if any.
+    pub group: Option<String>,
+    /// The sender's id for the message.
+    pub message_id: [u8; 16],
+    /// When the server accepted it.
+    pub sent_at: u64,
+    /// Ciphertext.
+    pub body: Vec<u8>,
+}
+
+/// What became of one envelope of an [`Store::append`] batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Newly stored and durably committed under this sequence number.
+    Stored {
+        /// The envelope's sequence number.
+        seq: u64,
+    },
+    /// The same (recipient, sender, message id) was stored before (and may
+    /// since have been delivered): nothing stored again; safe to acknowledge.
+    Duplicate {
+        /// Sequence number of the first copy.
+        seq: u64,
+    },
+}
+
+/// Result of [`Store::friend_request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FriendRequestOutcome {
+    /// A new pending request from `from` to `to`.
+    Sent,
+    /// They are friends already; nothing changed.
+    AlreadyFriends,
+    /// The same request is already pending; nothing changed.
+    AlreadyRequested,
+    /// `to` had already asked `from`: the two are now friends.
+    AcceptedReverse,
+}
+
+/// A group and its owner-signed roster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// The group's unique name.
+    pub name: String,
+    /// The owner, who signs every roster.
+    pub owner: String,
+    /// Roster version; every update must raise it.
+    pub version: u64,
+    /// Members, the owner included, as the signed roster lists them.
+    pub members: Vec<String>,
+    /// The owner's signature over `roster_bytes`, opaque here.
+    pub roster_signature: Vec<u8>,
+    /// The signed roster exactly as the owner sent it.
+    pub roster_bytes: Vec<u8>,
+}
+
+/// A server announcement, signed by the server key (opaque here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnouncementRecord {
+    /// Increasing id, assigned by [`Store::add_announcement`] (from 1).
+    pub id: u64,
+    /// When it was issued, seconds since the Unix epoch.
+    pub issued_at: u64,
+    /// The signed announcement.
+    pub bytes: Vec<u8>,
+}
+
+/// Which per-recipient bound an append would break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKind {
+    /// The number of waiting envelopes.
+    Count,
+    /// The body bytes of waiting envelopes.
+    Bytes,
+}
+
+/// Errors of the store. Messages name the operation, never any stored bytes.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The username is taken.
+    #[error("user already exists")]
+    UserExists,
+    /// No account has this username.
+    #[error("unknown user")]
+    UnknownUser,
+    /// The recipient's mailbox is full.
+    #[error("recipient's mailbox quota exceeded ({kind:?}, limit {limit})")]
+    QuotaExceeded {
+        /// Which bound.
+        kind: QuotaKind,
+        /// The bound's value.
+        limit: u64,
+    },
+    /// A group with this name exists.
+    #[error("group already exists")]
+    GroupExists,
+    /// No group has this name.
+    #[error("unknown group")]
+    UnknownGroup,
+    /// The stored group version is not the expected one, or the new version
+    /// does not raise it.
+    #[error("group version conflict: stored version is {stored}")]
+    VersionConflict {
+        /// The version stored now.
+        stored: u64,
+    },
+    /// There is no such pending friend request.
+    #[error("no such friend request")]
+    NoSuchRequest,
+    /// The two users are not friends.
+    #[error("not friends")]
+    NotFriends,
+    /// A user cannot befriend themself.
+    #[error("a user cannot befriend themself")]
+    SelfFriend,
+    /// The one-time prekey id was stored before (ids must rise above every
+    /// id ever stored for the user).
+    #[error("one-time prekey id {0} was used before")]
+    PrekeyIdReused(u32),
+    /// Storing these one-time prekeys would exceed the per-user cap.
+    #[error("too many one-time prekeys (limit {limit})")]
+    TooManyPrekeys {
+        /// [`MAX_ONE_TIME_PREKEYS`].
+        limit: u32,
+    },
+    /// The disk (or quota) is full; nothing of the operation was committed.
+    /// The store recovers by itself once space returns.
+    #[error("storage full during {op}")]
+    StorageFull {
+        /// The operation that failed.
+        op: &'static str,
+        /// The redb error carrying the I/O error.
+        #[source]
+        source: Arc<redb::Error>,
+    },
+    /// Any other storage failure.
+    #[error("storage error during {op}")]
+    Storage {
+        /// The operation that failed.
+        op: &'static str,
+        /// The redb error.
+        #[source]
+        source: Arc<redb::Error>,
+    },
+    /// The database holds something this code did not write.
+    #[error("database corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the database must be reopened before it serves again (an I/O
+    /// error, a full disk, or redb's `PreviousIo`).
+    fn needs_reopen(&self) -> bool {
+        match self {
+            Self::StorageFull { .. } => true,
+            Self::Storage { source, .. } => matches!(
+                **source,
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::Backend(_)
+            ),
+            _ => false,
+        }
+    }
+
+    /// Whether redb refused because of an earlier I/O error, before doing
+    /// anything: the operation can be retried after a reopen.
+    fn is_previous_io(&self) -> bool {
+        match self {
+            Self::StorageFull { source, .. } | Self::Storage { source, .. } => {
+                matches!(**source, redb::Error::PreviousIo)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The server's store; cheap to clone (one shared database inside).
+///
+/// Reads run concurrently; write transactions serialize inside redb.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("source", &self.inner.source)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file at `path`.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let owned: PathBuf = path.to_owned();
+        let opener = move || Database::builder().create(&owned);
+        Self::from_opener(Box::new(opener), format!("{}", path.display()), options)
+    }
+
+    /// Opens a database on backends made by `factory`, which is called again
+    /// whenever the store reopens after an I/O error (so it must give a
+    /// backend over the same storage). For fault-injection tests.
+    pub fn open_with_backend<B, F>(factory: F, options: StoreOptions) -> Result<Store, StoreError>
+    where
+        B: StorageBackend,
+        F: Fn() -> io::Result<B> + Send + Sync + 'static,
+    {
+        let opener = move || {
+            let backend = factory()?;
+            Database::builder().create_with_backend(backend)
+        };
+        Self::from_opener(Box::new(opener), "custom backend".to_owned(), options)
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> StoreOptions {
+        self.inner.options
+    }
+
+    /// Runs redb's full integrity check (checksums of every page) and
+    /// repairs the allocator state; `Ok(true)` when nothing needed repair.
+    /// Waits for all running operations.
+    pub fn check_integrity(&self) -> Result<bool, StoreError> {
+        const OP: &str = "check integrity";
+        let mut slot = self
+            .inner
+            .slot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.db.is_none() || self.inner.failed.load(Ordering::Acquire) {
+            slot.db = None;
+            slot.db = Some((self.inner.opener)().map_err(|e| classify(OP, e.into()))?);
+            self.inner.failed.store(false, Ordering::Release);
+            slot.generation += 1;
+        }
+        let Some(db) = slot.db.as_mut() else {
+            return Err(StoreError::Corrupt("database not open".to_owned()));
+        };
+        db.check_integrity().map_err(|e| classify(OP, e.into()))
+    }
+
+    fn from_opener(
+        opener: Opener,
+        source: String,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
+        let db = opener().map_err(|e| classify("open", e.into()))?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                slot: RwLock::new(Slot {
+                    db: Some(db),
+                    generation: 0,
+                }),
+                failed: AtomicBool::new(false),
+                opener,
+                source,
+                options,
+            }),
+        };
+        store.write("create tables", tables::create_all)?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the open database, reopening it first if an earlier
+    /// operation failed with an I/O error, and once more (with a retry) if
+    /// `f` meets `PreviousIo`.
+    fn run<T>(&self, f: impl Fn(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut retried = false;
+        loop {
+            let generation;
+            {
+                let slot = self
+                    .inner
+                    .slot
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                generation = slot.generation;
+                if let Some(db) = slot.db.as_ref()
+                    && !self.inner.failed.load(Ordering::Acquire)
+                {
+                    match f(db) {
+                        Err(e) if e.is_previous_io() && !retried => {
+                            self.inner.failed.store(true, Ordering::Release);
+                        }
+                        Err(e) => {
+                            if e.needs_reopen() {
+                                self.inner.failed.store(true, Ordering::Release);
+                            }
+                            return Err(e);
+                        }
+                        ok => return ok,
+                    }
+                }
+            }
+            retried = true;
+            self.reopen(generation)?;
+        }
+    }
+
+    /// Drops and reopens the database unless another thread already did
+    /// since `seen_generation`.
+    fn reopen(&self, seen_generation: u64) -> Result<(), StoreError> {
+        let mut slot = self
+            .inner
+            .slot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.generation != seen_generation {
+            return Ok(());
+        }
+        // The old handle must be closed (file lock released) before the new open.
+        slot.db = None;
+        slot.generation += 1;
+        let db = (self.inner.opener)().map_err(|e| classify("reopen", e.into()))?;
+        slot.db = Some(db);
+        self.inner.failed.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// One durable write transaction: `f` fills it, then it commits with
+    /// immediate durability and two-phase commit. Nothing is committed if `f`
+    /// fails.
+    fn write<T>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.run(|db| {
+            let mut tx = db.begin_write().map_err(|e| classify(op, e.into()))?;
+            tx.set_durability(Durability::Immediate)
+                .map_err(|e| classify(op, e.into()))?;
+            tx.set_two_phase_commit(true);
+            let value = f(&tx)?;
+            tx.commit().map_err(|e| classify(op, e.into()))?;
+            Ok(value)
+        })
+    }
+
+    /// One read transaction.
+    fn read<T>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.run(|db| {
+            let tx = db.begin_read().map_err(|e| classify(op, e.into()))?;
+            f(&tx)
+        })
+    }
+}
+
+type Opener = Box<dyn Fn() -> Result<Database, DatabaseError> + Send + Sync>;
+
+struct Inner {
+    slot: RwLock<Slot>,
+    /// Set after an I/O error: the next operation reopens first.
+    failed: AtomicBool,
+    opener: Opener,
+    source: String,
+    options: StoreOptions,
+}
+
+struct Slot {
+    db: Option<Database>,
+    /// Bumped on every reopen, so that concurrent failures reopen once.
+    generation: u64,
+}
+
+/// Maps a redb error to a [`StoreError`], naming the operation.
+fn classify(op: &'static str, err: redb::Error) -> StoreError {
+    if let redb::Error::Corrupted(msg) = &err {
+        return StoreError::Corrupt(format!("{op}: {msg}"));
+    }
+    let full = match &err {
+        redb::Error::Io(io) => io_is_full(io),
+        redb::Error::Backend(inner) => chain_is_full(&**inner),
+        _ => false,
+    };
+    let source = Arc::new(err);
+    if full {
+        StoreError::StorageFull { op, source }
+    } else {
+        StoreError::Storage { op, source }
+    }
+}
+
+/// Extension to name the operation of any redb result.
+trait OpResult<T> {
+    fn op(self, op: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> OpResult<T> for Result<T, E> {
+    fn op(self, op: &'static str) -> Result<T, StoreError> {
+        self.map_err(|e| classify(op, e.into()))
+    }
+}
+
+/// `ENOSPC` on Linux and most Unixes.
+const ENOSPC: i32 = 28;
+/// `EDQUOT` on Linux.
+const EDQUOT: i32 = 122;
+
+fn io_is_full(err: &io::Error) -> bool {
+    if matches!(
+        err.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || matches!(err.raw_os_error(), Some(ENOSPC | EDQUOT))
+    {
+        return true;
+    }
+    err.get_ref().is_some_and(|inner| chain_is_full(inner))
+}
+
+fn chain_is_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io_is_full(io)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests;

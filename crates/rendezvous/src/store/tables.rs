@@ -1,0 +1,105 @@
+//! The redb tables. Names carry a layout version (`/1`); redb also records
+//! each table's key and value types and refuses a mismatch. Keys and values
+//! use redb's own encodings (integers little-endian, tuples with varint
+//! lengths of their variable-width elements); `docs/storage.md` lists them.
+
+use redb::{TableDefinition, WriteTransaction};
+
+use super::{OpResult, StoreError};
+
+/// username -> (identity, signed prekey, registered_at)
+pub(super) const ACCOUNTS: TableDefinition<&str, (&[u8], &[u8], u64)> =
+    TableDefinition::new("accounts/1");
+
+/// (username, prekey id) -> one-time prekey public bytes
+pub(super) const OPKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("opks/1");
+
+/// username -> (stored count, lowest id still acceptable)
+pub(super) const OPK_META: TableDefinition<&str, (u32, u64)> = TableDefinition::new("opk_meta/1");
+
+/// SHA-256 of an invite token -> ()
+pub(super) const INVITES: TableDefinition<&[u8; 32], ()> = TableDefinition::new("invites/1");
+
+/// counter name -> next value
+pub(super) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters/1");
+
+/// Counter of envelope sequence numbers (first is 1).
+pub(super) const NEXT_SEQ: &str = "next_seq";
+/// Counter of announcement ids (first is 1).
+pub(super) const NEXT_ANNOUNCEMENT: &str = "next_announcement";
+
+/// (recipient, seq) -> (sender, group, message id, sent_at, expires_at, body)
+pub(super) type EnvelopeValue<'a> = (&'a str, Option<&'a str>, &'a [u8; 16], u64, u64, &'a [u8]);
+pub(super) const MAILBOX: TableDefinition<(&str, u64), EnvelopeValue<'static>> =
+    TableDefinition::new("mailbox/1");
+
+/// recipient -> (waiting envelopes, waiting body bytes)
+pub(super) const MAILBOX_USAGE: TableDefinition<&str, (u32, u64)> =
+    TableDefinition::new("mailbox_usage/1");
+
+/// (expires_at, seq) -> recipient
+pub(super) const MAILBOX_EXPIRY: TableDefinition<(u64, u64), &str> =
+    TableDefinition::new("mailbox_expiry/1");
+
+/// (recipient, sender, message id) -> (seq, expires_at)
+pub(super) const DEDUPE: TableDefinition<(&str, &str, &[u8; 16]), (u64, u64)> =
+    TableDefinition::new("dedupe/1");
+
+/// (expires_at, seq) -> (recipient, sender, message id)
+pub(super) const DEDUPE_EXPIRY: TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
+    TableDefinition::new("dedupe_expiry/1");
+
+/// (user, friend) -> (), both directions
+pub(super) const FRIENDS: TableDefinition<(&str, &str), ()> = TableDefinition::new("friends/1");
+
+/// (from, to) -> () pending requests
+pub(super) const FRIEND_REQUESTS_OUT: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("friend_requests_out/1");
+
+/// (to, from) -> () the same requests, by recipient
+pub(super) const FRIEND_REQUESTS_IN: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("friend_requests_in/1");
+
+/// name -> (owner, version, members, roster signature, roster bytes)
+pub(super) type GroupValue<'a> = (&'a str, u64, Vec<&'a str>, &'a [u8], &'a [u8]);
+pub(super) const GROUPS: TableDefinition<&str, GroupValue<'static>> =
+    TableDefinition::new("groups/1");
+
+/// (member, group) -> ()
+pub(super) const MEMBER_OF: TableDefinition<(&str, &str), ()> = TableDefinition::new("member_of/1");
+
+/// (group, user) -> ()
+pub(super) const JOIN_REQUESTS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("join_requests/1");
+
+/// id -> (issued_at, signed bytes)
+pub(super) const ANNOUNCEMENTS: TableDefinition<u64, (u64, &[u8])> =
+    TableDefinition::new("announcements/1");
+
+/// username -> id of the last announcement delivered
+pub(super) const ANNOUNCEMENT_CURSORS: TableDefinition<&str, u64> =
+    TableDefinition::new("announcement_cursors/1");
+
+/// Opens every table once so that read transactions find them.
+pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
+    const OP: &str = "create tables";
+    tx.open_table(ACCOUNTS).op(OP)?;
+    tx.open_table(OPKS).op(OP)?;
+    tx.open_table(OPK_META).op(OP)?;
+    tx.open_table(INVITES).op(OP)?;
+    tx.open_table(COUNTERS).op(OP)?;
+    tx.open_table(MAILBOX).op(OP)?;
+    tx.open_table(MAILBOX_USAGE).op(OP)?;
+    tx.open_table(MAILBOX_EXPIRY).op(OP)?;
+    tx.open_table(DEDUPE).op(OP)?;
+    tx.open_table(DEDUPE_EXPIRY).op(OP)?;
+    tx.open_table(FRIENDS).op(OP)?;
+    tx.open_table(FRIEND_REQUESTS_OUT).op(OP)?;
+    tx.open_table(FRIEND_REQUESTS_IN).op(OP)?;
+    tx.open_table(GROUPS).op(OP)?;
+    tx.open_table(MEMBER_OF).op(OP)?;
+    tx.open_table(JOIN_REQUESTS).op(OP)?;
+    tx.open_table(ANNOUNCEMENTS).op(OP)?;
+    tx.open_table(ANNOUNCEMENT_CURSORS).op(OP)?;
+    Ok(())
+}

@@ -1,0 +1,553 @@
+use super::*;
+
+fn store_with(options: StoreOptions) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.redb"), options).unwrap();
+    (dir, store)
+}
+
+fn store() -> (tempfile::TempDir, Store) {
+    store_with(StoreOptions::default())
+}
+
+fn account(name: &str) -> AccountRecord {
+    AccountRecord {
+        username: name.to_owned(),
+        identity: vec![1; 32],
+        signed_prekey: vec![2; 96],
+        registered_at: 5,
+    }
+}
+
+fn users(store: &Store, names: &[&str]) {
+    for name in names {
+        store.create_account(account(name), Vec::new()).unwrap();
+    }
+}
+
+fn env(to: &str, from: &str, id: u8, sent_at: u64, body: &[u8]) -> NewEnvelope {
+    NewEnvelope {
+        recipient: to.to_owned(),
+        sender: from.to_owned(),
+        group: None,
+        message_id: [id; 16],
+        sent_at,
+        body: body.to_vec(),
+    }
+}
+
+fn stored(result: &Result<AppendOutcome, StoreError>) -> u64 {
+    match result {
+        Ok(AppendOutcome::Stored { seq }) => *seq,
+        other => panic!("expected Stored, got {other:?}"),
+    }
+}
+
+#[test]
+fn accounts_create_read_rotate() {
+    let (_d, s) = store();
+    s.create_account(account("alice"), vec![(1, vec![9; 32])])
+        .unwrap();
+    assert_eq!(s.account("alice").unwrap(), Some(account("alice")));
+    assert_eq!(s.account("bob").unwrap(), None);
+    assert!(matches!(
+        s.create_account(account("alice"), Vec::new()),
+        Err(StoreError::UserExists)
+    ));
+    s.set_signed_prekey("alice", &[7; 96]).unwrap();
+    assert_eq!(
+        s.account("alice").unwrap().unwrap().signed_prekey,
+        vec![7; 96]
+    );
+    assert!(matches!(
+        s.set_signed_prekey("bob", &[7; 96]),
+        Err(StoreError::UnknownUser)
+    ));
+    assert_eq!(s.one_time_prekey_count("alice").unwrap(), 1);
+}
+
+#[test]
+fn failed_create_account_stores_nothing() {
+    let (_d, s) = store();
+    let err = s
+        .create_account(account("alice"), vec![(1, vec![1]), (1, vec![2])])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::PrekeyIdReused(1)));
+    assert_eq!(s.account("alice").unwrap(), None);
+}
+
+#[test]
+fn invites_are_consumed_once() {
+    let (_d, s) = store();
+    s.add_invite([3; 32]).unwrap();
+    assert!(!s.take_invite([4; 32]).unwrap());
+    assert!(s.take_invite([3; 32]).unwrap());
+    assert!(!s.take_invite([3; 32]).unwrap());
+}
+
+#[test]
+fn bundles_hand_out_lowest_id_then_spk_only() {
+    let (_d, s) = store();
+    s.create_account(account("alice"), vec![(5, vec![5]), (2, vec![2])])
+        .unwrap();
+    let (acct, opk) = s.take_bundle("alice").unwrap().unwrap();
+    assert_eq!(acct, account("alice"));
+    assert_eq!(opk, Some((2, vec![2])));
+    assert_eq!(s.one_time_prekey_count("alice").unwrap(), 1);
+    assert_eq!(
+        s.take_bundle("alice").unwrap().unwrap().1,
+        Some((5, vec![5]))
+    );
+    assert_eq!(s.take_bundle("alice").unwrap().unwrap().1, None);
+    assert_eq!(s.one_time_prekey_count("alice").unwrap(), 0);
+    assert_eq!(s.take_bundle("nobody").unwrap(), None);
+    assert!(matches!(
+        s.one_time_prekey_count("nobody"),
+        Err(StoreError::UnknownUser)
+    ));
+}
+
+#[test]
+fn prekey_ids_are_never_accepted_twice() {
+    let (_d, s) = store();
+    s.create_account(account("alice"), vec![(1, vec![1]), (2, vec![2])])
+        .unwrap();
+    s.take_bundle("alice").unwrap();
+    // Id 1 was consumed; it must still be refused.
+    assert!(matches!(
+        s.add_one_time_prekeys("alice", vec![(1, vec![1])]),
+        Err(StoreError::PrekeyIdReused(1))
+    ));
+    // Id 2 is still stored.
+    assert!(matches!(
+        s.add_one_time_prekeys("alice", vec![(3, vec![3]), (2, vec![2])]),
+        Err(StoreError::PrekeyIdReused(2))
+    ));
+    // Duplicates inside one upload.
+    assert!(matches!(
+        s.add_one_time_prekeys("alice", vec![(9, vec![9]), (9, vec![9])]),
+        Err(StoreError::PrekeyIdReused(9))
+    ));
+    assert_eq!(
+        s.add_one_time_prekeys("alice", vec![(4, vec![4]), (3, vec![3])])
+            .unwrap(),
+        3
+    );
+    assert!(matches!(
+        s.add_one_time_prekeys("bob", vec![(1, vec![1])]),
+        Err(StoreError::UnknownUser)
+    ));
+    assert!(matches!(
+        s.add_one_time_prekeys("alice", vec![(u32::MAX, vec![1])]),
+        Ok(4)
+    ));
+    assert!(matches!(
+        s.add_one_time_prekeys("alice", vec![(u32::MAX, vec![1])]),
+        Err(StoreError::PrekeyIdReused(u32::MAX))
+    ));
+}
+
+#[test]
+fn prekey_cap_at_the_edge_and_one_past() {
+    let (_d, s) = store();
+    users(&s, &["alice"]);
+    let keys: Vec<OneTimePrekey> = (1..MAX_ONE_TIME_PREKEYS)
+        .map(|i| (i, vec![0; 32]))
+        .collect();
+    assert_eq!(
+        s.add_one_time_prekeys("alice", keys).unwrap(),
+        MAX_ONE_TIME_PREKEYS - 1
+    );
+    assert!(matches!(
+        s.add_one_time_prekeys("alice", vec![(5000, vec![0]), (5001, vec![0])]),
+        Err(StoreError::TooManyPrekeys {
+            limit: MAX_ONE_TIME_PREKEYS
+        })
+    ));
+    assert_eq!(
+        s.add_one_time_prekeys("alice", vec![(5000, vec![0])])
+            .unwrap(),
+        MAX_ONE_TIME_PREKEYS
+    );
+    assert!(matches!(
+        s.add_one_time_prekeys("alice", vec![(5001, vec![0])]),
+        Err(StoreError::TooManyPrekeys { .. })
+    ));
+}
+
+#[test]
+fn append_stores_dedupes_and_fans_out() {
+    let (_d, s) = store();
+    users(&s, &["alice", "bob", "carol"]);
+    let mut group_env = env("carol", "alice", 2, 10, b"g");
+    group_env.group = Some("team".to_owned());
+    let results = s.append(vec![
+        env("bob", "alice", 1, 10, b"one"),
+        group_env.clone(),
+        env("bob", "alice", 1, 10, b"one"),
+        env("dave", "alice", 3, 10, b"x"),
+        env("bob", "carol", 1, 10, b"same id, other sender"),
+    ]);
+    let first = stored(&results[0]);
+    let carol_seq = stored(&results[1]);
+    assert!(matches!(results[2], Ok(AppendOutcome::Duplicate { seq }) if seq == first));
+    assert!(matches!(results[3], Err(StoreError::UnknownUser)));
+    let other = stored(&results[4]);
+    assert!(first < carol_seq && carol_seq < other);
+
+    let bob = s.pending("bob", 0, 10).unwrap();
+    assert_eq!(bob.len(), 2);
+    assert_eq!(bob[0].seq, first);
+    assert_eq!(bob[0].body, b"one");
+    assert_eq!(bob[1].sender, "carol");
+    let carol = s.pending("carol", 0, 10).unwrap();
+    assert_eq!(carol[0].group.as_deref(), Some("team"));
+    assert_eq!(carol[0].message_id, [2; 16]);
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (2, 3 + 21));
+    assert!(s.append(Vec::new()).is_empty());
+}
+
+#[test]
+fn duplicate_after_ack_is_still_recognised() {
+    let (_d, s) = store();
+    users(&s, &["bob"]);
+    let seq = stored(&s.append(vec![env("bob", "alice", 1, 10, b"x")])[0]);
+    assert_eq!(s.ack("bob", &[seq]).unwrap(), 1);
+    let again = s.append(vec![env("bob", "alice", 1, 10, b"x")]);
+    assert!(matches!(again[0], Ok(AppendOutcome::Duplicate { seq: s2 }) if s2 == seq));
+    assert!(s.pending("bob", 0, 10).unwrap().is_empty());
+}
+
+#[test]
+fn pending_respects_after_and_max() {
+    let (_d, s) = store();
+    users(&s, &["bob"]);
+    let seqs: Vec<u64> = s
+        .append((0..10).map(|i| env("bob", "alice", i, 1, &[i])).collect())
+        .iter()
+        .map(stored)
+        .collect();
+    let page = s.pending("bob", seqs[3], 4).unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        seqs[4..8].to_vec()
+    );
+    assert!(s.pending("bob", u64::MAX, 4).unwrap().is_empty());
+    assert!(s.pending("nobody", 0, 4).unwrap().is_empty());
+}
+
+#[test]
+fn ack_only_removes_own_envelopes() {
+    let (_d, s) = store();
+    users(&s, &["alice", "bob"]);
+    let a = stored(&s.append(vec![env("alice", "bob", 1, 1, b"for alice")])[0]);
+    let b = stored(&s.append(vec![env("bob", "alice", 1, 1, b"for bob")])[0]);
+    assert_eq!(s.ack("bob", &[a]).unwrap(), 0);
+    assert_eq!(s.pending("alice", 0, 10).unwrap().len(), 1);
+    assert_eq!(s.ack("bob", &[b, b, a, 999]).unwrap(), 1);
+    assert!(s.pending("bob", 0, 10).unwrap().is_empty());
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (0, 0));
+    assert_eq!(s.mailbox_usage("alice").unwrap(), (1, 9));
+    assert_eq!(s.ack("bob", &[]).unwrap(), 0);
+}
+
+#[test]
+fn count_quota_at_the_edge_and_one_past() {
+    let (_d, s) = store_with(StoreOptions {
+        mailbox_max_messages: 3,
+        ..StoreOptions::default()
+    });
+    users(&s, &["bob", "carol"]);
+    let r = s.append((0..4).map(|i| env("bob", "alice", i, 1, b"x")).collect());
+    assert!(
+        r[..3]
+            .iter()
+            .all(|r| matches!(r, Ok(AppendOutcome::Stored { .. })))
+    );
+    assert!(matches!(
+        r[3],
+        Err(StoreError::QuotaExceeded {
+            kind: QuotaKind::Count,
+            limit: 3
+        })
+    ));
+    // Other recipients are unaffected; an ack makes room again.
+    assert!(matches!(
+        s.append(vec![env("carol", "alice", 9, 1, b"x")])[0],
+        Ok(AppendOutcome::Stored { .. })
+    ));
+    let first = s.pending("bob", 0, 1).unwrap()[0].seq;
+    s.ack("bob", &[first]).unwrap();
+    assert!(matches!(
+        s.append(vec![env("bob", "alice", 3, 1, b"x")])[0],
+        Ok(AppendOutcome::Stored { .. })
+    ));
+}
+
+#[test]
+fn byte_quota_at_the_edge_and_one_past() {
+    let (_d, s) = store_with(StoreOptions {
+        mailbox_max_bytes: 100,
+        ..StoreOptions::default()
+    });
+    users(&s, &["bob"]);
+    let r = s.append(vec![
+        env("bob", "alice", 1, 1, &[0; 60]),
+        env("bob", "alice", 2, 1, &[0; 41]),
+        env("bob", "alice", 3, 1, &[0; 40]),
+        env("bob", "alice", 4, 1, &[]),
+    ]);
+    assert!(matches!(r[0], Ok(AppendOutcome::Stored { .. })));
+    assert!(matches!(
+        r[1],
+        Err(StoreError::QuotaExceeded {
+            kind: QuotaKind::Bytes,
+            limit: 100
+        })
+    ));
+    assert!(matches!(r[2], Ok(AppendOutcome::Stored { .. })));
+    assert!(matches!(r[3], Ok(AppendOutcome::Stored { .. })));
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (3, 100));
+    assert!(matches!(
+        s.append(vec![env("bob", "alice", 5, 1, &[0; 1])])[0],
+        Err(StoreError::QuotaExceeded {
+            kind: QuotaKind::Bytes,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn expiry_with_injected_clock() {
+    let ttl = 1000;
+    let (_d, s) = store_with(StoreOptions {
+        envelope_ttl_secs: ttl,
+        ..StoreOptions::default()
+    });
+    users(&s, &["bob", "carol"]);
+    let r = s.append(vec![
+        env("bob", "alice", 1, 100, b"old"),
+        env("carol", "alice", 1, 100, b"old too"),
+        env("bob", "alice", 2, 500, b"new"),
+    ]);
+    let new_seq = stored(&r[2]);
+    assert_eq!(s.purge_expired(100 + ttl - 1).unwrap(), 0);
+    assert_eq!(s.pending("bob", 0, 10).unwrap().len(), 2);
+    assert_eq!(s.purge_expired(100 + ttl).unwrap(), 2);
+    let bob = s.pending("bob", 0, 10).unwrap();
+    assert_eq!(bob.len(), 1);
+    assert_eq!(bob[0].seq, new_seq);
+    assert!(s.pending("carol", 0, 10).unwrap().is_empty());
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (1, 3));
+    assert_eq!(s.mailbox_usage("carol").unwrap(), (0, 0));
+    // The dedupe record went with the expiry: the same id is new again.
+    assert!(matches!(
+        s.append(vec![env("bob", "alice", 1, 2000, b"again")])[0],
+        Ok(AppendOutcome::Stored { .. })
+    ));
+    // Still inside its window, the new one is a duplicate.
+    assert!(matches!(
+        s.append(vec![env("bob", "alice", 2, 600, b"new")])[0],
+        Ok(AppendOutcome::Duplicate { seq }) if seq == new_seq
+    ));
+    assert_eq!(s.purge_expired(500 + ttl).unwrap(), 1);
+}
+
+#[test]
+fn friends_lifecycle() {
+    let (_d, s) = store();
+    users(&s, &["alice", "bob", "carol"]);
+    assert_eq!(
+        s.friend_request("alice", "bob").unwrap(),
+        FriendRequestOutcome::Sent
+    );
+    assert_eq!(
+        s.friend_request("alice", "bob").unwrap(),
+        FriendRequestOutcome::AlreadyRequested
+    );
+    assert_eq!(s.incoming_requests("bob").unwrap(), vec!["alice"]);
+    assert_eq!(s.outgoing_requests("alice").unwrap(), vec!["bob"]);
+    s.friend_accept("bob", "alice").unwrap();
+    assert_eq!(s.friends("alice").unwrap(), vec!["bob"]);
+    assert_eq!(s.friends("bob").unwrap(), vec!["alice"]);
+    assert!(s.incoming_requests("bob").unwrap().is_empty());
+    assert_eq!(
+        s.friend_request("bob", "alice").unwrap(),
+        FriendRequestOutcome::AlreadyFriends
+    );
+    assert!(matches!(
+        s.friend_accept("bob", "alice"),
+        Err(StoreError::NoSuchRequest)
+    ));
+
+    // Crossing requests become a friendship.
+    s.friend_request("carol", "alice").unwrap();
+    assert_eq!(
+        s.friend_request("alice", "carol").unwrap(),
+        FriendRequestOutcome::AcceptedReverse
+    );
+    assert_eq!(s.friends("alice").unwrap(), vec!["bob", "carol"]);
+    assert!(s.outgoing_requests("carol").unwrap().is_empty());
+
+    s.friend_remove("bob", "alice").unwrap();
+    assert_eq!(s.friends("alice").unwrap(), vec!["carol"]);
+    assert!(s.friends("bob").unwrap().is_empty());
+    assert!(matches!(
+        s.friend_remove("bob", "alice"),
+        Err(StoreError::NotFriends)
+    ));
+
+    s.friend_request("bob", "carol").unwrap();
+    s.friend_decline("carol", "bob").unwrap();
+    assert!(s.friends("carol").unwrap() == vec!["alice"]);
+    assert!(matches!(
+        s.friend_decline("carol", "bob"),
+        Err(StoreError::NoSuchRequest)
+    ));
+    assert!(matches!(
+        s.friend_request("bob", "zed"),
+        Err(StoreError::UnknownUser)
+    ));
+    assert!(matches!(
+        s.friend_request("bob", "bob"),
+        Err(StoreError::SelfFriend)
+    ));
+}
+
+fn group(name: &str, owner: &str, version: u64, members: &[&str]) -> GroupRecord {
+    GroupRecord {
+        name: name.to_owned(),
+        owner: owner.to_owned(),
+        version,
+        members: members.iter().map(|m| (*m).to_owned()).collect(),
+        roster_signature: vec![version as u8; 64],
+        roster_bytes: vec![0xAB, version as u8],
+    }
+}
+
+#[test]
+fn groups_lifecycle() {
+    let (_d, s) = store();
+    users(&s, &["alice", "bob", "carol"]);
+    let g1 = group("team", "alice", 1, &["alice", "bob"]);
+    s.create_group(g1.clone()).unwrap();
+    assert_eq!(s.group("team").unwrap(), Some(g1.clone()));
+    assert_eq!(s.group("other").unwrap(), None);
+    assert!(matches!(
+        s.create_group(g1.clone()),
+        Err(StoreError::GroupExists)
+    ));
+    assert!(matches!(
+        s.create_group(group("x", "zed", 1, &["zed"])),
+        Err(StoreError::UnknownUser)
+    ));
+    assert_eq!(s.groups_of("bob").unwrap(), vec!["team"]);
+
+    let g2 = group("team", "alice", 2, &["alice", "carol"]);
+    assert!(matches!(
+        s.update_group("team", 0, g2.clone()),
+        Err(StoreError::VersionConflict { stored: 1 })
+    ));
+    assert!(matches!(
+        s.update_group("team", 1, group("team", "alice", 1, &["alice"])),
+        Err(StoreError::VersionConflict { stored: 1 })
+    ));
+    assert!(matches!(
+        s.update_group("nope", 1, g2.clone()),
+        Err(StoreError::UnknownGroup)
+    ));
+    s.update_group("team", 1, g2.clone()).unwrap();
+    assert_eq!(s.group("team").unwrap(), Some(g2.clone()));
+    assert!(s.groups_of("bob").unwrap().is_empty());
+    assert_eq!(s.groups_of("carol").unwrap(), vec!["team"]);
+    assert!(matches!(
+        s.update_group("team", 1, group("team", "alice", 3, &["alice"])),
+        Err(StoreError::VersionConflict { stored: 2 })
+    ));
+
+    s.add_join_request("team", "bob").unwrap();
+    s.add_join_request("team", "bob").unwrap();
+    assert_eq!(s.join_requests("team").unwrap(), vec!["bob"]);
+    assert!(matches!(
+        s.add_join_request("nope", "bob"),
+        Err(StoreError::UnknownGroup)
+    ));
+    assert!(matches!(
+        s.add_join_request("team", "zed"),
+        Err(StoreError::UnknownUser)
+    ));
+    assert!(s.remove_join_request("team", "bob").unwrap());
+    assert!(!s.remove_join_request("team", "bob").unwrap());
+
+    s.add_join_request("team", "bob").unwrap();
+    s.delete_group("team").unwrap();
+    assert_eq!(s.group("team").unwrap(), None);
+    assert!(s.groups_of("carol").unwrap().is_empty());
+    assert!(s.join_requests("team").unwrap().is_empty());
+    assert!(matches!(
+        s.delete_group("team"),
+        Err(StoreError::UnknownGroup)
+    ));
+}
+
+#[test]
+fn announcements_and_cursors() {
+    let (_d, s) = store();
+    let mk = |b: &[u8]| AnnouncementRecord {
+        id: 0,
+        issued_at: 7,
+        bytes: b.to_vec(),
+    };
+    assert_eq!(s.add_announcement(mk(b"one")).unwrap(), 1);
+    assert_eq!(s.add_announcement(mk(b"two")).unwrap(), 2);
+    let all = s.announcements_after(0).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        all[1],
+        AnnouncementRecord {
+            id: 2,
+            issued_at: 7,
+            bytes: b"two".to_vec()
+        }
+    );
+    assert_eq!(s.announcements_after(1).unwrap().len(), 1);
+    assert!(s.announcements_after(u64::MAX).unwrap().is_empty());
+    assert_eq!(s.announcement_cursor("bob").unwrap(), 0);
+    s.set_announcement_cursor("bob", 2).unwrap();
+    assert_eq!(s.announcement_cursor("bob").unwrap(), 2);
+}
+
+#[test]
+fn full_disk_errors_are_recognised_in_the_chain() {
+    let direct = redb::Error::Io(io::Error::from(io::ErrorKind::StorageFull));
+    assert!(matches!(
+        classify("t", direct),
+        StoreError::StorageFull { op: "t", .. }
+    ));
+    let raw = redb::Error::Io(io::Error::from_raw_os_error(ENOSPC));
+    assert!(matches!(classify("t", raw), StoreError::StorageFull { .. }));
+    let wrapped = redb::Error::Io(io::Error::other(io::Error::from(
+        io::ErrorKind::QuotaExceeded,
+    )));
+    assert!(matches!(
+        classify("t", wrapped),
+        StoreError::StorageFull { .. }
+    ));
+    let other = redb::Error::Io(io::Error::from(io::ErrorKind::PermissionDenied));
+    let e = classify("t", other);
+    assert!(matches!(e, StoreError::Storage { .. }));
+    assert!(e.needs_reopen());
+    assert!(classify("t", redb::Error::PreviousIo).is_previous_io());
+    assert!(matches!(
+        classify("t", redb::Error::Corrupted("x".to_owned())),
+        StoreError::Corrupt(_)
+    ));
+    assert_eq!(
+        StoreError::StorageFull {
+            op: "append",
+            source: Arc::new(redb::Error::PreviousIo)
+        }
+        .to_string(),
+        "storage full during append"
+    );
+}
