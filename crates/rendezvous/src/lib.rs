@@ -33,4 +33,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod handler;
+pub mod limits;
+pub mod net;
+pub mod pin;
+pub mod server;
 pub mod tls;
