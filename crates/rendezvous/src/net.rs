@@ -386,15 +386,17 @@ async fn serve<H: Handler>(
         ended,
         Ended::Close(CloseReason::Done | CloseReason::ShuttingDown)
     );
+    let mut writer_done = false;
     if graceful {
         // The writer writes the last replies, finishes the stream and waits
         // for the client's acknowledgement.
-        if timeout(FLUSH_TIMEOUT * 2, &mut writer).await.is_err() {
-            writer.abort();
-        }
+        writer_done = timeout(FLUSH_TIMEOUT * 2, &mut writer).await.is_ok();
     }
     finish(&conn, id, peer, ctx.user.as_deref(), ended);
-    let _ = writer.await;
+    if !writer_done {
+        // Closing the connection ends the writer's writes and accepts.
+        let _ = writer.await;
+    }
     shared.handler.on_disconnect(&ctx, session).await;
 }
 
