@@ -18,9 +18,7 @@ use support::*;
 
 fn handler_with(name: &str, id: &IdentityKeyPair) -> TestHandler {
     let mut handler = TestHandler::default();
-    handler
-        .keys
-        .insert(name.to_owned(), id.identity_key().clone());
+    handler.keys.insert(name.to_owned(), *id.identity_key());
     handler
 }
 
