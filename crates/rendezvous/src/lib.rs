@@ -5,9 +5,13 @@
 //! directory, friend and group rosters and store-and-forward mailboxes of
 //! ciphertext, behind QUIC (quinn) with TLS 1.3 (rustls, ring provider only).
 //!
-//! Today it holds the server's TLS identity: [`tls::ServerIdentity`] makes a
-//! self-signed certificate in the data directory on first start, reuses it
-//! afterwards, and gives the `SHA256:` fingerprint clients pin.
+//! Today it holds the server's TLS identity and its network layer:
+//! [`tls::ServerIdentity`] makes a self-signed certificate in the data
+//! directory on first start, reuses it afterwards, and gives the `SHA256:`
+//! fingerprint clients pin; [`server::Server::spawn`] runs the QUIC accept
+//! loop ([`net`]) within the [`limits`], handing each request of a
+//! connection to a [`handler::Handler`]; [`pin`] is the client-side pinning
+//! verifier.
 //!
 //! ## What it does not do
 //!
