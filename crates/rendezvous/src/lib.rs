@@ -5,12 +5,16 @@
 //! directory, friend and group rosters and store-and-forward mailboxes of
 //! ciphertext, behind QUIC (quinn) with TLS 1.3 (rustls, ring provider only).
 //!
-//! Today it holds the server's TLS identity: [`tls::ServerIdentity`] makes a
-//! self-signed certificate in the data directory on first start, reuses it
-//! afterwards, and gives the `SHA256:` fingerprint clients pin.
-//! [`store::Store`] is the storage layer (redb): accounts and the key
-//! directory, store-and-forward mailboxes with group commit, friends, groups
-//! and announcements; `docs/storage.md` describes its tables.
+//! It holds the server's TLS identity, its storage, its service logic and its
+//! network layer: [`tls::ServerIdentity`] makes a self-signed certificate in
+//! the data directory on first start, reuses it afterwards, and gives the
+//! `SHA256:` fingerprint clients pin; [`store::Store`] is the storage layer
+//! (redb: accounts and the key directory, mailboxes with group commit,
+//! friends, groups, announcements; `docs/storage.md`); [`service::Service`]
+//! turns each request into a reply over the store; [`server::Server::spawn`]
+//! runs the QUIC accept loop ([`net`]) within the [`limits`], handing each
+//! request of a connection to a [`handler::Handler`]; [`pin`] is the
+//! client-side pinning verifier.
 //!
 //! ## What it does not do
 //!
@@ -36,5 +40,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod handler;
+pub mod limits;
+pub mod net;
+pub mod pin;
+pub mod rate;
+pub mod server;
+pub mod service;
 pub mod store;
 pub mod tls;

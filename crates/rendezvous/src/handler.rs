@@ -1,0 +1,375 @@
+//! The boundary between the network layer and the service: a [`Handler`]
+//! gets each request of a connection, in order, with that connection's
+//! [`ConnectionContext`] and its own per-connection session state.
+//!
+//! The network layer knows nothing of users, mailboxes or storage; the
+//! service knows nothing of sockets. The service pushes unasked frames to a
+//! client through the connection's [`PushSender`], which it may clone and
+//! keep (e.g. in a map of who is online).
+//!
+//! ## Async in the trait
+//!
+//! [`Handler::handle`] and [`Handler::on_disconnect`] return
+//! `impl Future + Send` (return-position `impl Trait` in traits, stable since
+//! Rust 1.75): no boxing per request, and the `Send` bound lets the server
+//! run connections on a multi-threaded runtime. An implementation may simply
+//! write `async fn handle(...)` as long as its future is `Send`. The trait is
+//! therefore not object-safe; the server is generic over it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use messenger_proto::msg::{Push, Reply, Request};
+use messenger_proto::{ErrorCode, FrameError};
+use tokio::sync::{Notify, mpsc};
+
+/// What the service does with the requests of every connection.
+///
+/// One connection's requests are handled one at a time, in the order they
+/// arrived (the next request is read only after the previous reply is
+/// queued); different connections are handled concurrently.
+pub trait Handler: Send + Sync + 'static {
+    /// Per-connection state the service keeps, e.g. who logged in.
+    type Session: Send + 'static;
+
+    /// The server's Ed25519 public key (signs announcements), sent to every
+    /// client in [`messenger_proto::msg::ServerHello`].
+    fn server_key(&self) -> [u8; 32];
+
+    /// Called once the client has opened its control stream and been sent
+    /// the hello, before its first request.
+    fn on_connect(&self, ctx: &ConnectionContext) -> Self::Session;
+
+    /// Answers one request. An `Err` is sent to the client as the reply's
+    /// error code; the connection stays open.
+    fn handle(
+        &self,
+        ctx: &mut ConnectionContext,
+        session: &mut Self::Session,
+        request: Request,
+    ) -> impl Future<Output = Result<Reply, ErrorCode>> + Send;
+
+    /// Called once when the connection ends, for whatever reason (client
+    /// left, timeout, bad frame, shutdown), after its last request was
+    /// handled. Pushes sent from now on fail with [`PushError::Closed`].
+    fn on_disconnect(
+        &self,
+        ctx: &ConnectionContext,
+        session: Self::Session,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// What a handler knows about the connection a request came on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ConnectionContext {
+    /// The client's address as the server sees it.
+    pub peer: SocketAddr,
+    /// The nonce sent in this connection's hello; a login signs it.
+    pub nonce: [u8; 32],
+    /// This connection's TLS exporter value (RFC 9266 label
+    /// `EXPORTER-Channel-Binding`, empty context, 32 bytes); a login signs
+    /// it, which binds the login to this connection.
+    pub exporter: [u8; 32],
+    /// Sends pushes to this client.
+    pub pushes: PushSender,
+    /// A server-unique id of this connection, for logs and maps.
+    pub id: u64,
+    /// Who is logged in on this connection, once the handler knows; the
+    /// network layer only uses it in logs.
+    pub user: Option<String>,
+}
+
+impl ConnectionContext {
+    /// A context for a connection; the network layer makes these, and a
+    /// service test may make one with [`PushSender::channel`].
+    pub fn new(
+        peer: SocketAddr,
+        nonce: [u8; 32],
+        exporter: [u8; 32],
+        pushes: PushSender,
+        id: u64,
+    ) -> Self {
+        Self {
+            peer,
+            nonce,
+            exporter,
+            pushes,
+            id,
+            user: None,
+        }
+    }
+}
+
+/// Why the server closes a connection, sent as the QUIC application close
+/// code and reason.
+///
+/// Codes that answer bad input reuse the wire value of the matching
+/// [`ErrorCode`] (100 `bad_request`, 101 `unsupported_version`,
+/// 102 `too_large`, 603 `internal`);
+/// the others are in a 7xx range of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The client finished its control stream; nothing went wrong (0).
+    Done,
+    /// A frame could not be decoded: bad postcard, trailing bytes, an
+    /// unknown variant, a stream that ended inside a frame (100).
+    BadRequest,
+    /// The client's preface names a protocol version the server does not
+    /// speak (101).
+    UnsupportedVersion,
+    /// A frame's length prefix exceeds the maximum frame size (102).
+    TooLarge,
+    /// The server failed in a way that is not the client's fault (603).
+    Internal,
+    /// The server is shutting down (700).
+    ShuttingDown,
+    /// The client did not open its control stream in time (701).
+    NoControlStream,
+    /// The client did not read its pushes and its push queue filled (702).
+    TooSlow,
+    /// A newer login of the same user replaced this connection (703).
+    Replaced,
+}
+
+impl CloseReason {
+    /// Every reason, in code order.
+    pub const ALL: &'static [CloseReason] = &[
+        Self::Done,
+        Self::BadRequest,
+        Self::UnsupportedVersion,
+        Self::TooLarge,
+        Self::Internal,
+        Self::ShuttingDown,
+        Self::NoControlStream,
+        Self::TooSlow,
+        Self::Replaced,
+    ];
+
+    /// The QUIC application error code.
+    pub fn code(self) -> u32 {
+        match self {
+            Self::Done => 0,
+            Self::BadRequest => ErrorCode::BadRequest.as_u16().into(),
+            Self::UnsupportedVersion => ErrorCode::UnsupportedVersion.as_u16().into(),
+            Self::TooLarge => ErrorCode::TooLarge.as_u16().into(),
+            Self::Internal => ErrorCode::Internal.as_u16().into(),
+            Self::ShuttingDown => 700,
+            Self::NoControlStream => 701,
+            Self::TooSlow => 702,
+            Self::Replaced => 703,
+        }
+    }
+
+    /// The reason phrase sent with the code (ASCII, one line).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::BadRequest => "bad_request",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::TooLarge => "too_large",
+            Self::Internal => "internal",
+            Self::ShuttingDown => "server shutting down",
+            Self::NoControlStream => "no control stream",
+            Self::TooSlow => "push queue full",
+            Self::Replaced => "replaced by a newer login",
+        }
+    }
+
+    /// The reason with application close code `code`, if there is one.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|r| u64::from(r.code()) == code)
+    }
+
+    /// The reason for a frame that could not be read.
+    pub fn for_frame_error(error: &FrameError) -> Self {
+        match error {
+            FrameError::TooLarge { .. } => Self::TooLarge,
+            _ => Self::BadRequest,
+        }
+    }
+}
+
+/// Why a push was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The client's push queue is full: the client is being disconnected
+    /// (it will fetch what it missed at its next login).
+    #[error("push queue of the connection is full; the client is disconnected")]
+    Full,
+    /// The connection has ended.
+    #[error("the connection has ended")]
+    Closed,
+}
+
+/// Queues pushes for one connection; cheap to clone.
+///
+/// The queue is bounded ([`crate::limits::PUSH_QUEUE`]): a push into a full
+/// queue disconnects the client ([`CloseReason::TooSlow`]) instead of letting
+/// the server's memory grow.
+#[derive(Clone, Debug)]
+pub struct PushSender {
+    tx: mpsc::Sender<Push>,
+    close: Arc<CloseSignal>,
+}
+
+impl PushSender {
+    /// A push queue of `capacity` pushes and its receiving end (for the
+    /// connection's writer, or a service test). A zero capacity is taken
+    /// as one.
+    pub fn channel(capacity: usize) -> (Self, PushQueue) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let close = Arc::new(CloseSignal::default());
+        (
+            Self {
+                tx,
+                close: Arc::clone(&close),
+            },
+            PushQueue { rx, close },
+        )
+    }
+
+    /// Queues `push` without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Full`] if the queue is full (the connection is then
+    /// closed with [`CloseReason::TooSlow`]); [`PushError::Closed`] if the
+    /// connection has ended.
+    pub fn push(&self, push: Push) -> Result<(), PushError> {
+        match self.tx.try_send(push) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close.request(CloseReason::TooSlow);
+                Err(PushError::Full)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PushError::Closed),
+        }
+    }
+
+    /// Closes the connection with `reason` once the pushes already queued
+    /// are written, e.g. [`CloseReason::Replaced`] after a
+    /// [`Push::Replaced`]. The first reason asked for wins.
+    pub fn disconnect(&self, reason: CloseReason) {
+        self.close.request(reason);
+    }
+
+    /// Whether the connection has ended (its queue is gone).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The receiving end of a [`PushSender`].
+#[derive(Debug)]
+pub struct PushQueue {
+    rx: mpsc::Receiver<Push>,
+    close: Arc<CloseSignal>,
+}
+
+impl PushQueue {
+    /// The next push, waiting for one; `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Push> {
+        self.rx.recv().await
+    }
+
+    /// The next push if one is queued.
+    pub fn try_recv(&mut self) -> Option<Push> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Waits until a sender asks to close the connection, and returns why.
+    pub async fn close_requested(&self) -> CloseReason {
+        self.close.wait().await
+    }
+
+    /// The close signal alone, to wait on while receiving.
+    pub(crate) fn close_signal(&self) -> Arc<CloseSignal> {
+        Arc::clone(&self.close)
+    }
+
+    /// Why a sender asked to close the connection, if one has.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close.reason()
+    }
+}
+
+/// A close reason set once by a [`PushSender`], and a way to wait for it.
+#[derive(Debug, Default)]
+pub(crate) struct CloseSignal {
+    reason: Mutex<Option<CloseReason>>,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    fn request(&self, reason: CloseReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        drop(slot);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) async fn wait(&self) -> CloseReason {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
+    fn reason(&self) -> Option<CloseReason> {
+        *self.reason.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn close_codes_are_unique_and_round_trip() {
+        let codes: HashSet<u32> = CloseReason::ALL.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), CloseReason::ALL.len());
+        for &reason in CloseReason::ALL {
+            assert_eq!(CloseReason::from_code(reason.code().into()), Some(reason));
+            assert!(reason.reason().is_ascii());
+        }
+        assert_eq!(CloseReason::BadRequest.code(), 100);
+        assert_eq!(CloseReason::TooLarge.code(), 102);
+        assert_eq!(CloseReason::from_code(9999), None);
+    }
+
+    #[tokio::test]
+    async fn full_queue_asks_to_close_and_keeps_order() {
+        let (sender, mut queue) = PushSender::channel(2);
+        sender.push(Push::PrekeysLow { remaining: 1 }).unwrap();
+        sender.push(Push::PrekeysLow { remaining: 2 }).unwrap();
+        assert_eq!(queue.close_reason(), None);
+        assert_eq!(
+            sender.push(Push::PrekeysLow { remaining: 3 }),
+            Err(PushError::Full)
+        );
+        assert_eq!(queue.close_requested().await, CloseReason::TooSlow);
+        assert_eq!(queue.recv().await, Some(Push::PrekeysLow { remaining: 1 }));
+        assert_eq!(queue.try_recv(), Some(Push::PrekeysLow { remaining: 2 }));
+        assert_eq!(queue.try_recv(), None);
+        // A later reason does not replace the first.
+        sender.disconnect(CloseReason::Replaced);
+        assert_eq!(queue.close_reason(), Some(CloseReason::TooSlow));
+        drop(queue);
+        assert_eq!(sender.push(Push::Replaced), Err(PushError::Closed));
+        assert!(sender.is_closed());
+    }
+}

@@ -1,0 +1,657 @@
+//! The QUIC side of the server: TLS and transport configuration, the accept
+//! loop and the per-connection loop that feeds a [`Handler`].
+//!
+//! ## A connection, step by step
+//!
+//! 1. **Accept.** A new connection from an IP address that already has
+//!    [`Limits::max_connections_per_ip`] connections is refused at once
+//!    (QUIC `CONNECTION_REFUSED`, before any TLS work). Its slot is counted
+//!    free again when the connection ends (T-35).
+//! 2. **Handshake.** TLS 1.3 only, ALPN `messenger/1` only (others fail
+//!    with `no_application_protocol`), 0-RTT off (T-45), bounded by
+//!    [`Limits::handshake_timeout`].
+//! 3. **Control stream.** Within [`Limits::control_stream_timeout`] the
+//!    client opens one bidirectional stream and writes its *preface*: one
+//!    frame whose body is its protocol version as a postcard `u16` (the same
+//!    bytes as a struct `{ version: u16 }`). A QUIC peer only learns of a
+//!    stream when data arrives on it, so the client speaks first. A silent
+//!    client is closed with [`CloseReason::NoControlStream`] (T-37); another
+//!    version with [`CloseReason::UnsupportedVersion`].
+//! 4. **Hello.** The server writes [`ServerFrame::Hello`] with a fresh
+//!    random nonce, and takes this connection's RFC 9266 exporter value;
+//!    both go to the handler in the [`ConnectionContext`] for login.
+//! 5. **Requests.** Each [`ClientFrame`] is handed to the handler in order
+//!    and its [`ServerFrame::Reply`] written back. Pushes from the handler are
+//!    written by the same task that writes replies, so frames never
+//!    interleave. A frame that does not decode, an oversized length prefix
+//!    (refused when its four bytes arrive), or a stream that ends inside a
+//!    frame closes that connection with `bad_request` / `too_large`
+//!    (T-30, T-31); nothing panics, and other connections are unaffected.
+//!    Requests beyond the connection's token bucket are answered
+//!    `rate_limited` without reaching the handler.
+//! 6. **Other streams** are refused with [`STREAM_REFUSED`] (T-36); QUIC
+//!    flow control caps how many may be open at once.
+//!
+//! Logs (tracing) name the connection id, peer address and, once the
+//! handler sets it, the user; never a request or reply body, a signature or
+//! a key.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use messenger_proto::msg::{ClientFrame, ServerFrame, ServerHello};
+use messenger_proto::{ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rand::Rng as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, timeout};
+use tracing::{debug, info, warn};
+
+use crate::handler::{CloseReason, ConnectionContext, Handler, PushQueue, PushSender};
+use crate::limits::Limits;
+use crate::server::ServerError;
+
+/// TLS exporter label for channel binding, RFC 9266 §2
+/// (`tls-exporter`); the context is empty and the output 32 bytes.
+pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+
+/// Stream error code for streams beyond the control stream (`STOP_SENDING`
+/// and `RESET_STREAM`): the protocol uses one stream per connection.
+pub const STREAM_REFUSED: u32 = 1;
+
+/// Longest the server waits, after a graceful end, for the client to
+/// acknowledge the last frames before the connection is closed: 2 s.
+///
+/// Closing a QUIC connection discards unsent data, so replies to the last
+/// requests need this moment; a peer that never acknowledges costs no more.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Largest piece read from the control stream at once: 64 KiB.
+///
+/// Reads are copied into the frame decoder, so this only bounds one copy.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Builds the rustls configuration the server uses: ring provider, TLS 1.3
+/// only, ALPN [`ALPN`] only, no client certificates, no early data.
+///
+/// # Errors
+///
+/// [`ServerError::Tls`] if rustls refuses the certificate or key.
+pub fn tls_config(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(ServerError::Tls)?
+        .with_no_client_auth()
+        .with_single_cert(cert_chain, key)
+        .map_err(ServerError::Tls)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // 0-RTT data can be replayed (a login, a send): keep it off (T-45).
+    tls.max_early_data_size = 0;
+    tls.send_half_rtt_data = false;
+    Ok(tls)
+}
+
+/// The QUIC transport parameters from `limits`: stream counts, windows,
+/// idle timeout and keep-alive. Segmentation offload and MTU discovery keep
+/// quinn's defaults (on): turning them off cost 2.3× relay throughput
+/// (performance.md §4.9).
+///
+/// # Errors
+///
+/// [`ServerError::Config`] if the idle timeout is out of QUIC's range.
+pub fn transport_config(limits: &Limits) -> Result<TransportConfig, ServerError> {
+    let idle = IdleTimeout::try_from(limits.idle_timeout)
+        .map_err(|_| ServerError::Config("idle timeout out of range"))?;
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_bidi_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(limits.max_uni_streams))
+        .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
+        .receive_window(VarInt::from_u32(limits.connection_receive_window))
+        .send_window(limits.send_window)
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(limits.keep_alive))
+        // The protocol has no datagrams.
+        .datagram_receive_buffer_size(None);
+    Ok(transport)
+}
+
+/// The quinn server configuration: [`tls_config`] and
+/// [`transport_config`], at most [`Limits::max_incoming`] pending
+/// handshakes, no connection migration.
+///
+/// # Errors
+///
+/// As [`transport_config`]; [`ServerError::Config`] if `tls` has no
+/// cipher suite QUIC can start with.
+pub fn quinn_config(
+    tls: rustls::ServerConfig,
+    limits: &Limits,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let quic = QuicServerConfig::try_from(tls)
+        .map_err(|_| ServerError::Config("no TLS 1.3 cipher suite usable by QUIC"))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config
+        .transport_config(Arc::new(transport_config(limits)?))
+        .max_incoming(limits.max_incoming)
+        .migration(false);
+    Ok(config)
+}
+
+/// Loads a CA-issued certificate chain and its private key from PEM files.
+///
+/// # Errors
+///
+/// [`ServerError::Pem`] if a file cannot be read or holds no certificate
+/// or key.
+pub fn load_pem_pair(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
+    let pem_error = |path: &Path, reason: &'static str| ServerError::Pem {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|_| pem_error(cert, "cannot read a PEM certificate from it"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| pem_error(cert, "a certificate in it is damaged"))?;
+    if chain.is_empty() {
+        return Err(pem_error(cert, "no certificate in it"));
+    }
+    // Parser errors are not used: they could quote the key file.
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|_| pem_error(key, "no readable private key in it"))?;
+    Ok((chain, key))
+}
+
+/// State shared by the accept loop and every connection.
+pub(crate) struct Shared<H> {
+    pub(crate) handler: Arc<H>,
+    pub(crate) limits: Limits,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    next_id: AtomicU64,
+}
+
+impl<H> Shared<H> {
+    pub(crate) fn new(handler: Arc<H>, limits: Limits) -> Self {
+        Self {
+            handler,
+            limits,
+            per_ip: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Accepts connections until `stop` turns true (or its sender is gone),
+/// then lets connections finish their current request for
+/// [`Limits::shutdown_grace`], closes the rest and waits for the endpoint
+/// to go idle.
+pub(crate) async fn accept_loop<H: Handler>(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared<H>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tasks = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopped| *stopped) => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let peer = incoming.remote_address();
+        let Some(slot) = IpSlot::take(&shared, peer.ip()) else {
+            debug!(%peer, "connection refused: too many connections from this address");
+            incoming.refuse();
+            continue;
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        tasks.spawn(serve(incoming, id, slot, Arc::clone(&shared), stop.clone()));
+    }
+    let grace = shared.limits.shutdown_grace;
+    let drained = timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!("connections still busy after the shutdown grace; closing them");
+    }
+    close_endpoint(&endpoint, CloseReason::ShuttingDown);
+    tasks.shutdown().await;
+    let _ = timeout(FLUSH_TIMEOUT, endpoint.wait_idle()).await;
+}
+
+/// Closes every connection of `endpoint` with `reason`.
+pub(crate) fn close_endpoint(endpoint: &quinn::Endpoint, reason: CloseReason) {
+    endpoint.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+}
+
+/// One per-IP connection slot, given back on drop.
+struct IpSlot {
+    ip: IpAddr,
+    per_ip: Arc<dyn SlotTable>,
+}
+
+trait SlotTable: Send + Sync {
+    fn release(&self, ip: IpAddr);
+}
+
+impl<H: Send + Sync> SlotTable for Shared<H> {
+    fn release(&self, ip: IpAddr) {
+        let mut map = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = map.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+}
+
+impl IpSlot {
+    fn take<H: Handler>(shared: &Arc<Shared<H>>, ip: IpAddr) -> Option<Self> {
+        let mut map = shared.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = map.entry(ip).or_insert(0);
+        if *count >= shared.limits.max_connections_per_ip {
+            return None;
+        }
+        *count += 1;
+        let per_ip: Arc<dyn SlotTable> = Arc::clone(shared) as Arc<dyn SlotTable>;
+        Some(Self { ip, per_ip })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        self.per_ip.release(self.ip);
+    }
+}
+
+/// How the request loop of a connection ended.
+enum Ended {
+    /// The server decides to close, with this reason.
+    Close(CloseReason),
+    /// The connection is already gone (peer closed, timed out, reset).
+    Lost,
+}
+
+async fn serve<H: Handler>(
+    incoming: quinn::Incoming,
+    id: u64,
+    _slot: IpSlot,
+    shared: Arc<Shared<H>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let peer = incoming.remote_address();
+    let limits = &shared.limits;
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(error) => {
+            debug!(id, %peer, %error, "connection failed before the handshake");
+            return;
+        }
+    };
+    let conn = tokio::select! {
+        result = timeout(limits.handshake_timeout, connecting) => match result {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                debug!(id, %peer, %error, "handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(id, %peer, "handshake timed out");
+                return;
+            }
+        },
+        _ = stop.wait_for(|stopped| *stopped) => return,
+    };
+    info!(id, %peer, "connection opened");
+
+    let mut decoder = FrameDecoder::new();
+    let opened = tokio::select! {
+        result = timeout(limits.control_stream_timeout, open_control(&conn, &mut decoder)) => match result {
+            Ok(opened) => opened,
+            Err(_) => Err(Ended::Close(CloseReason::NoControlStream)),
+        },
+        _ = stop.wait_for(|stopped| *stopped) => Err(Ended::Close(CloseReason::ShuttingDown)),
+    };
+    let (mut send, recv) = match opened {
+        Ok(streams) => streams,
+        Err(ended) => {
+            finish(&conn, id, peer, None, ended);
+            return;
+        }
+    };
+
+    let mut nonce = [0u8; 32];
+    rand::rng().fill_bytes(&mut nonce);
+    let mut exporter = [0u8; 32];
+    if conn
+        .export_keying_material(&mut exporter, CHANNEL_BINDING_LABEL, b"")
+        .is_err()
+    {
+        finish(&conn, id, peer, None, Ended::Close(CloseReason::Internal));
+        return;
+    }
+    let hello = ServerFrame::Hello(ServerHello {
+        version: PROTOCOL_VERSION,
+        nonce,
+        server_key: shared.handler.server_key(),
+    });
+    let written = match encode(&hello) {
+        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
+        Err(_) => false,
+    };
+    if !written {
+        finish(&conn, id, peer, None, Ended::Lost);
+        return;
+    }
+
+    let (pushes, push_queue) = PushSender::channel(limits.push_queue);
+    let mut ctx = ConnectionContext::new(peer, nonce, exporter, pushes, id);
+    let mut session = shared.handler.on_connect(&ctx);
+    // Capacity one: the reader handles the next request only once the
+    // writer has taken the previous reply, so a client that does not read
+    // stops being served (backpressure) instead of queueing replies.
+    let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(1);
+    let mut writer = tokio::spawn(write_loop(conn.clone(), send, reply_rx, push_queue));
+
+    let ended = read_loop(
+        &shared,
+        &conn,
+        recv,
+        decoder,
+        &reply_tx,
+        &mut ctx,
+        &mut session,
+        &mut stop,
+    )
+    .await;
+    drop(reply_tx);
+    let graceful = matches!(
+        ended,
+        Ended::Close(CloseReason::Done | CloseReason::ShuttingDown)
+    );
+    let mut writer_done = false;
+    if graceful {
+        // The writer writes the last replies, finishes the stream and waits
+        // for the client's acknowledgement.
+        writer_done = timeout(FLUSH_TIMEOUT * 2, &mut writer).await.is_ok();
+    }
+    finish(&conn, id, peer, ctx.user.as_deref(), ended);
+    if !writer_done {
+        // Closing the connection ends the writer's writes and accepts.
+        let _ = writer.await;
+    }
+    shared.handler.on_disconnect(&ctx, session).await;
+}
+
+/// Waits for the client's control stream and checks its preface.
+async fn open_control(
+    conn: &quinn::Connection,
+    decoder: &mut FrameDecoder,
+) -> Result<(quinn::SendStream, quinn::RecvStream), Ended> {
+    let (send, mut recv) = conn.accept_bi().await.map_err(|_| Ended::Lost)?;
+    let body = loop {
+        if let Some(body) = decoder.next_frame() {
+            break body;
+        }
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => decoder
+                .push(&chunk.bytes)
+                .map_err(|e| Ended::Close(CloseReason::for_frame_error(&e)))?,
+            Ok(None) => return Err(Ended::Close(CloseReason::BadRequest)),
+            Err(_) => return Err(Ended::Lost),
+        }
+    };
+    match decode::<u16>(&body) {
+        Ok(PROTOCOL_VERSION) => Ok((send, recv)),
+        Ok(_) => Err(Ended::Close(CloseReason::UnsupportedVersion)),
+        Err(e) => Err(Ended::Close(CloseReason::for_frame_error(&e))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop<H: Handler>(
+    shared: &Shared<H>,
+    conn: &quinn::Connection,
+    mut recv: quinn::RecvStream,
+    mut decoder: FrameDecoder,
+    replies: &mpsc::Sender<Vec<u8>>,
+    ctx: &mut ConnectionContext,
+    session: &mut H::Session,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let mut bucket = TokenBucket::new(
+        shared.limits.requests_per_second,
+        shared.limits.request_burst,
+    );
+    loop {
+        // Frames already buffered (e.g. pipelined after the preface) first.
+        while let Some(body) = decoder.next_frame() {
+            let frame = match decode::<ClientFrame>(&body) {
+                Ok(frame) => frame,
+                Err(e) => return Ended::Close(CloseReason::for_frame_error(&e)),
+            };
+            let result = if bucket.take() {
+                shared.handler.handle(ctx, session, frame.request).await
+            } else {
+                Err(ErrorCode::RateLimited)
+            };
+            let reply = ServerFrame::Reply {
+                id: frame.id,
+                result,
+            };
+            let bytes = match encode(&reply) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    warn!(id = ctx.id, %error, "reply could not be encoded");
+                    let fallback = ServerFrame::Reply {
+                        id: frame.id,
+                        result: Err(ErrorCode::Internal),
+                    };
+                    match encode(&fallback) {
+                        Ok(bytes) => bytes,
+                        Err(_) => return Ended::Close(CloseReason::Internal),
+                    }
+                }
+            };
+            if replies.send(bytes).await.is_err() {
+                return Ended::Lost;
+            }
+        }
+        let chunk = tokio::select! {
+            chunk = recv.read_chunk(READ_CHUNK, true) => chunk,
+            _ = stop.wait_for(|stopped| *stopped) => return Ended::Close(CloseReason::ShuttingDown),
+        };
+        match chunk {
+            Ok(Some(chunk)) => {
+                if let Err(e) = decoder.push(&chunk.bytes) {
+                    return Ended::Close(CloseReason::for_frame_error(&e));
+                }
+            }
+            Ok(None) => {
+                return match decoder.finish() {
+                    Ok(()) => Ended::Close(CloseReason::Done),
+                    Err(_) => Ended::Close(CloseReason::BadRequest),
+                };
+            }
+            Err(_) => {
+                return if conn.close_reason().is_some() {
+                    Ended::Lost
+                } else {
+                    // The client reset its control stream.
+                    Ended::Close(CloseReason::BadRequest)
+                };
+            }
+        }
+    }
+}
+
+/// Owns the send half: writes replies and pushes, refuses extra streams,
+/// and closes the connection when a [`PushSender`] asks.
+async fn write_loop(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut replies: mpsc::Receiver<Vec<u8>>,
+    mut pushes: PushQueue,
+) {
+    let close = pushes.close_signal();
+    loop {
+        tokio::select! {
+            biased;
+            reason = close.wait() => {
+                if reason != CloseReason::TooSlow {
+                    // Write what was queued before the request (e.g. the
+                    // `Replaced` push), then close.
+                    while let Some(push) = pushes.try_recv() {
+                        if write_push(&mut send, push).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = send.finish();
+                    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
+                }
+                conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+                return;
+            }
+            reply = replies.recv() => match reply {
+                Some(bytes) => {
+                    if send.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    // The reader is done; end the stream and wait for the
+                    // client to acknowledge it.
+                    let _ = send.finish();
+                    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
+                    return;
+                }
+            },
+            push = pushes.recv() => {
+                if let Some(push) = push
+                    && write_push(&mut send, push).await.is_err()
+                {
+                    return;
+                }
+            }
+            stream = conn.accept_bi() => match stream {
+                Ok((mut extra_send, mut extra_recv)) => {
+                    let _ = extra_recv.stop(VarInt::from_u32(STREAM_REFUSED));
+                    let _ = extra_send.reset(VarInt::from_u32(STREAM_REFUSED));
+                }
+                Err(_) => return,
+            },
+            stream = conn.accept_uni() => match stream {
+                Ok(mut extra_recv) => {
+                    let _ = extra_recv.stop(VarInt::from_u32(STREAM_REFUSED));
+                }
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+async fn write_push(
+    send: &mut quinn::SendStream,
+    push: messenger_proto::msg::Push,
+) -> Result<(), quinn::WriteError> {
+    match encode(&ServerFrame::Push(push)) {
+        Ok(bytes) => send.write_all(&bytes).await,
+        Err(error) => {
+            // A push too large for a frame is a service bug; the client
+            // fetches what it missed at its next login.
+            warn!(%error, "push could not be encoded; dropped");
+            Ok(())
+        }
+    }
+}
+
+fn finish(
+    conn: &quinn::Connection,
+    id: u64,
+    peer: std::net::SocketAddr,
+    user: Option<&str>,
+    ended: Ended,
+) {
+    match ended {
+        Ended::Close(reason) => {
+            conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+            info!(id, %peer, user, reason = reason.reason(), "connection closed");
+        }
+        Ended::Lost => {
+            let cause = conn
+                .close_reason()
+                .map_or_else(|| "ended".to_owned(), |e| e.to_string());
+            info!(id, %peer, user, %cause, "connection closed");
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            tokens: burst,
+            rate: f64::from(rate),
+            burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_the_burst_then_the_rate() {
+        let mut bucket = TokenBucket::new(10, 5);
+        assert_eq!((0..10).filter(|_| bucket.take()).count(), 5);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!((0..10).filter(|_| bucket.take()).count(), 3);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!((0..10).filter(|_| bucket.take()).count(), 5);
+    }
+
+    #[test]
+    fn transport_config_accepts_the_defaults() {
+        transport_config(&Limits::default()).unwrap();
+    }
+}
