@@ -413,6 +413,14 @@ pub enum Push {
     },
     /// Another connection logged in as me; this one is closed next.
     Replaced,
+    /// To a group's owner: a member wants to leave; the owner's client
+    /// publishes a roster without them (only the owner can sign one).
+    GroupLeaveRequest {
+        /// Group name.
+        group: String,
+        /// Who leaves.
+        username: String,
+    },
 }
 
 /// The bytes an owner signs for a roster (after the signing context label):
@@ -609,6 +617,10 @@ mod tests {
             }),
             Push::PrekeysLow { remaining: 1 },
             Push::Replaced,
+            Push::GroupLeaveRequest {
+                group: "g".into(),
+                username: "bob".into(),
+            },
         ];
         (requests, replies, pushes)
     }
@@ -664,7 +676,7 @@ mod tests {
             let body = postcard::to_stdvec(p).unwrap();
             assert_eq!(usize::from(body[0]), i, "{p:?}");
         }
-        assert_eq!((requests.len(), replies.len(), pushes.len()), (23, 10, 10));
+        assert_eq!((requests.len(), replies.len(), pushes.len()), (23, 10, 11));
     }
 
     #[test]

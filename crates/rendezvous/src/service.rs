@@ -1,0 +1,1138 @@
+//! The service: each request becomes a reply over the [`Store`], with no
+//! sockets. The network layer hands it requests in order per connection and
+//! gives it a [`PushTarget`] per connection for what it must tell a client
+//! unasked.
+//!
+//! Envelopes go through a group-commit writer: one OS thread takes every
+//! envelope queued while the previous commit ran and stores them in one redb
+//! transaction, so each is answered `Accepted` only after its own durable
+//! commit, and many share one fsync under load.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use messenger_crypto::identity::{IdentityKey, PublicIdentity, SigningContext, Username, verify_login};
+use messenger_crypto::prekey::{OneTimePrekey, SignedPrekey};
+use messenger_proto::ErrorCode;
+use messenger_proto::msg::{
+    DEFAULT_DEVICE, Envelope, LOBBY, MAX_ACKS, MAX_ANNOUNCEMENT_LEN, MAX_BODY_LEN,
+    MAX_GROUP_MEMBERS, MAX_PREKEYS_PER_UPLOAD, MAX_PULL, MessageId, OutgoingEnvelope, Push,
+    Register, Reply, Request, SignedAnnouncement, SignedRoster, UserInfo,
+    announcement_signed_bytes, roster_signed_bytes,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::rate::{Buckets, Rate};
+use crate::store::{
+    AccountRecord, AnnouncementRecord, AppendOutcome, EnvelopeRecord, FriendRequestOutcome,
+    GroupRecord, NewEnvelope, Store, StoreError,
+};
+
+/// Below this many one-time prekeys the owner is told to upload more.
+pub const PREKEY_LOW_WATER: u32 = 20;
+/// Most envelopes one group commit holds: large enough to amortise an fsync
+/// over many senders, small enough to keep one commit well under a
+/// millisecond of CPU.
+pub const MAX_COMMIT_BATCH: usize = 1000;
+
+/// Who may register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// Anyone.
+    Open,
+    /// Only with a one-time token from `rendezvous invite`.
+    Invite,
+}
+
+/// Whom the `users` request lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsersPolicy {
+    /// Every online user (the default, like the old systems).
+    Everyone,
+    /// Only online friends.
+    FriendsOnly,
+}
+
+/// Service settings. Every limit has a default with a reason.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Who may register.
+    pub registration: Registration,
+    /// Whom `users` lists.
+    pub users_policy: UsersPolicy,
+    /// Envelope sends per user: 50/s sustained, bursts of 200 — far above a
+    /// person typing, low enough that one account cannot fill mailboxes fast.
+    pub send_rate: Rate,
+    /// Bundle fetches per requester: 30 per minute, bursts of 10. Each fetch
+    /// consumes someone's one-time prekey, so this is what stops draining
+    /// (X3DH §4.7).
+    pub bundle_rate: Rate,
+    /// Other requests per user: 100/s, bursts of 200.
+    pub request_rate: Rate,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            registration: Registration::Open,
+            users_policy: UsersPolicy::Everyone,
+            send_rate: Rate::per(50, Duration::from_secs(1), 200),
+            bundle_rate: Rate::per(30, Duration::from_secs(60), 10),
+            request_rate: Rate::per(100, Duration::from_secs(1), 200),
+        }
+    }
+}
+
+/// Where the service sends pushes for one connection.
+pub trait PushTarget: Clone + Send + Sync + 'static {
+    /// Queues a push; false when the connection is gone or cannot keep up.
+    fn push(&self, push: Push) -> bool;
+    /// Closes the connection (another login replaced it).
+    fn close(&self, reason: &'static str);
+}
+
+/// A clock in milliseconds since the Unix epoch; injectable for tests.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    })
+}
+
+/// Per-connection state the service keeps.
+#[derive(Debug)]
+pub struct Session<P> {
+    conn: u64,
+    nonce: [u8; 32],
+    exporter: [u8; 32],
+    push: P,
+    user: Option<String>,
+}
+
+impl<P> Session<P> {
+    /// The logged-in user, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+}
+
+struct Online<P> {
+    conn: u64,
+    push: P,
+    identity: Vec<u8>,
+}
+
+type CommitJob = (Vec<NewEnvelope>, oneshot::Sender<Vec<Result<AppendOutcome, StoreError>>>);
+
+/// The service. Cheap to share: hold it in an `Arc`.
+pub struct Service<P: PushTarget> {
+    store: Store,
+    config: ServiceConfig,
+    server_key: Option<IdentityKey>,
+    clock: Clock,
+    online: Mutex<HashMap<String, Online<P>>>,
+    send_buckets: Mutex<Buckets>,
+    bundle_buckets: Mutex<Buckets>,
+    request_buckets: Mutex<Buckets>,
+    commits: mpsc::SyncSender<CommitJob>,
+}
+
+impl<P: PushTarget> std::fmt::Debug for Service<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn name(raw: &str) -> Result<String, ErrorCode> {
+    Username::parse(raw)
+        .map(|u| u.as_str().to_owned())
+        .map_err(|_| ErrorCode::BadRequest)
+}
+
+fn store_error(e: StoreError) -> ErrorCode {
+    match e {
+        StoreError::UserExists => ErrorCode::UserExists,
+        StoreError::UnknownUser => ErrorCode::UserNotExist,
+        StoreError::QuotaExceeded { .. } | StoreError::TooManyPrekeys { .. } => {
+            ErrorCode::QuotaExceeded
+        }
+        StoreError::GroupExists => ErrorCode::GroupExist,
+        StoreError::UnknownGroup => ErrorCode::GroupNotExist,
+        StoreError::VersionConflict { .. } | StoreError::NoSuchRequest => ErrorCode::NotPermitted,
+        StoreError::NotFriends => ErrorCode::NotFriend,
+        StoreError::SelfFriend | StoreError::PrekeyIdReused(_) => ErrorCode::BadRequest,
+        StoreError::StorageFull { .. } => ErrorCode::StorageFull,
+        other => {
+            tracing::error!(error = %other, "storage failure");
+            ErrorCode::Internal
+        }
+    }
+}
+
+/// Runs a blocking store call off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ErrorCode> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(store_error),
+        Err(_) => Err(ErrorCode::Internal),
+    }
+}
+
+fn to_envelope(r: EnvelopeRecord) -> Envelope {
+    Envelope {
+        seq: r.seq,
+        from: r.sender,
+        from_device: DEFAULT_DEVICE,
+        group: r.group,
+        id: r.message_id,
+        sent_at: r.sent_at,
+        body: r.body,
+    }
+}
+
+fn commit_loop(store: Store, jobs: mpsc::Receiver<CommitJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        let mut count = batch[0].0.len();
+        while count < MAX_COMMIT_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    count += job.0.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let sizes: Vec<usize> = batch.iter().map(|j| j.0.len()).collect();
+        let mut all = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(batch.len());
+        for (envelopes, reply) in batch {
+            all.extend(envelopes);
+            replies.push(reply);
+        }
+        let mut results = store.append(all).into_iter();
+        for (size, reply) in sizes.into_iter().zip(replies) {
+            let part: Vec<_> = results.by_ref().take(size).collect();
+            // The sender may have gone; its envelopes are stored regardless.
+            let _ = reply.send(part);
+        }
+    }
+}
+
+impl<P: PushTarget> Service<P> {
+    /// A service over `store`. `server_key` is the Ed25519 key that signs
+    /// announcements (None: announcements are refused).
+    pub fn new(store: Store, config: ServiceConfig, server_key: Option<[u8; 32]>, clock: Clock) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<CommitJob>(4 * MAX_COMMIT_BATCH);
+        let writer_store = store.clone();
+        // The writer ends when the service (the only sender) is dropped.
+        let spawned = thread::Builder::new()
+            .name("group-commit".into())
+            .spawn(move || commit_loop(writer_store, rx));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the group-commit writer");
+        }
+        let server_key = server_key.and_then(|k| IdentityKey::from_bytes(&k).ok());
+        Self {
+            send_buckets: Mutex::new(Buckets::new(config.send_rate)),
+            bundle_buckets: Mutex::new(Buckets::new(config.bundle_rate)),
+            request_buckets: Mutex::new(Buckets::new(config.request_rate)),
+            store,
+            config,
+            server_key,
+            clock,
+            online: Mutex::new(HashMap::new()),
+            commits: tx,
+        }
+    }
+
+    /// The store underneath (for operator tools and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// State for a new connection.
+    pub fn connect(&self, conn: u64, nonce: [u8; 32], exporter: [u8; 32], push: P) -> Session<P> {
+        Session {
+            conn,
+            nonce,
+            exporter,
+            push,
+            user: None,
+        }
+    }
+
+    /// A connection closed: the user goes offline (if this connection was
+    /// theirs) and friends are told.
+    pub fn disconnect(&self, session: &Session<P>) {
+        let Some(user) = session.user.clone() else {
+            return;
+        };
+        let removed = {
+            let mut online = lock(&self.online);
+            match online.get(&user) {
+                Some(o) if o.conn == session.conn => online.remove(&user),
+                _ => None,
+            }
+        };
+        if let Some(o) = removed {
+            tracing::info!(user = %user, "offline");
+            self.tell_friends(&user, false, o.identity);
+        }
+    }
+
+    /// Names of online users.
+    pub fn online_users(&self) -> Vec<String> {
+        lock(&self.online).keys().cloned().collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    fn now(&self) -> u64 {
+        self.now_ms() / 1000
+    }
+
+    fn push_to(&self, user: &str, push: Push) -> bool {
+        let target = lock(&self.online).get(user).map(|o| o.push.clone());
+        target.is_some_and(|t| t.push(push))
+    }
+
+    fn is_online(&self, user: &str) -> bool {
+        lock(&self.online).contains_key(user)
+    }
+
+    fn tell_friends(&self, user: &str, online: bool, identity: Vec<u8>) {
+        let store = self.store.clone();
+        let Ok(friends) = store.friends(user) else {
+            return;
+        };
+        for f in friends {
+            self.push_to(
+                &f,
+                Push::Presence {
+                    username: user.to_owned(),
+                    online,
+                    identity: identity.clone(),
+                },
+            );
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, s: &mut Session<P>, request: Request) -> Result<Reply, ErrorCode> {
+        let key = s.user.clone().unwrap_or_else(|| format!("conn:{}", s.conn));
+        if !lock(&self.request_buckets).take(&key, self.now_ms()) {
+            return Err(ErrorCode::RateLimited);
+        }
+        match request {
+            Request::Register(r) => self.register(r).await,
+            Request::Login(l) => self.login(s, &l.username, &l.signature).await,
+            Request::Announce(a) => self.announce(a).await,
+            other => {
+                let Some(user) = s.user.clone() else {
+                    return Err(ErrorCode::NotAuthenticated);
+                };
+                self.authenticated(&user, other).await
+            }
+        }
+    }
+
+    async fn authenticated(&self, me: &str, request: Request) -> Result<Reply, ErrorCode> {
+        match request {
+            Request::FetchBundle { username } => self.fetch_bundle(me, &username).await,
+            Request::PrekeyStatus => {
+                let me = me.to_owned();
+                let store = self.store.clone();
+                let remaining = blocking(move || store.one_time_prekey_count(&me)).await?;
+                Ok(Reply::PrekeyStatus {
+                    remaining,
+                    low: remaining < PREKEY_LOW_WATER,
+                })
+            }
+            Request::UploadPrekeys { one_time_prekeys } => {
+                self.upload_prekeys(me, one_time_prekeys).await
+            }
+            Request::RotateSignedPrekey { signed_prekey } => {
+                self.rotate_signed_prekey(me, signed_prekey).await
+            }
+            Request::Send(envelope) => self.send(me, envelope).await,
+            Request::GroupSend { group, id, body } => self.group_send(me, &group, id, body).await,
+            Request::Pull { after, max } => {
+                let max = max.clamp(1, MAX_PULL) as usize;
+                let me = me.to_owned();
+                let store = self.store.clone();
+                let mut records = blocking(move || store.pending(&me, after, max + 1)).await?;
+                let more = records.len() > max;
+                records.truncate(max);
+                Ok(Reply::Envelopes {
+                    envelopes: records.into_iter().map(to_envelope).collect(),
+                    more,
+                })
+            }
+            Request::Ack { seqs } => {
+                if seqs.len() > MAX_ACKS {
+                    return Err(ErrorCode::TooLarge);
+                }
+                let me = me.to_owned();
+                let store = self.store.clone();
+                blocking(move || store.ack(&me, &seqs)).await?;
+                Ok(Reply::Ok)
+            }
+            Request::Users => self.users(me).await,
+            Request::FriendRequest { username } => self.friend_request(me, &username).await,
+            Request::FriendAccept { username } => self.friend_answer(me, &username, true).await,
+            Request::FriendDecline { username } => self.friend_answer(me, &username, false).await,
+            Request::FriendRemove { username } => {
+                let them = name(&username)?;
+                let (a, b) = (me.to_owned(), them.clone());
+                let store = self.store.clone();
+                blocking(move || store.friend_remove(&a, &b)).await?;
+                self.push_to(&them, Push::FriendRemoved { from: me.to_owned() });
+                Ok(Reply::Ok)
+            }
+            Request::FriendList => self.friend_list(me).await,
+            Request::GroupCreate(roster) => self.group_create(me, roster).await,
+            Request::GroupJoin { group } => self.group_join(me, &group).await,
+            Request::GroupUpdate(roster) => self.group_update(me, roster).await,
+            Request::GroupLeave { group } => self.group_leave(me, &group).await,
+            Request::GroupMembers { group } => {
+                let record = self.group_record(&group).await?;
+                if group != LOBBY && !record.members.iter().any(|m| m == me) {
+                    return Err(ErrorCode::NotInGroup);
+                }
+                Ok(Reply::Roster(roster_of(&record)))
+            }
+            Request::MyGroups => {
+                let me = me.to_owned();
+                let store = self.store.clone();
+                let mut groups = blocking(move || store.groups_of(&me)).await?;
+                groups.sort();
+                Ok(Reply::Groups { groups })
+            }
+            Request::Register(_) | Request::Login(_) => Err(ErrorCode::BadRequest),
+            _ => Err(ErrorCode::BadRequest),
+        }
+    }
+
+    async fn register(&self, r: Register) -> Result<Reply, ErrorCode> {
+        let username = name(&r.username)?;
+        let identity = PublicIdentity::from_bytes(&r.identity).map_err(key_error)?;
+        let spk = SignedPrekey::from_bytes(&r.signed_prekey).map_err(key_error)?;
+        spk.verify(identity.identity_key()).map_err(key_error)?;
+        if r.one_time_prekeys.len() > MAX_PREKEYS_PER_UPLOAD {
+            return Err(ErrorCode::TooLarge);
+        }
+        let opks = parse_prekeys(&r.one_time_prekeys)?;
+        if self.config.registration == Registration::Invite {
+            let Some(token) = r.invite else {
+                return Err(ErrorCode::NotPermitted);
+            };
+            let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            let store = self.store.clone();
+            let user = username.clone();
+            // Refuse a taken name before spending the invitation.
+            if blocking(move || store.account(&user)).await?.is_some() {
+                return Err(ErrorCode::UserExists);
+            }
+            let store = self.store.clone();
+            if !blocking(move || store.take_invite(hash)).await? {
+                return Err(ErrorCode::NotPermitted);
+            }
+        }
+        let record = AccountRecord {
+            username: username.clone(),
+            identity: r.identity,
+            signed_prekey: r.signed_prekey,
+            registered_at: self.now(),
+        };
+        let store = self.store.clone();
+        blocking(move || store.create_account(record, opks)).await?;
+        tracing::info!(user = %username, "registered");
+        Ok(Reply::Ok)
+    }
+
+    async fn login(&self, s: &mut Session<P>, username: &str, signature: &[u8]) -> Result<Reply, ErrorCode> {
+        if s.user.is_some() {
+            // One login per connection: its nonce is spent.
+            return Err(ErrorCode::BadRequest);
+        }
+        let user = name(username)?;
+        let store = self.store.clone();
+        let lookup = user.clone();
+        let account = blocking(move || store.account(&lookup))
+            .await?
+            .ok_or(ErrorCode::UserNotExist)?;
+        let identity = PublicIdentity::from_bytes(&account.identity).map_err(|_| ErrorCode::Internal)?;
+        let sig: [u8; 64] = signature.try_into().map_err(|_| ErrorCode::BadSignature)?;
+        verify_login(identity.identity_key(), &s.nonce, &s.exporter, &sig)
+            .map_err(|_| ErrorCode::BadSignature)?;
+        s.user = Some(user.clone());
+        let previous = lock(&self.online).insert(
+            user.clone(),
+            Online {
+                conn: s.conn,
+                push: s.push.clone(),
+                identity: account.identity.clone(),
+            },
+        );
+        if let Some(old) = previous {
+            old.push.push(Push::Replaced);
+            old.push.close("replaced by a new login");
+        } else {
+            self.tell_friends(&user, true, account.identity.clone());
+        }
+        tracing::info!(user = %user, "logged in");
+
+        let store = self.store.clone();
+        let u = user.clone();
+        let (pending, prekeys, incoming, announcements, owned_requests) = blocking(move || {
+            let (pending, _) = store.mailbox_usage(&u)?;
+            let prekeys = store.one_time_prekey_count(&u)?;
+            let incoming = store.incoming_requests(&u)?;
+            let cursor = store.announcement_cursor(&u)?;
+            let announcements = store.announcements_after(cursor)?;
+            if let Some(last) = announcements.last() {
+                store.set_announcement_cursor(&u, last.id)?;
+            }
+            let mut owned = Vec::new();
+            for g in store.groups_of(&u)? {
+                if let Some(rec) = store.group(&g)?
+                    && rec.owner == u
+                {
+                    for who in store.join_requests(&g)? {
+                        owned.push((g.clone(), who));
+                    }
+                }
+            }
+            Ok((pending, prekeys, incoming, announcements, owned))
+        })
+        .await?;
+        for from in incoming {
+            s.push.push(Push::FriendRequest { from });
+        }
+        for a in announcements {
+            if let Ok(signed) = postcard::from_bytes::<SignedAnnouncement>(&a.bytes) {
+                s.push.push(Push::Announcement(signed));
+            }
+        }
+        for (group, username) in owned_requests {
+            s.push.push(Push::GroupJoinRequest { group, username });
+        }
+        if prekeys < PREKEY_LOW_WATER {
+            s.push.push(Push::PrekeysLow { remaining: prekeys });
+        }
+        Ok(Reply::LoggedIn { pending, prekeys })
+    }
+
+    async fn fetch_bundle(&self, me: &str, username: &str) -> Result<Reply, ErrorCode> {
+        let owner = name(username)?;
+        if !lock(&self.bundle_buckets).take(me, self.now_ms()) {
+            return Err(ErrorCode::RateLimited);
+        }
+        let store = self.store.clone();
+        let o = owner.clone();
+        let (account, opk, remaining) = blocking(move || {
+            let Some((account, opk)) = store.take_bundle(&o)? else {
+                return Err(StoreError::UnknownUser);
+            };
+            let remaining = store.one_time_prekey_count(&o)?;
+            Ok((account, opk, remaining))
+        })
+        .await?;
+        if opk.is_some() && remaining < PREKEY_LOW_WATER {
+            self.push_to(&owner, Push::PrekeysLow { remaining });
+        }
+        Ok(Reply::Bundle {
+            identity: account.identity,
+            signed_prekey: account.signed_prekey,
+            one_time_prekey: opk.map(|(_, bytes)| bytes),
+        })
+    }
+
+    async fn upload_prekeys(&self, me: &str, raw: Vec<Vec<u8>>) -> Result<Reply, ErrorCode> {
+        if raw.len() > MAX_PREKEYS_PER_UPLOAD {
+            return Err(ErrorCode::TooLarge);
+        }
+        let opks = parse_prekeys(&raw)?;
+        let store = self.store.clone();
+        let me = me.to_owned();
+        let remaining = blocking(move || store.add_one_time_prekeys(&me, opks)).await?;
+        Ok(Reply::PrekeyStatus {
+            remaining,
+            low: remaining < PREKEY_LOW_WATER,
+        })
+    }
+
+    async fn rotate_signed_prekey(&self, me: &str, raw: Vec<u8>) -> Result<Reply, ErrorCode> {
+        let identity = self.identity_of(me).await?;
+        let spk = SignedPrekey::from_bytes(&raw).map_err(key_error)?;
+        spk.verify(identity.identity_key()).map_err(key_error)?;
+        let store = self.store.clone();
+        let me = me.to_owned();
+        blocking(move || store.set_signed_prekey(&me, &raw)).await?;
+        Ok(Reply::Ok)
+    }
+
+    async fn identity_of(&self, user: &str) -> Result<PublicIdentity, ErrorCode> {
+        let store = self.store.clone();
+        let u = user.to_owned();
+        let account = blocking(move || store.account(&u))
+            .await?
+            .ok_or(ErrorCode::UserNotExist)?;
+        PublicIdentity::from_bytes(&account.identity).map_err(|_| ErrorCode::Internal)
+    }
+
+    async fn commit(&self, envelopes: Vec<NewEnvelope>) -> Result<Vec<Result<AppendOutcome, StoreError>>, ErrorCode> {
+        let (tx, rx) = oneshot::channel();
+        let commits = self.commits.clone();
+        // The queue is bounded; waiting for room is the backpressure senders feel.
+        tokio::task::spawn_blocking(move || commits.send((envelopes, tx)))
+            .await
+            .map_err(|_| ErrorCode::Internal)?
+            .map_err(|_| ErrorCode::Internal)?;
+        rx.await.map_err(|_| ErrorCode::Internal)
+    }
+
+    async fn send(&self, me: &str, e: OutgoingEnvelope) -> Result<Reply, ErrorCode> {
+        if e.body.len() > MAX_BODY_LEN {
+            return Err(ErrorCode::TooLarge);
+        }
+        if e.to_device != DEFAULT_DEVICE {
+            return Err(ErrorCode::BadRequest);
+        }
+        let to = name(&e.to)?;
+        if !lock(&self.send_buckets).take(me, self.now_ms()) {
+            return Err(ErrorCode::RateLimited);
+        }
+        let store = self.store.clone();
+        let t = to.clone();
+        if blocking(move || store.account(&t)).await?.is_none() {
+            return Err(ErrorCode::UserNotExist);
+        }
+        let sent_at = self.now();
+        let new = NewEnvelope {
+            recipient: to.clone(),
+            sender: me.to_owned(),
+            group: None,
+            message_id: e.id,
+            sent_at,
+            body: e.body,
+        };
+        let body_for_push = self.is_online(&to).then(|| new.body.clone());
+        let mut results = self.commit(vec![new]).await?;
+        let outcome = results.pop().ok_or(ErrorCode::Internal)?.map_err(store_error)?;
+        match outcome {
+            AppendOutcome::Stored { seq } => {
+                if let Some(body) = body_for_push {
+                    self.push_to(
+                        &to,
+                        Push::Envelope(Envelope {
+                            seq,
+                            from: me.to_owned(),
+                            from_device: DEFAULT_DEVICE,
+                            group: None,
+                            id: e.id,
+                            sent_at,
+                            body,
+                        }),
+                    );
+                }
+                Ok(Reply::Accepted {
+                    seq,
+                    duplicate: false,
+                })
+            }
+            AppendOutcome::Duplicate { seq } => Ok(Reply::Accepted {
+                seq,
+                duplicate: true,
+            }),
+        }
+    }
+
+    async fn group_record(&self, group: &str) -> Result<GroupRecord, ErrorCode> {
+        let g = group_name(group)?;
+        let store = self.store.clone();
+        blocking(move || store.group(&g))
+            .await?
+            .ok_or(ErrorCode::GroupNotExist)
+    }
+
+    async fn group_send(&self, me: &str, group: &str, id: MessageId, body: Vec<u8>) -> Result<Reply, ErrorCode> {
+        if body.len() > MAX_BODY_LEN {
+            return Err(ErrorCode::TooLarge);
+        }
+        let record = self.group_record(group).await?;
+        if !record.members.iter().any(|m| m == me) {
+            return Err(ErrorCode::NotInGroup);
+        }
+        if !lock(&self.send_buckets).take(me, self.now_ms()) {
+            return Err(ErrorCode::RateLimited);
+        }
+        let sent_at = self.now();
+        let recipients: Vec<String> = record.members.iter().filter(|m| *m != me).cloned().collect();
+        let envelopes = recipients
+            .iter()
+            .map(|r| NewEnvelope {
+                recipient: r.clone(),
+                sender: me.to_owned(),
+                group: Some(record.name.clone()),
+                message_id: id,
+                sent_at,
+                body: body.clone(),
+            })
+            .collect();
+        let results = self.commit(envelopes).await?;
+        let mut any_stored = false;
+        for (recipient, result) in recipients.iter().zip(results) {
+            match result {
+                Ok(AppendOutcome::Stored { seq }) => {
+                    any_stored = true;
+                    self.push_to(
+                        recipient,
+                        Push::Envelope(Envelope {
+                            seq,
+                            from: me.to_owned(),
+                            from_device: DEFAULT_DEVICE,
+                            group: Some(record.name.clone()),
+                            id,
+                            sent_at,
+                            body: body.clone(),
+                        }),
+                    );
+                }
+                Ok(AppendOutcome::Duplicate { .. }) => {}
+                // A member whose mailbox is full misses this message; the others do not.
+                Err(StoreError::QuotaExceeded { .. }) => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        Ok(Reply::Accepted {
+            seq: 0,
+            duplicate: !any_stored && !recipients.is_empty(),
+        })
+    }
+
+    async fn users(&self, me: &str) -> Result<Reply, ErrorCode> {
+        let mut users: Vec<UserInfo> = lock(&self.online)
+            .iter()
+            .map(|(n, o)| UserInfo {
+                username: n.clone(),
+                identity: o.identity.clone(),
+                online: true,
+            })
+            .collect();
+        if self.config.users_policy == UsersPolicy::FriendsOnly {
+            let store = self.store.clone();
+            let m = me.to_owned();
+            let friends: BTreeSet<String> =
+                blocking(move || store.friends(&m)).await?.into_iter().collect();
+            users.retain(|u| u.username == me || friends.contains(&u.username));
+        }
+        users.sort_by(|a, b| a.username.cmp(&b.username));
+        Ok(Reply::Users { users })
+    }
+
+    async fn friend_request(&self, me: &str, username: &str) -> Result<Reply, ErrorCode> {
+        let them = name(username)?;
+        if them == me {
+            return Err(ErrorCode::BadRequest);
+        }
+        let store = self.store.clone();
+        let (a, b) = (me.to_owned(), them.clone());
+        let outcome = blocking(move || {
+            if store.account(&b)?.is_none() {
+                return Err(StoreError::UnknownUser);
+            }
+            store.friend_request(&a, &b)
+        })
+        .await?;
+        match outcome {
+            FriendRequestOutcome::Sent | FriendRequestOutcome::AlreadyRequested => {
+                self.push_to(&them, Push::FriendRequest { from: me.to_owned() });
+                Ok(Reply::Ok)
+            }
+            FriendRequestOutcome::AlreadyFriends => Err(ErrorCode::AlreadyFriend),
+            FriendRequestOutcome::AcceptedReverse => {
+                self.became_friends(me, &them);
+                Ok(Reply::Ok)
+            }
+        }
+    }
+
+    fn became_friends(&self, me: &str, them: &str) {
+        self.push_to(
+            them,
+            Push::FriendAnswer {
+                from: me.to_owned(),
+                accepted: true,
+            },
+        );
+        // Both online: each learns the other is here, with their key.
+        let (mine, theirs) = {
+            let online = lock(&self.online);
+            (
+                online.get(me).map(|o| o.identity.clone()),
+                online.get(them).map(|o| o.identity.clone()),
+            )
+        };
+        if let (Some(mine), Some(theirs)) = (mine, theirs) {
+            self.push_to(
+                them,
+                Push::Presence {
+                    username: me.to_owned(),
+                    online: true,
+                    identity: mine,
+                },
+            );
+            self.push_to(
+                me,
+                Push::Presence {
+                    username: them.to_owned(),
+                    online: true,
+                    identity: theirs,
+                },
+            );
+        }
+    }
+
+    async fn friend_answer(&self, me: &str, username: &str, accept: bool) -> Result<Reply, ErrorCode> {
+        let them = name(username)?;
+        let store = self.store.clone();
+        let (a, b) = (me.to_owned(), them.clone());
+        blocking(move || {
+            if accept {
+                store.friend_accept(&a, &b)
+            } else {
+                store.friend_decline(&a, &b)
+            }
+        })
+        .await?;
+        if accept {
+            self.became_friends(me, &them);
+        } else {
+            self.push_to(
+                &them,
+                Push::FriendAnswer {
+                    from: me.to_owned(),
+                    accepted: false,
+                },
+            );
+        }
+        Ok(Reply::Ok)
+    }
+
+    async fn friend_list(&self, me: &str) -> Result<Reply, ErrorCode> {
+        let store = self.store.clone();
+        let m = me.to_owned();
+        let (friends, incoming, outgoing) = blocking(move || {
+            let mut friends = Vec::new();
+            for f in store.friends(&m)? {
+                let identity = store.account(&f)?.map(|a| a.identity).unwrap_or_default();
+                friends.push((f, identity));
+            }
+            Ok((friends, store.incoming_requests(&m)?, store.outgoing_requests(&m)?))
+        })
+        .await?;
+        let friends = friends
+            .into_iter()
+            .map(|(username, identity)| UserInfo {
+                online: self.is_online(&username),
+                username,
+                identity,
+            })
+            .collect();
+        Ok(Reply::Friends {
+            friends,
+            incoming,
+            outgoing,
+        })
+    }
+
+    /// Checks a roster's shape and its owner's signature.
+    async fn check_roster(&self, roster: &SignedRoster) -> Result<(), ErrorCode> {
+        group_name(&roster.group)?;
+        if roster.group == LOBBY || roster.version == 0 {
+            return Err(ErrorCode::NotPermitted);
+        }
+        if roster.members.len() > MAX_GROUP_MEMBERS {
+            return Err(ErrorCode::TooLarge);
+        }
+        let sorted = roster.members.windows(2).all(|w| w[0] < w[1]);
+        if !sorted || !roster.members.contains(&roster.owner) {
+            return Err(ErrorCode::BadRequest);
+        }
+        for m in &roster.members {
+            if name(m)? != *m {
+                return Err(ErrorCode::BadRequest);
+            }
+        }
+        let owner = self.identity_of(&roster.owner).await?;
+        let bytes = roster_signed_bytes(&roster.group, roster.version, &roster.owner, &roster.members)
+            .ok_or(ErrorCode::BadRequest)?;
+        let sig: [u8; 64] = roster.signature.as_slice().try_into().map_err(|_| ErrorCode::BadSignature)?;
+        owner
+            .identity_key()
+            .verify(SigningContext::GroupRoster, &bytes, &sig)
+            .map_err(|_| ErrorCode::BadSignature)?;
+        let store = self.store.clone();
+        let members = roster.members.clone();
+        blocking(move || {
+            for m in &members {
+                if store.account(m)?.is_none() {
+                    return Err(StoreError::UnknownUser);
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn record_of(roster: &SignedRoster) -> Result<GroupRecord, ErrorCode> {
+        Ok(GroupRecord {
+            name: roster.group.clone(),
+            owner: roster.owner.clone(),
+            version: roster.version,
+            members: roster.members.clone(),
+            roster_signature: roster.signature.clone(),
+            roster_bytes: postcard::to_stdvec(roster).map_err(|_| ErrorCode::Internal)?,
+        })
+    }
+
+    fn tell_members(&self, members: &[String], except: &str, roster: &SignedRoster) {
+        for m in members.iter().filter(|m| *m != except) {
+            self.push_to(m, Push::GroupChanged(roster.clone()));
+        }
+    }
+
+    async fn group_create(&self, me: &str, roster: SignedRoster) -> Result<Reply, ErrorCode> {
+        if roster.owner != me {
+            return Err(ErrorCode::NotPermitted);
+        }
+        self.check_roster(&roster).await?;
+        let record = Self::record_of(&roster)?;
+        let store = self.store.clone();
+        blocking(move || store.create_group(record)).await?;
+        self.tell_members(&roster.members, me, &roster);
+        Ok(Reply::Ok)
+    }
+
+    async fn group_join(&self, me: &str, group: &str) -> Result<Reply, ErrorCode> {
+        if group == LOBBY {
+            return self.lobby_join(me).await;
+        }
+        let record = self.group_record(group).await?;
+        if record.members.iter().any(|m| m == me) {
+            return Err(ErrorCode::UserInGroup);
+        }
+        let store = self.store.clone();
+        let (g, m) = (record.name.clone(), me.to_owned());
+        blocking(move || store.add_join_request(&g, &m)).await?;
+        self.push_to(
+            &record.owner,
+            Push::GroupJoinRequest {
+                group: record.name.clone(),
+                username: me.to_owned(),
+            },
+        );
+        Ok(Reply::Ok)
+    }
+
+    /// The lobby has no owner: the server keeps its roster, unsigned. It is
+    /// public by design, and clients treat it so.
+    async fn lobby_join(&self, me: &str) -> Result<Reply, ErrorCode> {
+        for _attempt in 0..8 {
+            let store = self.store.clone();
+            let existing = blocking(move || store.group(LOBBY)).await?;
+            // The store wants an owner account; the first joiner is the
+            // lobby's nominal owner, with no powers (its roster is unsigned
+            // and `GroupUpdate` refuses the lobby).
+            let (mut members, version, owner) = match &existing {
+                Some(r) => (r.members.clone(), r.version, r.owner.clone()),
+                None => (Vec::new(), 0, me.to_owned()),
+            };
+            if members.iter().any(|m| m == me) {
+                return Err(ErrorCode::UserInGroup);
+            }
+            members.push(me.to_owned());
+            members.sort();
+            let roster = SignedRoster {
+                group: LOBBY.to_owned(),
+                version: version + 1,
+                owner,
+                members,
+                signature: Vec::new(),
+            };
+            let record = Self::record_of(&roster)?;
+            let store = self.store.clone();
+            let result = match existing {
+                None => blocking(move || store.create_group(record)).await,
+                Some(_) => blocking(move || store.update_group(LOBBY, version, record)).await,
+            };
+            match result {
+                Ok(()) => return Ok(Reply::Ok),
+                // Another join won the race: read again and retry.
+                Err(ErrorCode::NotPermitted | ErrorCode::GroupExist) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ErrorCode::Internal)
+    }
+
+    async fn group_update(&self, me: &str, roster: SignedRoster) -> Result<Reply, ErrorCode> {
+        let current = self.group_record(&roster.group).await?;
+        if current.owner != me || roster.owner != me || roster.version <= current.version {
+            return Err(ErrorCode::NotPermitted);
+        }
+        self.check_roster(&roster).await?;
+        let record = Self::record_of(&roster)?;
+        let store = self.store.clone();
+        let (g, expected) = (roster.group.clone(), current.version);
+        let added: Vec<String> = roster
+            .members
+            .iter()
+            .filter(|m| !current.members.contains(m))
+            .cloned()
+            .collect();
+        blocking(move || {
+            store.update_group(&g, expected, record)?;
+            for m in &added {
+                store.remove_join_request(&g, m)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let mut everyone: Vec<String> = current.members.clone();
+        everyone.extend(roster.members.iter().cloned());
+        everyone.sort();
+        everyone.dedup();
+        self.tell_members(&everyone, me, &roster);
+        Ok(Reply::Ok)
+    }
+
+    async fn group_leave(&self, me: &str, group: &str) -> Result<Reply, ErrorCode> {
+        let record = self.group_record(group).await?;
+        if !record.members.iter().any(|m| m == me) {
+            return Err(ErrorCode::NotInGroup);
+        }
+        if group == LOBBY {
+            // The server keeps the lobby roster itself.
+            let mut members = record.members.clone();
+            members.retain(|m| m != me);
+            let roster = SignedRoster {
+                group: LOBBY.to_owned(),
+                version: record.version + 1,
+                owner: record.owner.clone(),
+                members,
+                signature: Vec::new(),
+            };
+            let next = Self::record_of(&roster)?;
+            let store = self.store.clone();
+            let v = record.version;
+            blocking(move || store.update_group(LOBBY, v, next)).await?;
+            return Ok(Reply::Ok);
+        }
+        if record.owner == me {
+            // The owner signs the roster; leaving would orphan the group.
+            return Err(ErrorCode::NotPermitted);
+        }
+        // Only the owner can sign a roster without me: ask the owner's client.
+        self.push_to(
+            &record.owner,
+            Push::GroupLeaveRequest {
+                group: record.name.clone(),
+                username: me.to_owned(),
+            },
+        );
+        Ok(Reply::Ok)
+    }
+
+    async fn announce(&self, a: SignedAnnouncement) -> Result<Reply, ErrorCode> {
+        let key = self.server_key.ok_or(ErrorCode::NotPermitted)?;
+        if a.text.len() > MAX_ANNOUNCEMENT_LEN {
+            return Err(ErrorCode::TooLarge);
+        }
+        let sig: [u8; 64] = a.signature.as_slice().try_into().map_err(|_| ErrorCode::BadSignature)?;
+        key.verify(
+            SigningContext::Announcement,
+            &announcement_signed_bytes(a.issued_at, &a.text),
+            &sig,
+        )
+        .map_err(|_| ErrorCode::BadSignature)?;
+        let bytes = postcard::to_stdvec(&a).map_err(|_| ErrorCode::Internal)?;
+        let store = self.store.clone();
+        let record = AnnouncementRecord {
+            id: 0,
+            issued_at: a.issued_at,
+            bytes,
+        };
+        let id = blocking(move || store.add_announcement(record)).await?;
+        let targets: Vec<(String, P)> = lock(&self.online)
+            .iter()
+            .map(|(n, o)| (n.clone(), o.push.clone()))
+            .collect();
+        for (user, push) in targets {
+            if push.push(Push::Announcement(a.clone())) {
+                let store = self.store.clone();
+                // Best effort: a user whose cursor is not moved sees it again at login.
+                let _ = blocking(move || store.set_announcement_cursor(&user, id)).await;
+            }
+        }
+        Ok(Reply::Ok)
+    }
+}
+
+fn roster_of(record: &GroupRecord) -> SignedRoster {
+    postcard::from_bytes(&record.roster_bytes).unwrap_or_else(|_| SignedRoster {
+        group: record.name.clone(),
+        version: record.version,
+        owner: record.owner.clone(),
+        members: record.members.clone(),
+        signature: record.roster_signature.clone(),
+    })
+}
+
+fn group_name(raw: &str) -> Result<String, ErrorCode> {
+    let n = name(raw)?;
+    if n != raw {
+        return Err(ErrorCode::BadRequest);
+    }
+    Ok(n)
+}
+
+fn key_error(e: messenger_crypto::identity::KeyError) -> ErrorCode {
+    use messenger_crypto::identity::KeyError;
+    match e {
+        KeyError::BadSignature(_) => ErrorCode::BadSignature,
+        _ => ErrorCode::BadRequest,
+    }
+}
+
+fn parse_prekeys(raw: &[Vec<u8>]) -> Result<Vec<(u32, Vec<u8>)>, ErrorCode> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for bytes in raw {
+        let opk = OneTimePrekey::from_bytes(bytes).map_err(|_| ErrorCode::BadRequest)?;
+        if !seen.insert(opk.id()) {
+            return Err(ErrorCode::BadRequest);
+        }
+        out.push((opk.id(), bytes.clone()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,711 @@
+//! The service over a real store in a temporary directory: every request
+//! kind, the authorisation rules and the pushes, without sockets. (The
+//! network layer and the real binary are tested on their own.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
+use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
+use messenger_proto::ErrorCode;
+use messenger_proto::msg::{
+    Login, OutgoingEnvelope, Push, Register, Reply, Request, SignedAnnouncement, SignedRoster,
+    announcement_signed_bytes, roster_signed_bytes,
+};
+use messenger_rendezvous::rate::Rate;
+use messenger_rendezvous::service::{Clock, PushTarget, Service, ServiceConfig, Session};
+use messenger_rendezvous::store::{Store, StoreOptions};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::mpsc;
+
+#[derive(Clone)]
+struct Pushes(mpsc::UnboundedSender<Push>);
+
+impl PushTarget for Pushes {
+    fn push(&self, push: Push) -> bool {
+        self.0.send(push).is_ok()
+    }
+    fn close(&self, _reason: &'static str) {}
+}
+
+struct User {
+    name: String,
+    id: IdentityKeyPair,
+    opks: Vec<OneTimePrekeyPair>,
+    spk: SignedPrekeyPair,
+}
+
+fn user(name: &str, seed: u64, opks: u32) -> User {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let id = IdentityKeyPair::generate(&mut rng);
+    let spk = SignedPrekeyPair::generate(&id, &mut PrekeyIdCounter::new(), &mut rng).unwrap();
+    let opks =
+        OneTimePrekeyPair::generate_batch(&mut PrekeyIdCounter::new(), opks, &mut rng).unwrap();
+    User {
+        name: name.into(),
+        id,
+        opks,
+        spk,
+    }
+}
+
+fn register(u: &User) -> Request {
+    Request::Register(Register {
+        username: u.name.clone(),
+        identity: u.id.public().to_bytes(),
+        signed_prekey: u.spk.public().to_bytes(),
+        one_time_prekeys: u.opks.iter().map(|k| k.public().to_bytes()).collect(),
+        invite: None,
+    })
+}
+
+struct World {
+    service: Arc<Service<Pushes>>,
+    _dir: tempfile::TempDir,
+    next_conn: AtomicU64,
+    now: Arc<AtomicU64>,
+    server: IdentityKeyPair,
+}
+
+struct Conn {
+    session: Session<Pushes>,
+    pushes: mpsc::UnboundedReceiver<Push>,
+    nonce: [u8; 32],
+    exporter: [u8; 32],
+}
+
+fn fast_config() -> ServiceConfig {
+    ServiceConfig {
+        send_rate: Rate::per(100_000, Duration::from_secs(1), 100_000),
+        bundle_rate: Rate::per(100_000, Duration::from_secs(1), 100_000),
+        request_rate: Rate::per(100_000, Duration::from_secs(1), 100_000),
+        ..ServiceConfig::default()
+    }
+}
+
+impl World {
+    fn new(config: ServiceConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), StoreOptions::default()).unwrap();
+        let now = Arc::new(AtomicU64::new(1_700_000_000_000));
+        let clock_now = Arc::clone(&now);
+        let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+        let server = IdentityKeyPair::generate(&mut StdRng::seed_from_u64(999));
+        let key = server.identity_key().to_bytes();
+        Self {
+            service: Arc::new(Service::new(store, config, Some(key), clock)),
+            _dir: dir,
+            next_conn: AtomicU64::new(1),
+            now,
+            server,
+        }
+    }
+
+    fn connect(&self) -> Conn {
+        let n = self.next_conn.fetch_add(1, Ordering::SeqCst);
+        let mut nonce = [0u8; 32];
+        nonce[..8].copy_from_slice(&n.to_be_bytes());
+        let mut exporter = [0xEE; 32];
+        exporter[..8].copy_from_slice(&n.to_be_bytes());
+        let (tx, rx) = mpsc::unbounded_channel();
+        Conn {
+            session: self.service.connect(n, nonce, exporter, Pushes(tx)),
+            pushes: rx,
+            nonce,
+            exporter,
+        }
+    }
+
+    async fn ask(&self, c: &mut Conn, r: Request) -> Result<Reply, ErrorCode> {
+        self.service.handle(&mut c.session, r).await
+    }
+
+    async fn login(&self, u: &User) -> Conn {
+        let mut c = self.connect();
+        let sig = u.id.sign_login(&c.nonce, &c.exporter);
+        let r = self
+            .ask(
+                &mut c,
+                Request::Login(Login {
+                    username: u.name.clone(),
+                    signature: sig.to_vec(),
+                }),
+            )
+            .await;
+        assert!(matches!(r, Ok(Reply::LoggedIn { .. })), "{r:?}");
+        c
+    }
+
+    async fn registered(&self, u: &User) {
+        let mut c = self.connect();
+        assert_eq!(self.ask(&mut c, register(u)).await, Ok(Reply::Ok));
+    }
+}
+
+fn drain(c: &mut Conn) -> Vec<Push> {
+    let mut out = Vec::new();
+    while let Ok(p) = c.pushes.try_recv() {
+        out.push(p);
+    }
+    out
+}
+
+fn send(to: &str, id: u8, body: &[u8]) -> Request {
+    Request::Send(OutgoingEnvelope {
+        to: to.into(),
+        to_device: 1,
+        id: [id; 16],
+        body: body.to_vec(),
+    })
+}
+
+fn group_send(group: &str, id: u8, body: &[u8]) -> Request {
+    Request::GroupSend {
+        group: group.into(),
+        id: [id; 16],
+        body: body.to_vec(),
+    }
+}
+
+fn roster(owner: &User, group: &str, version: u64, members: &[&str]) -> SignedRoster {
+    let mut members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+    members.sort();
+    let bytes = roster_signed_bytes(group, version, &owner.name, &members).unwrap();
+    SignedRoster {
+        group: group.into(),
+        version,
+        owner: owner.name.clone(),
+        members,
+        signature: owner.id.sign(SigningContext::GroupRoster, &bytes).to_vec(),
+    }
+}
+
+fn named(r: fn(String) -> Request, n: &str) -> Request {
+    r(n.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_and_channel_bound_login() {
+    let w = World::new(fast_config());
+    let alice = user("Alice", 1, 5);
+    w.registered(&alice).await;
+    // Names are unique ignoring case.
+    let mut c = w.connect();
+    let dup = user("ALICE", 2, 0);
+    assert_eq!(w.ask(&mut c, register(&dup)).await, Err(ErrorCode::UserExists));
+
+    // A login signature made for another connection's exporter fails (T-34).
+    let mut first = w.connect();
+    let mut second = w.connect();
+    let sig = alice.id.sign_login(&first.nonce, &first.exporter);
+    let login = |sig: Vec<u8>| {
+        Request::Login(Login {
+            username: "alice".into(),
+            signature: sig,
+        })
+    };
+    assert_eq!(
+        w.ask(&mut second, login(sig.to_vec())).await,
+        Err(ErrorCode::BadSignature)
+    );
+    assert!(matches!(
+        w.ask(&mut first, login(sig.to_vec())).await,
+        Ok(Reply::LoggedIn {
+            pending: 0,
+            prekeys: 5
+        })
+    ));
+    // The same nonce cannot log in twice on one connection.
+    assert_eq!(
+        w.ask(&mut first, login(sig.to_vec())).await,
+        Err(ErrorCode::BadRequest)
+    );
+    // Unknown user.
+    let mut c = w.connect();
+    let r = w
+        .ask(
+            &mut c,
+            Request::Login(Login {
+                username: "nobody".into(),
+                signature: vec![0; 64],
+            }),
+        )
+        .await;
+    assert_eq!(r, Err(ErrorCode::UserNotExist));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_registrations_refused() {
+    let w = World::new(fast_config());
+    let mallory = user("mallory", 3, 1);
+    let other = user("other", 4, 0);
+    let mut c = w.connect();
+    let base = || match register(&mallory) {
+        Request::Register(r) => r,
+        _ => unreachable!(),
+    };
+    // A signed prekey signed by someone else.
+    let mut r = base();
+    r.signed_prekey = other.spk.public().to_bytes();
+    assert_eq!(
+        w.ask(&mut c, Request::Register(r)).await,
+        Err(ErrorCode::BadSignature)
+    );
+    // A flipped bit in the identity binding signature.
+    let mut r = base();
+    r.identity[100] ^= 1;
+    assert_eq!(
+        w.ask(&mut c, Request::Register(r)).await,
+        Err(ErrorCode::BadSignature)
+    );
+    // A bad name.
+    let mut r = base();
+    r.username = "no spaces".into();
+    assert_eq!(
+        w.ask(&mut c, Request::Register(r)).await,
+        Err(ErrorCode::BadRequest)
+    );
+    // Duplicate prekey ids in one upload.
+    let mut r = base();
+    r.one_time_prekeys.push(r.one_time_prekeys[0].clone());
+    assert_eq!(
+        w.ask(&mut c, Request::Register(r)).await,
+        Err(ErrorCode::BadRequest)
+    );
+    // Nothing was created.
+    assert!(w.service.store().account("mallory").unwrap().is_none());
+}
+
+/// T-32: every request kind before login is refused, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_before_login_refused() {
+    let w = World::new(fast_config());
+    let bob = user("bob", 5, 3);
+    w.registered(&bob).await;
+    let mut c = w.connect();
+    let requests = vec![
+        named(|username| Request::FetchBundle { username }, "bob"),
+        Request::PrekeyStatus,
+        Request::UploadPrekeys {
+            one_time_prekeys: vec![],
+        },
+        Request::RotateSignedPrekey {
+            signed_prekey: bob.spk.public().to_bytes(),
+        },
+        send("bob", 1, b"x"),
+        group_send("g", 0, b"x"),
+        Request::Pull { after: 0, max: 10 },
+        Request::Ack { seqs: vec![1] },
+        Request::Users,
+        named(|username| Request::FriendRequest { username }, "bob"),
+        named(|username| Request::FriendAccept { username }, "bob"),
+        named(|username| Request::FriendDecline { username }, "bob"),
+        named(|username| Request::FriendRemove { username }, "bob"),
+        Request::FriendList,
+        Request::GroupCreate(roster(&bob, "g", 1, &["bob"])),
+        named(|group| Request::GroupJoin { group }, "g"),
+        Request::GroupUpdate(roster(&bob, "g", 2, &["bob"])),
+        named(|group| Request::GroupLeave { group }, "g"),
+        named(|group| Request::GroupMembers { group }, "g"),
+        Request::MyGroups,
+    ];
+    for r in requests {
+        let shown = format!("{r:?}");
+        assert_eq!(
+            w.ask(&mut c, r).await,
+            Err(ErrorCode::NotAuthenticated),
+            "{shown}"
+        );
+    }
+    assert_eq!(w.service.store().one_time_prekey_count("bob").unwrap(), 3);
+    assert!(w.service.store().group("g").unwrap().is_none());
+}
+
+/// T-39 at the service: 100 one-time prekeys, 32 concurrent fetchers × 5:
+/// each handed out exactly once, then bundles without one; the owner is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_time_prekeys_handed_out_once_under_concurrency() {
+    let w = Arc::new(World::new(fast_config()));
+    let bob = user("bob", 6, 100);
+    w.registered(&bob).await;
+    let mut bob_conn = w.login(&bob).await;
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let w = Arc::clone(&w);
+        let fetcher = user(&format!("f{i}"), 100 + i, 0);
+        tasks.push(tokio::spawn(async move {
+            w.registered(&fetcher).await;
+            let mut c = w.login(&fetcher).await;
+            let mut got = Vec::new();
+            for _ in 0..5 {
+                let r = w
+                    .ask(&mut c, named(|username| Request::FetchBundle { username }, "bob"))
+                    .await;
+                match r {
+                    Ok(Reply::Bundle {
+                        one_time_prekey, ..
+                    }) => got.push(one_time_prekey),
+                    other => panic!("{other:?}"),
+                }
+            }
+            got
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut without = 0;
+    for t in tasks {
+        for opk in t.await.unwrap() {
+            match opk {
+                Some(bytes) => {
+                    let id = messenger_crypto::prekey::OneTimePrekey::from_bytes(&bytes)
+                        .unwrap()
+                        .id();
+                    assert!(ids.insert(id), "one-time prekey {id} handed out twice");
+                }
+                None => without += 1,
+            }
+        }
+    }
+    assert_eq!(ids.len(), 100);
+    assert_eq!(without, 60);
+    assert!(
+        drain(&mut bob_conn)
+            .iter()
+            .any(|p| matches!(p, Push::PrekeysLow { .. }))
+    );
+    let r = w.ask(&mut bob_conn, Request::PrekeyStatus).await;
+    assert_eq!(
+        r,
+        Ok(Reply::PrekeyStatus {
+            remaining: 0,
+            low: true
+        })
+    );
+}
+
+/// T-40: one requester cannot drain someone's prekeys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_fetches_rate_limited_per_requester() {
+    let w = World::new(ServiceConfig {
+        bundle_rate: Rate::per(30, Duration::from_secs(60), 10),
+        ..fast_config()
+    });
+    let bob = user("bob", 7, 50);
+    let eve = user("eve", 8, 0);
+    let carol = user("carol", 9, 0);
+    for u in [&bob, &eve, &carol] {
+        w.registered(u).await;
+    }
+    let fetch = || named(|username| Request::FetchBundle { username }, "bob");
+    let mut e = w.login(&eve).await;
+    let mut ok = 0;
+    for _ in 0..40 {
+        match w.ask(&mut e, fetch()).await {
+            Ok(Reply::Bundle { .. }) => ok += 1,
+            Err(ErrorCode::RateLimited) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ok, 10, "burst of 10, no time passed");
+    assert_eq!(w.service.store().one_time_prekey_count("bob").unwrap(), 40);
+    // Another requester is not affected.
+    let mut c = w.login(&carol).await;
+    assert!(matches!(w.ask(&mut c, fetch()).await, Ok(Reply::Bundle { .. })));
+    // Two seconds later one more token (30 per minute).
+    w.now.fetch_add(2_000, Ordering::SeqCst);
+    assert!(matches!(w.ask(&mut e, fetch()).await, Ok(Reply::Bundle { .. })));
+    assert_eq!(w.ask(&mut e, fetch()).await, Err(ErrorCode::RateLimited));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_and_forward_with_acks_and_dedupe() {
+    let w = World::new(fast_config());
+    let (alice, bob) = (user("alice", 10, 0), user("bob", 11, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    // Bob offline: three envelopes wait, in order.
+    for i in 1..=3u8 {
+        let r = w.ask(&mut a, send("bob", i, &[i; 10])).await;
+        assert!(
+            matches!(r, Ok(Reply::Accepted { duplicate: false, .. })),
+            "{r:?}"
+        );
+    }
+    // A resend of the same id is stored once.
+    assert!(matches!(
+        w.ask(&mut a, send("bob", 2, &[2; 10])).await,
+        Ok(Reply::Accepted {
+            duplicate: true,
+            ..
+        })
+    ));
+    assert_eq!(
+        w.ask(&mut a, send("nobody", 9, b"x")).await,
+        Err(ErrorCode::UserNotExist)
+    );
+    let huge = vec![0u8; messenger_proto::msg::MAX_BODY_LEN + 1];
+    assert_eq!(
+        w.ask(&mut a, send("bob", 9, &huge)).await,
+        Err(ErrorCode::TooLarge)
+    );
+
+    let pull = || Request::Pull { after: 0, max: 10 };
+    let mut b = w.login(&bob).await;
+    let Ok(Reply::Envelopes { envelopes, more }) = w.ask(&mut b, pull()).await else {
+        panic!()
+    };
+    assert!(!more);
+    let bodies: Vec<_> = envelopes.iter().map(|e| e.body[0]).collect();
+    assert_eq!(bodies, vec![1, 2, 3]);
+    assert!(envelopes.iter().all(|e| e.from == "alice"));
+    // Alice cannot acknowledge (delete) Bob's envelopes.
+    let seqs: Vec<u64> = envelopes.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        w.ask(&mut a, Request::Ack { seqs: seqs.clone() }).await,
+        Ok(Reply::Ok)
+    );
+    let Ok(Reply::Envelopes { envelopes: still, .. }) = w.ask(&mut b, pull()).await else {
+        panic!()
+    };
+    assert_eq!(still.len(), 3);
+    assert_eq!(w.ask(&mut b, Request::Ack { seqs }).await, Ok(Reply::Ok));
+    let Ok(Reply::Envelopes { envelopes: none, .. }) = w.ask(&mut b, pull()).await else {
+        panic!()
+    };
+    assert!(none.is_empty());
+
+    // Online: pushed at once.
+    drain(&mut b);
+    w.ask(&mut a, send("bob", 4, b"live")).await.unwrap();
+    let pushes = drain(&mut b);
+    assert!(
+        pushes
+            .iter()
+            .any(|p| matches!(p, Push::Envelope(e) if e.body == b"live" && e.from == "alice"))
+    );
+}
+
+/// T-38 at the service: a sender above its rate gets `rate_limited`; others are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_rate_limited() {
+    let w = World::new(ServiceConfig {
+        send_rate: Rate::per(5, Duration::from_secs(1), 5),
+        ..fast_config()
+    });
+    let (alice, bob, carol) = (user("alice", 12, 0), user("bob", 13, 0), user("carol", 14, 0));
+    for u in [&alice, &bob, &carol] {
+        w.registered(u).await;
+    }
+    let mut a = w.login(&alice).await;
+    let mut accepted = 0;
+    for i in 0..50u8 {
+        match w.ask(&mut a, send("bob", i, b"x")).await {
+            Ok(Reply::Accepted { .. }) => accepted += 1,
+            Err(ErrorCode::RateLimited) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(accepted, 5);
+    let mut c = w.login(&carol).await;
+    assert!(matches!(
+        w.ask(&mut c, send("bob", 1, b"y")).await,
+        Ok(Reply::Accepted { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn friends_and_presence() {
+    let w = World::new(fast_config());
+    let (alice, bob) = (user("alice", 15, 0), user("bob", 16, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let req = |n: &str| named(|username| Request::FriendRequest { username }, n);
+    let mut a = w.login(&alice).await;
+    // A request while bob is offline; he sees it at login.
+    assert_eq!(w.ask(&mut a, req("bob")).await, Ok(Reply::Ok));
+    assert_eq!(w.ask(&mut a, req("nobody")).await, Err(ErrorCode::UserNotExist));
+    let mut b = w.login(&bob).await;
+    assert!(
+        drain(&mut b)
+            .iter()
+            .any(|p| matches!(p, Push::FriendRequest { from } if from == "alice"))
+    );
+    let accept = named(|username| Request::FriendAccept { username }, "alice");
+    assert_eq!(w.ask(&mut b, accept).await, Ok(Reply::Ok));
+    let to_alice = drain(&mut a);
+    assert!(to_alice.iter().any(
+        |p| matches!(p, Push::FriendAnswer { from, accepted: true } if from == "bob")
+    ));
+    let bob_identity = bob.id.public().to_bytes();
+    assert!(to_alice.iter().any(|p| matches!(p,
+        Push::Presence { username, online: true, identity } if username == "bob" && *identity == bob_identity)));
+    assert_eq!(w.ask(&mut a, req("bob")).await, Err(ErrorCode::AlreadyFriend));
+    let Ok(Reply::Friends { friends, .. }) = w.ask(&mut a, Request::FriendList).await else {
+        panic!()
+    };
+    assert_eq!(friends.len(), 1);
+    assert!(friends[0].online);
+    // Bob leaves: alice is told; he comes back: alice is told.
+    w.service.disconnect(&b.session);
+    assert!(drain(&mut a).iter().any(
+        |p| matches!(p, Push::Presence { username, online: false, .. } if username == "bob")
+    ));
+    let mut b2 = w.login(&bob).await;
+    assert!(drain(&mut a).iter().any(
+        |p| matches!(p, Push::Presence { username, online: true, .. } if username == "bob")
+    ));
+    // A second login replaces the first, which is told.
+    let mut b3 = w.login(&bob).await;
+    assert!(drain(&mut b2).contains(&Push::Replaced));
+    let remove = || named(|username| Request::FriendRemove { username }, "bob");
+    assert_eq!(w.ask(&mut a, remove()).await, Ok(Reply::Ok));
+    assert!(
+        drain(&mut b3)
+            .iter()
+            .any(|p| matches!(p, Push::FriendRemoved { from } if from == "alice"))
+    );
+    assert_eq!(w.ask(&mut a, remove()).await, Err(ErrorCode::NotFriend));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_owner_signed_and_fan_out() {
+    let w = World::new(fast_config());
+    let (alice, bob, carol, mallory) = (
+        user("alice", 17, 0),
+        user("bob", 18, 0),
+        user("carol", 19, 0),
+        user("mallory", 20, 0),
+    );
+    for u in [&alice, &bob, &carol, &mallory] {
+        w.registered(u).await;
+    }
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    let mut m = w.login(&mallory).await;
+    // T-75 at the server: a roster not signed by its owner is refused.
+    let mut forged = roster(&alice, "club", 1, &["alice", "bob"]);
+    forged.signature = mallory.id.sign(SigningContext::GroupRoster, b"x").to_vec();
+    assert_eq!(
+        w.ask(&mut a, Request::GroupCreate(forged)).await,
+        Err(ErrorCode::BadSignature)
+    );
+    // Creating in someone else's name is refused.
+    let r = w
+        .ask(&mut m, Request::GroupCreate(roster(&alice, "club", 1, &["alice"])))
+        .await;
+    assert_eq!(r, Err(ErrorCode::NotPermitted));
+    let create = Request::GroupCreate(roster(&alice, "club", 1, &["alice", "bob"]));
+    assert_eq!(w.ask(&mut a, create.clone()).await, Ok(Reply::Ok));
+    assert_eq!(w.ask(&mut a, create).await, Err(ErrorCode::GroupExist));
+    assert!(
+        drain(&mut b)
+            .iter()
+            .any(|p| matches!(p, Push::GroupChanged(r) if r.group == "club"))
+    );
+    // Fan-out: one ciphertext to every other member.
+    w.ask(&mut a, group_send("club", 1, b"grp")).await.unwrap();
+    assert!(drain(&mut b).iter().any(
+        |p| matches!(p, Push::Envelope(e) if e.group.as_deref() == Some("club") && e.body == b"grp")
+    ));
+    // Non-members can neither send nor read the roster.
+    assert_eq!(
+        w.ask(&mut m, group_send("club", 2, b"x")).await,
+        Err(ErrorCode::NotInGroup)
+    );
+    let members = |g: &str| named(|group| Request::GroupMembers { group }, g);
+    assert_eq!(w.ask(&mut m, members("club")).await, Err(ErrorCode::NotInGroup));
+    assert_eq!(
+        w.ask(&mut m, group_send("none", 2, b"x")).await,
+        Err(ErrorCode::GroupNotExist)
+    );
+    // A member cannot publish a roster; the owner's must increase the version.
+    let r = w
+        .ask(
+            &mut b,
+            Request::GroupUpdate(roster(&bob, "club", 2, &["alice", "bob", "mallory"])),
+        )
+        .await;
+    assert_eq!(r, Err(ErrorCode::NotPermitted));
+    let r = w
+        .ask(&mut a, Request::GroupUpdate(roster(&alice, "club", 1, &["alice"])))
+        .await;
+    assert_eq!(r, Err(ErrorCode::NotPermitted));
+    // A join request reaches the owner, who adds carol.
+    let mut c = w.login(&carol).await;
+    let join = |g: &str| named(|group| Request::GroupJoin { group }, g);
+    assert_eq!(w.ask(&mut c, join("club")).await, Ok(Reply::Ok));
+    assert!(drain(&mut a).iter().any(|p| matches!(p,
+        Push::GroupJoinRequest { group, username } if group == "club" && username == "carol")));
+    let update = Request::GroupUpdate(roster(&alice, "club", 2, &["alice", "bob", "carol"]));
+    assert_eq!(w.ask(&mut a, update).await, Ok(Reply::Ok));
+    let Ok(Reply::Roster(r)) = w.ask(&mut c, members("club")).await else {
+        panic!()
+    };
+    assert_eq!(r.members, vec!["alice", "bob", "carol"]);
+    assert_eq!(r.version, 2);
+    assert_eq!(
+        w.ask(&mut b, Request::MyGroups).await,
+        Ok(Reply::Groups {
+            groups: vec!["club".into()]
+        })
+    );
+    // Leaving asks the owner, who alone can sign the new roster.
+    let leave = named(|group| Request::GroupLeave { group }, "club");
+    assert_eq!(w.ask(&mut b, leave).await, Ok(Reply::Ok));
+    assert!(
+        drain(&mut a)
+            .iter()
+            .any(|p| matches!(p, Push::GroupLeaveRequest { username, .. } if username == "bob"))
+    );
+
+    // The lobby: anyone joins and posts.
+    assert_eq!(w.ask(&mut m, join("lobby")).await, Ok(Reply::Ok));
+    assert_eq!(w.ask(&mut b, join("lobby")).await, Ok(Reply::Ok));
+    assert_eq!(w.ask(&mut b, join("lobby")).await, Err(ErrorCode::UserInGroup));
+    drain(&mut b);
+    w.ask(&mut m, group_send("lobby", 3, b"hi all")).await.unwrap();
+    assert!(drain(&mut b).iter().any(
+        |p| matches!(p, Push::Envelope(e) if e.group.as_deref() == Some("lobby"))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_signed_by_the_server_key() {
+    let w = World::new(fast_config());
+    let (alice, bob) = (user("alice", 21, 0), user("bob", 22, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let text = "maintenance at noon";
+    let signed = announcement_signed_bytes(5, text);
+    let good = SignedAnnouncement {
+        issued_at: 5,
+        text: text.into(),
+        signature: w.server.sign(SigningContext::Announcement, &signed).to_vec(),
+    };
+    // A signature by another key (a user's) is refused (T-77).
+    let forged = SignedAnnouncement {
+        signature: alice.id.sign(SigningContext::Announcement, &signed).to_vec(),
+        ..good.clone()
+    };
+    let mut op = w.connect();
+    assert_eq!(
+        w.ask(&mut op, Request::Announce(forged)).await,
+        Err(ErrorCode::BadSignature)
+    );
+    assert_eq!(
+        w.ask(&mut op, Request::Announce(good.clone())).await,
+        Ok(Reply::Ok)
+    );
+    assert!(drain(&mut a).contains(&Push::Announcement(good.clone())));
+    // Bob was offline: he gets it at his next login, once.
+    let mut b = w.login(&bob).await;
+    assert!(drain(&mut b).contains(&Push::Announcement(good.clone())));
+    let mut b2 = w.login(&bob).await;
+    assert!(!drain(&mut b2).contains(&Push::Announcement(good)));
+}
