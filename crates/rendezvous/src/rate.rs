@@ -93,7 +93,7 @@ mod tests {
         // Other keys are independent.
         assert!(b.take("b", 100));
         // Over 10 s at most burst + 10 * 10 are granted.
-        let granted = (0..10_000u64).filter(|i| b.take("c", i)).count();
+        let granted = (0..10_000u64).filter(|i| b.take("c", *i)).count();
         assert!(granted <= 5 + 100 + 1, "{granted}");
         assert!(granted >= 100);
     }

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use messenger_crypto::identity::{IdentityKey, PublicIdentity, SigningContext, Username, verify_login};
+use messenger_crypto::identity::{
+    IdentityKey, PublicIdentity, SigningContext, Username, verify_login,
+};
 use messenger_crypto::prekey::{OneTimePrekey, SignedPrekey};
 use messenger_proto::ErrorCode;
 use messenger_proto::msg::{
@@ -130,7 +132,10 @@ struct Online<P> {
     identity: Vec<u8>,
 }
 
-type CommitJob = (Vec<NewEnvelope>, oneshot::Sender<Vec<Result<AppendOutcome, StoreError>>>);
+type CommitJob = (
+    Vec<NewEnvelope>,
+    oneshot::Sender<Vec<Result<AppendOutcome, StoreError>>>,
+);
 
 /// The service. Cheap to share: hold it in an `Arc`.
 pub struct Service<P: PushTarget> {
@@ -237,7 +242,12 @@ fn commit_loop(store: Store, jobs: mpsc::Receiver<CommitJob>) {
 impl<P: PushTarget> Service<P> {
     /// A service over `store`. `server_key` is the Ed25519 key that signs
     /// announcements (None: announcements are refused).
-    pub fn new(store: Store, config: ServiceConfig, server_key: Option<[u8; 32]>, clock: Clock) -> Self {
+    pub fn new(
+        store: Store,
+        config: ServiceConfig,
+        server_key: Option<[u8; 32]>,
+        clock: Clock,
+    ) -> Self {
         let (tx, rx) = mpsc::sync_channel::<CommitJob>(4 * MAX_COMMIT_BATCH);
         let writer_store = store.clone();
         // The writer ends when the service (the only sender) is dropped.
@@ -404,7 +414,12 @@ impl<P: PushTarget> Service<P> {
                 let (a, b) = (me.to_owned(), them.clone());
                 let store = self.store.clone();
                 blocking(move || store.friend_remove(&a, &b)).await?;
-                self.push_to(&them, Push::FriendRemoved { from: me.to_owned() });
+                self.push_to(
+                    &them,
+                    Push::FriendRemoved {
+                        from: me.to_owned(),
+                    },
+                );
                 Ok(Reply::Ok)
             }
             Request::FriendList => self.friend_list(me).await,
@@ -468,7 +483,12 @@ impl<P: PushTarget> Service<P> {
         Ok(Reply::Ok)
     }
 
-    async fn login(&self, s: &mut Session<P>, username: &str, signature: &[u8]) -> Result<Reply, ErrorCode> {
+    async fn login(
+        &self,
+        s: &mut Session<P>,
+        username: &str,
+        signature: &[u8],
+    ) -> Result<Reply, ErrorCode> {
         if s.user.is_some() {
             // One login per connection: its nonce is spent.
             return Err(ErrorCode::BadRequest);
@@ -479,7 +499,8 @@ impl<P: PushTarget> Service<P> {
         let account = blocking(move || store.account(&lookup))
             .await?
             .ok_or(ErrorCode::UserNotExist)?;
-        let identity = PublicIdentity::from_bytes(&account.identity).map_err(|_| ErrorCode::Internal)?;
+        let identity =
+            PublicIdentity::from_bytes(&account.identity).map_err(|_| ErrorCode::Internal)?;
         let sig: [u8; 64] = signature.try_into().map_err(|_| ErrorCode::BadSignature)?;
         verify_login(identity.identity_key(), &s.nonce, &s.exporter, &sig)
             .map_err(|_| ErrorCode::BadSignature)?;
@@ -599,7 +620,10 @@ impl<P: PushTarget> Service<P> {
         PublicIdentity::from_bytes(&account.identity).map_err(|_| ErrorCode::Internal)
     }
 
-    async fn commit(&self, envelopes: Vec<NewEnvelope>) -> Result<Vec<Result<AppendOutcome, StoreError>>, ErrorCode> {
+    async fn commit(
+        &self,
+        envelopes: Vec<NewEnvelope>,
+    ) -> Result<Vec<Result<AppendOutcome, StoreError>>, ErrorCode> {
         let (tx, rx) = oneshot::channel();
         let commits = self.commits.clone();
         // The queue is bounded; waiting for room is the backpressure senders feel.
@@ -637,7 +661,10 @@ impl<P: PushTarget> Service<P> {
         };
         let body_for_push = self.is_online(&to).then(|| new.body.clone());
         let mut results = self.commit(vec![new]).await?;
-        let outcome = results.pop().ok_or(ErrorCode::Internal)?.map_err(store_error)?;
+        let outcome = results
+            .pop()
+            .ok_or(ErrorCode::Internal)?
+            .map_err(store_error)?;
         match outcome {
             AppendOutcome::Stored { seq } => {
                 if let Some(body) = body_for_push {
@@ -674,7 +701,13 @@ impl<P: PushTarget> Service<P> {
             .ok_or(ErrorCode::GroupNotExist)
     }
 
-    async fn group_send(&self, me: &str, group: &str, id: MessageId, body: Vec<u8>) -> Result<Reply, ErrorCode> {
+    async fn group_send(
+        &self,
+        me: &str,
+        group: &str,
+        id: MessageId,
+        body: Vec<u8>,
+    ) -> Result<Reply, ErrorCode> {
         if body.len() > MAX_BODY_LEN {
             return Err(ErrorCode::TooLarge);
         }
@@ -686,7 +719,12 @@ impl<P: PushTarget> Service<P> {
             return Err(ErrorCode::RateLimited);
         }
         let sent_at = self.now();
-        let recipients: Vec<String> = record.members.iter().filter(|m| *m != me).cloned().collect();
+        let recipients: Vec<String> = record
+            .members
+            .iter()
+            .filter(|m| *m != me)
+            .cloned()
+            .collect();
         let envelopes = recipients
             .iter()
             .map(|r| NewEnvelope {
@@ -741,8 +779,10 @@ impl<P: PushTarget> Service<P> {
         if self.config.users_policy == UsersPolicy::FriendsOnly {
             let store = self.store.clone();
             let m = me.to_owned();
-            let friends: BTreeSet<String> =
-                blocking(move || store.friends(&m)).await?.into_iter().collect();
+            let friends: BTreeSet<String> = blocking(move || store.friends(&m))
+                .await?
+                .into_iter()
+                .collect();
             users.retain(|u| u.username == me || friends.contains(&u.username));
         }
         users.sort_by(|a, b| a.username.cmp(&b.username));
@@ -765,7 +805,12 @@ impl<P: PushTarget> Service<P> {
         .await?;
         match outcome {
             FriendRequestOutcome::Sent | FriendRequestOutcome::AlreadyRequested => {
-                self.push_to(&them, Push::FriendRequest { from: me.to_owned() });
+                self.push_to(
+                    &them,
+                    Push::FriendRequest {
+                        from: me.to_owned(),
+                    },
+                );
                 Ok(Reply::Ok)
             }
             FriendRequestOutcome::AlreadyFriends => Err(ErrorCode::AlreadyFriend),
@@ -812,7 +857,12 @@ impl<P: PushTarget> Service<P> {
         }
     }
 
-    async fn friend_answer(&self, me: &str, username: &str, accept: bool) -> Result<Reply, ErrorCode> {
+    async fn friend_answer(
+        &self,
+        me: &str,
+        username: &str,
+        accept: bool,
+    ) -> Result<Reply, ErrorCode> {
         let them = name(username)?;
         let store = self.store.clone();
         let (a, b) = (me.to_owned(), them.clone());
@@ -847,7 +897,11 @@ impl<P: PushTarget> Service<P> {
                 let identity = store.account(&f)?.map(|a| a.identity).unwrap_or_default();
                 friends.push((f, identity));
             }
-            Ok((friends, store.incoming_requests(&m)?, store.outgoing_requests(&m)?))
+            Ok((
+                friends,
+                store.incoming_requests(&m)?,
+                store.outgoing_requests(&m)?,
+            ))
         })
         .await?;
         let friends = friends
@@ -884,9 +938,18 @@ impl<P: PushTarget> Service<P> {
             }
         }
         let owner = self.identity_of(&roster.owner).await?;
-        let bytes = roster_signed_bytes(&roster.group, roster.version, &roster.owner, &roster.members)
-            .ok_or(ErrorCode::BadRequest)?;
-        let sig: [u8; 64] = roster.signature.as_slice().try_into().map_err(|_| ErrorCode::BadSignature)?;
+        let bytes = roster_signed_bytes(
+            &roster.group,
+            roster.version,
+            &roster.owner,
+            &roster.members,
+        )
+        .ok_or(ErrorCode::BadRequest)?;
+        let sig: [u8; 64] = roster
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| ErrorCode::BadSignature)?;
         owner
             .identity_key()
             .verify(SigningContext::GroupRoster, &bytes, &sig)
@@ -1068,7 +1131,11 @@ impl<P: PushTarget> Service<P> {
         if a.text.len() > MAX_ANNOUNCEMENT_LEN {
             return Err(ErrorCode::TooLarge);
         }
-        let sig: [u8; 64] = a.signature.as_slice().try_into().map_err(|_| ErrorCode::BadSignature)?;
+        let sig: [u8; 64] = a
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| ErrorCode::BadSignature)?;
         key.verify(
             SigningContext::Announcement,
             &announcement_signed_bytes(a.issued_at, &a.text),

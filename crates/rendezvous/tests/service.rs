@@ -196,7 +196,10 @@ async fn register_and_channel_bound_login() {
     // Names are unique ignoring case.
     let mut c = w.connect();
     let dup = user("ALICE", 2, 0);
-    assert_eq!(w.ask(&mut c, register(&dup)).await, Err(ErrorCode::UserExists));
+    assert_eq!(
+        w.ask(&mut c, register(&dup)).await,
+        Err(ErrorCode::UserExists)
+    );
 
     // A login signature made for another connection's exporter fails (T-34).
     let mut first = w.connect();
@@ -343,7 +346,10 @@ async fn one_time_prekeys_handed_out_once_under_concurrency() {
             let mut got = Vec::new();
             for _ in 0..5 {
                 let r = w
-                    .ask(&mut c, named(|username| Request::FetchBundle { username }, "bob"))
+                    .ask(
+                        &mut c,
+                        named(|username| Request::FetchBundle { username }, "bob"),
+                    )
                     .await;
                 match r {
                     Ok(Reply::Bundle {
@@ -414,10 +420,16 @@ async fn bundle_fetches_rate_limited_per_requester() {
     assert_eq!(w.service.store().one_time_prekey_count("bob").unwrap(), 40);
     // Another requester is not affected.
     let mut c = w.login(&carol).await;
-    assert!(matches!(w.ask(&mut c, fetch()).await, Ok(Reply::Bundle { .. })));
+    assert!(matches!(
+        w.ask(&mut c, fetch()).await,
+        Ok(Reply::Bundle { .. })
+    ));
     // Two seconds later one more token (30 per minute).
     w.now.fetch_add(2_000, Ordering::SeqCst);
-    assert!(matches!(w.ask(&mut e, fetch()).await, Ok(Reply::Bundle { .. })));
+    assert!(matches!(
+        w.ask(&mut e, fetch()).await,
+        Ok(Reply::Bundle { .. })
+    ));
     assert_eq!(w.ask(&mut e, fetch()).await, Err(ErrorCode::RateLimited));
 }
 
@@ -432,7 +444,13 @@ async fn store_and_forward_with_acks_and_dedupe() {
     for i in 1..=3u8 {
         let r = w.ask(&mut a, send("bob", i, &[i; 10])).await;
         assert!(
-            matches!(r, Ok(Reply::Accepted { duplicate: false, .. })),
+            matches!(
+                r,
+                Ok(Reply::Accepted {
+                    duplicate: false,
+                    ..
+                })
+            ),
             "{r:?}"
         );
     }
@@ -469,12 +487,18 @@ async fn store_and_forward_with_acks_and_dedupe() {
         w.ask(&mut a, Request::Ack { seqs: seqs.clone() }).await,
         Ok(Reply::Ok)
     );
-    let Ok(Reply::Envelopes { envelopes: still, .. }) = w.ask(&mut b, pull()).await else {
+    let Ok(Reply::Envelopes {
+        envelopes: still, ..
+    }) = w.ask(&mut b, pull()).await
+    else {
         panic!()
     };
     assert_eq!(still.len(), 3);
     assert_eq!(w.ask(&mut b, Request::Ack { seqs }).await, Ok(Reply::Ok));
-    let Ok(Reply::Envelopes { envelopes: none, .. }) = w.ask(&mut b, pull()).await else {
+    let Ok(Reply::Envelopes {
+        envelopes: none, ..
+    }) = w.ask(&mut b, pull()).await
+    else {
         panic!()
     };
     assert!(none.is_empty());
@@ -497,7 +521,11 @@ async fn send_rate_limited() {
         send_rate: Rate::per(5, Duration::from_secs(1), 5),
         ..fast_config()
     });
-    let (alice, bob, carol) = (user("alice", 12, 0), user("bob", 13, 0), user("carol", 14, 0));
+    let (alice, bob, carol) = (
+        user("alice", 12, 0),
+        user("bob", 13, 0),
+        user("carol", 14, 0),
+    );
     for u in [&alice, &bob, &carol] {
         w.registered(u).await;
     }
@@ -528,7 +556,10 @@ async fn friends_and_presence() {
     let mut a = w.login(&alice).await;
     // A request while bob is offline; he sees it at login.
     assert_eq!(w.ask(&mut a, req("bob")).await, Ok(Reply::Ok));
-    assert_eq!(w.ask(&mut a, req("nobody")).await, Err(ErrorCode::UserNotExist));
+    assert_eq!(
+        w.ask(&mut a, req("nobody")).await,
+        Err(ErrorCode::UserNotExist)
+    );
     let mut b = w.login(&bob).await;
     assert!(
         drain(&mut b)
@@ -538,13 +569,18 @@ async fn friends_and_presence() {
     let accept = named(|username| Request::FriendAccept { username }, "alice");
     assert_eq!(w.ask(&mut b, accept).await, Ok(Reply::Ok));
     let to_alice = drain(&mut a);
-    assert!(to_alice.iter().any(
-        |p| matches!(p, Push::FriendAnswer { from, accepted: true } if from == "bob")
-    ));
+    assert!(
+        to_alice
+            .iter()
+            .any(|p| matches!(p, Push::FriendAnswer { from, accepted: true } if from == "bob"))
+    );
     let bob_identity = bob.id.public().to_bytes();
     assert!(to_alice.iter().any(|p| matches!(p,
         Push::Presence { username, online: true, identity } if username == "bob" && *identity == bob_identity)));
-    assert_eq!(w.ask(&mut a, req("bob")).await, Err(ErrorCode::AlreadyFriend));
+    assert_eq!(
+        w.ask(&mut a, req("bob")).await,
+        Err(ErrorCode::AlreadyFriend)
+    );
     let Ok(Reply::Friends { friends, .. }) = w.ask(&mut a, Request::FriendList).await else {
         panic!()
     };
@@ -552,13 +588,17 @@ async fn friends_and_presence() {
     assert!(friends[0].online);
     // Bob leaves: alice is told; he comes back: alice is told.
     w.service.disconnect(&b.session);
-    assert!(drain(&mut a).iter().any(
-        |p| matches!(p, Push::Presence { username, online: false, .. } if username == "bob")
-    ));
+    assert!(
+        drain(&mut a).iter().any(
+            |p| matches!(p, Push::Presence { username, online: false, .. } if username == "bob")
+        )
+    );
     let mut b2 = w.login(&bob).await;
-    assert!(drain(&mut a).iter().any(
-        |p| matches!(p, Push::Presence { username, online: true, .. } if username == "bob")
-    ));
+    assert!(
+        drain(&mut a).iter().any(
+            |p| matches!(p, Push::Presence { username, online: true, .. } if username == "bob")
+        )
+    );
     // A second login replaces the first, which is told.
     let mut b3 = w.login(&bob).await;
     assert!(drain(&mut b2).contains(&Push::Replaced));
@@ -596,7 +636,10 @@ async fn groups_owner_signed_and_fan_out() {
     );
     // Creating in someone else's name is refused.
     let r = w
-        .ask(&mut m, Request::GroupCreate(roster(&alice, "club", 1, &["alice"])))
+        .ask(
+            &mut m,
+            Request::GroupCreate(roster(&alice, "club", 1, &["alice"])),
+        )
         .await;
     assert_eq!(r, Err(ErrorCode::NotPermitted));
     let create = Request::GroupCreate(roster(&alice, "club", 1, &["alice", "bob"]));
@@ -618,7 +661,10 @@ async fn groups_owner_signed_and_fan_out() {
         Err(ErrorCode::NotInGroup)
     );
     let members = |g: &str| named(|group| Request::GroupMembers { group }, g);
-    assert_eq!(w.ask(&mut m, members("club")).await, Err(ErrorCode::NotInGroup));
+    assert_eq!(
+        w.ask(&mut m, members("club")).await,
+        Err(ErrorCode::NotInGroup)
+    );
     assert_eq!(
         w.ask(&mut m, group_send("none", 2, b"x")).await,
         Err(ErrorCode::GroupNotExist)
@@ -632,7 +678,10 @@ async fn groups_owner_signed_and_fan_out() {
         .await;
     assert_eq!(r, Err(ErrorCode::NotPermitted));
     let r = w
-        .ask(&mut a, Request::GroupUpdate(roster(&alice, "club", 1, &["alice"])))
+        .ask(
+            &mut a,
+            Request::GroupUpdate(roster(&alice, "club", 1, &["alice"])),
+        )
         .await;
     assert_eq!(r, Err(ErrorCode::NotPermitted));
     // A join request reaches the owner, who adds carol.
@@ -666,12 +715,19 @@ async fn groups_owner_signed_and_fan_out() {
     // The lobby: anyone joins and posts.
     assert_eq!(w.ask(&mut m, join("lobby")).await, Ok(Reply::Ok));
     assert_eq!(w.ask(&mut b, join("lobby")).await, Ok(Reply::Ok));
-    assert_eq!(w.ask(&mut b, join("lobby")).await, Err(ErrorCode::UserInGroup));
+    assert_eq!(
+        w.ask(&mut b, join("lobby")).await,
+        Err(ErrorCode::UserInGroup)
+    );
     drain(&mut b);
-    w.ask(&mut m, group_send("lobby", 3, b"hi all")).await.unwrap();
-    assert!(drain(&mut b).iter().any(
-        |p| matches!(p, Push::Envelope(e) if e.group.as_deref() == Some("lobby"))
-    ));
+    w.ask(&mut m, group_send("lobby", 3, b"hi all"))
+        .await
+        .unwrap();
+    assert!(
+        drain(&mut b)
+            .iter()
+            .any(|p| matches!(p, Push::Envelope(e) if e.group.as_deref() == Some("lobby")))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -686,11 +742,17 @@ async fn announcements_signed_by_the_server_key() {
     let good = SignedAnnouncement {
         issued_at: 5,
         text: text.into(),
-        signature: w.server.sign(SigningContext::Announcement, &signed).to_vec(),
+        signature: w
+            .server
+            .sign(SigningContext::Announcement, &signed)
+            .to_vec(),
     };
     // A signature by another key (a user's) is refused (T-77).
     let forged = SignedAnnouncement {
-        signature: alice.id.sign(SigningContext::Announcement, &signed).to_vec(),
+        signature: alice
+            .id
+            .sign(SigningContext::Announcement, &signed)
+            .to_vec(),
         ..good.clone()
     };
     let mut op = w.connect();
