@@ -40,6 +40,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod cli;
 pub mod handler;
 pub mod limits;
 pub mod net;

@@ -1,0 +1,221 @@
+//! The running server: the [`Service`] behind the network layer's
+//! [`Handler`], the server signing key, and the startup and shutdown steps the
+//! `rendezvous` binary performs.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
+use messenger_proto::ErrorCode;
+use messenger_proto::msg::{Push, Reply, Request};
+use zeroize::Zeroizing;
+
+use crate::handler::{CloseReason, ConnectionContext, Handler, PushSender};
+use crate::server::{Server, ServerConfig, ServerError, ServerHandle};
+use crate::service::{PushTarget, Service, ServiceConfig, Session, system_clock};
+use crate::store::{Store, StoreError, StoreOptions};
+
+/// File of the server signing key (Ed25519 seed and an X25519 secret, 64
+/// bytes, mode 0600) in the data directory. It signs announcements.
+pub const SERVER_KEY_FILE: &str = "server.key";
+/// File of the redb database in the data directory.
+pub const DATABASE_FILE: &str = "rendezvous.redb";
+
+impl PushTarget for PushSender {
+    fn push(&self, push: Push) -> bool {
+        PushSender::push(self, push).is_ok()
+    }
+
+    fn close(&self, _reason: &'static str) {
+        self.disconnect(CloseReason::Replaced);
+    }
+}
+
+/// The service as the network layer's handler.
+#[derive(Debug)]
+pub struct App {
+    service: Arc<Service<PushSender>>,
+    server_key: [u8; 32],
+}
+
+impl App {
+    /// Wraps a service whose announcements are signed by `server_key`.
+    pub fn new(service: Arc<Service<PushSender>>, server_key: [u8; 32]) -> Self {
+        Self {
+            service,
+            server_key,
+        }
+    }
+}
+
+impl Handler for App {
+    type Session = Session<PushSender>;
+
+    fn server_key(&self) -> [u8; 32] {
+        self.server_key
+    }
+
+    fn on_connect(&self, ctx: &ConnectionContext) -> Self::Session {
+        self.service
+            .connect(ctx.id, ctx.nonce, ctx.exporter, ctx.pushes.clone())
+    }
+
+    async fn handle(
+        &self,
+        ctx: &mut ConnectionContext,
+        session: &mut Self::Session,
+        request: Request,
+    ) -> Result<Reply, ErrorCode> {
+        let reply = self.service.handle(session, request).await;
+        ctx.user = session.user().map(str::to_owned);
+        reply
+    }
+
+    async fn on_disconnect(&self, _ctx: &ConnectionContext, session: Self::Session) {
+        self.service.disconnect(&session);
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The data directory or the key file could not be used.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The key file exists but is not a server key.
+    #[error("{path} is not a server key (64 bytes expected); restore it from a backup")]
+    BadKey {
+        /// Where.
+        path: PathBuf,
+    },
+    /// The database could not be opened.
+    #[error("database {path}: {source}")]
+    Store {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The network layer could not start.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// Loads the server signing key, creating it (mode 0600) on first start.
+pub fn load_or_create_server_key(data_dir: &Path) -> Result<IdentityKeyPair, StartError> {
+    let path = data_dir.join(SERVER_KEY_FILE);
+    let io = |action, source| StartError::Io {
+        action,
+        path: path.clone(),
+        source,
+    };
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let bytes = Zeroizing::new(bytes);
+            let (Ok(ed), Ok(x)) = (
+                <[u8; 32]>::try_from(&bytes[..bytes.len().min(32)]),
+                <[u8; 32]>::try_from(bytes.get(32..).unwrap_or(&[])),
+            ) else {
+                return Err(StartError::BadKey { path });
+            };
+            Ok(IdentityKeyPair::from_secret_bytes(&ed, &x))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(data_dir).map_err(|e| io("create", e))?;
+            let mut secret = Zeroizing::new([0u8; 64]);
+            rand::fill(&mut secret[..]);
+            let tmp = data_dir.join(format!("{SERVER_KEY_FILE}.tmp"));
+            let mut options = fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&tmp).map_err(|e| io("create", e))?;
+            file.write_all(&secret[..]).map_err(|e| io("write", e))?;
+            file.sync_all().map_err(|e| io("sync", e))?;
+            fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
+            let ed: [u8; 32] = secret[..32]
+                .try_into()
+                .map_err(|_| StartError::BadKey { path: path.clone() })?;
+            let x: [u8; 32] = secret[32..]
+                .try_into()
+                .map_err(|_| StartError::BadKey { path: path.clone() })?;
+            Ok(IdentityKeyPair::from_secret_bytes(&ed, &x))
+        }
+        Err(e) => Err(io("read", e)),
+    }
+}
+
+/// Everything a running server holds.
+#[derive(Debug)]
+pub struct Running {
+    /// The network layer.
+    pub handle: ServerHandle,
+    /// The service (and through it the store).
+    pub service: Arc<Service<PushSender>>,
+    /// The server's public signing key.
+    pub server_key: [u8; 32],
+}
+
+/// Opens the store, makes the keys, binds and serves. Call inside a tokio runtime.
+pub fn start(
+    config: ServerConfig,
+    service_config: ServiceConfig,
+    store_options: StoreOptions,
+) -> Result<Running, StartError> {
+    fs::create_dir_all(&config.data_dir).map_err(|source| StartError::Io {
+        action: "create",
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let key = load_or_create_server_key(&config.data_dir)?;
+    let server_key = key.identity_key().to_bytes();
+    let db = config.data_dir.join(DATABASE_FILE);
+    let store = Store::open(&db, store_options).map_err(|source| StartError::Store {
+        path: db.clone(),
+        source,
+    })?;
+    let service = Arc::new(Service::new(
+        store,
+        service_config,
+        Some(server_key),
+        system_clock(),
+    ));
+    let handle = Server::spawn(config, App::new(Arc::clone(&service), server_key))?;
+    Ok(Running {
+        handle,
+        service,
+        server_key,
+    })
+}
+
+/// Signs an announcement with the server key from `data_dir`.
+pub fn sign_announcement(
+    key: &IdentityKeyPair,
+    issued_at: u64,
+    text: &str,
+) -> messenger_proto::msg::SignedAnnouncement {
+    let bytes = messenger_proto::msg::announcement_signed_bytes(issued_at, text);
+    messenger_proto::msg::SignedAnnouncement {
+        issued_at,
+        text: text.to_owned(),
+        signature: key.sign(SigningContext::Announcement, &bytes).to_vec(),
+    }
+}
+
+/// The address to print: the bound one.
+pub fn listening_line(addr: SocketAddr) -> String {
+    format!("listening on {addr}")
+}
