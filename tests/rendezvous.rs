@@ -30,9 +30,18 @@ fn start(
     data: &std::path::Path,
     extra_env: &[(&str, &str)],
 ) -> (Started, String, std::net::SocketAddr) {
+    start_with(data, extra_env, &[])
+}
+
+fn start_with(
+    data: &std::path::Path,
+    extra_env: &[(&str, &str)],
+    extra_args: &[&str],
+) -> (Started, String, std::net::SocketAddr) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rendezvous"));
     cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data);
+        .arg(data)
+        .args(extra_args);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -299,4 +308,126 @@ fn end_to_end_exchange_leaves_no_plaintext_on_the_server() {
             }
         }
     }
+}
+
+fn operator(args: &[&str], data: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rendezvous"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+fn register_request(p: &Person, invite: Option<String>) -> Request {
+    Request::Register(Register {
+        username: p.name.to_string(),
+        identity: p.id.public().to_bytes(),
+        signed_prekey: p.spk.public().to_bytes(),
+        one_time_prekeys: vec![],
+        invite,
+    })
+}
+
+/// `--registration invite`: registering needs a token from `rendezvous
+/// invite` (minted while the server runs), and each token works once.
+#[test]
+fn invitations_are_required_and_single_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, fp, addr) = start_with(dir.path(), &[], &["--registration", "invite"]);
+    let out = operator(&["invite"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.len(), 64);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut c = TestClient::connect(addr, &fp).await;
+        let (alice, bob) = (person("alice"), person("bob"));
+        let no_token = c.request(register_request(&alice, None)).await;
+        assert_eq!(no_token, Err(messenger_proto::ErrorCode::NotPermitted));
+        let forged = c
+            .request(register_request(&alice, Some(format!("{}A", &token[..63]))))
+            .await;
+        assert_eq!(forged, Err(messenger_proto::ErrorCode::NotPermitted));
+        assert_eq!(
+            c.request(register_request(&alice, Some(token.clone())))
+                .await,
+            Ok(Reply::Ok)
+        );
+        let reused = c.request(register_request(&bob, Some(token.clone()))).await;
+        assert_eq!(reused, Err(messenger_proto::ErrorCode::NotPermitted));
+    });
+    drop(runtime);
+    terminate(server);
+}
+
+/// `rendezvous announce`: signed by the server key from the data directory,
+/// delivered at once to a user online and at the next login to one offline.
+#[test]
+fn announcements_reach_online_users_at_once_and_others_at_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (alice, bob) = (person("alice"), person("bob"));
+    let mut a = runtime.block_on(async {
+        let b = connect_as(&bob, addr, &fp, true).await;
+        b.conn.close(0u32.into(), b"bye");
+        connect_as(&alice, addr, &fp, true).await
+    });
+    let out = operator(&["announce", "server maintenance at noon"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    runtime.block_on(async {
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match a.frame().await.unwrap() {
+                    messenger_proto::msg::ServerFrame::Push(Push::Announcement(x)) => return x,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.text, "server maintenance at noon");
+        // Signed by the key the server announced in its hello.
+        let key = messenger_crypto::identity::IdentityKey::from_bytes(&a.hello.server_key).unwrap();
+        let sig: [u8; 64] = got.signature.as_slice().try_into().unwrap();
+        key.verify(
+            messenger_crypto::identity::SigningContext::Announcement,
+            &messenger_proto::msg::announcement_signed_bytes(got.issued_at, &got.text),
+            &sig,
+        )
+        .unwrap();
+        let mut b = connect_as(&bob, addr, &fp, false).await;
+        let mut seen = b
+            .pushes
+            .iter()
+            .any(|p| matches!(p, Push::Announcement(x) if x.text == got.text));
+        while !seen {
+            match tokio::time::timeout(Duration::from_secs(10), b.frame()).await {
+                Ok(Ok(messenger_proto::msg::ServerFrame::Push(Push::Announcement(x)))) => {
+                    seen = x.text == got.text;
+                }
+                Ok(Ok(_)) => {}
+                other => panic!("no announcement for bob at login: {other:?}"),
+            }
+        }
+    });
+    drop(runtime);
+    terminate(server);
+    // Without a running server the command says so and fails.
+    let out = operator(&["announce", "x"], dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: ") && err.lines().count() == 1,
+        "{err}"
+    );
 }

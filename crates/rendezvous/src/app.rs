@@ -114,8 +114,13 @@ pub enum StartError {
     Server(#[from] ServerError),
 }
 
-/// Loads the server signing key, creating it (mode 0600) on first start.
-pub fn load_or_create_server_key(data_dir: &Path) -> Result<IdentityKeyPair, StartError> {
+/// File in the data directory holding the bound address of the running
+/// server, for `rendezvous announce`.
+pub const ADDRESS_FILE: &str = "rendezvous.addr";
+
+/// Loads the server's secret key bytes (64: an Ed25519 seed and an X25519
+/// secret), creating them (mode 0600) on first start.
+pub fn load_or_create_server_secret(data_dir: &Path) -> Result<Zeroizing<[u8; 64]>, StartError> {
     let path = data_dir.join(SERVER_KEY_FILE);
     let io = |action, source| StartError::Io {
         action,
@@ -125,13 +130,12 @@ pub fn load_or_create_server_key(data_dir: &Path) -> Result<IdentityKeyPair, Sta
     match fs::read(&path) {
         Ok(bytes) => {
             let bytes = Zeroizing::new(bytes);
-            let (Ok(ed), Ok(x)) = (
-                <[u8; 32]>::try_from(&bytes[..bytes.len().min(32)]),
-                <[u8; 32]>::try_from(bytes.get(32..).unwrap_or(&[])),
-            ) else {
+            let mut out = Zeroizing::new([0u8; 64]);
+            if bytes.len() != 64 {
                 return Err(StartError::BadKey { path });
-            };
-            Ok(IdentityKeyPair::from_secret_bytes(&ed, &x))
+            }
+            out.copy_from_slice(&bytes);
+            Ok(out)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir_all(data_dir).map_err(|e| io("create", e))?;
@@ -146,16 +150,22 @@ pub fn load_or_create_server_key(data_dir: &Path) -> Result<IdentityKeyPair, Sta
             file.write_all(&secret[..]).map_err(|e| io("write", e))?;
             file.sync_all().map_err(|e| io("sync", e))?;
             fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
-            let ed: [u8; 32] = secret[..32]
-                .try_into()
-                .map_err(|_| StartError::BadKey { path: path.clone() })?;
-            let x: [u8; 32] = secret[32..]
-                .try_into()
-                .map_err(|_| StartError::BadKey { path: path.clone() })?;
-            Ok(IdentityKeyPair::from_secret_bytes(&ed, &x))
+            Ok(secret)
         }
         Err(e) => Err(io("read", e)),
     }
+}
+
+/// The server signing key from its secret bytes.
+pub fn server_key_pair(secret: &[u8; 64]) -> IdentityKeyPair {
+    let mut ed = [0u8; 32];
+    let mut x = [0u8; 32];
+    ed.copy_from_slice(&secret[..32]);
+    x.copy_from_slice(&secret[32..]);
+    let key = IdentityKeyPair::from_secret_bytes(&ed, &x);
+    zeroize::Zeroize::zeroize(&mut ed);
+    zeroize::Zeroize::zeroize(&mut x);
+    key
 }
 
 /// Everything a running server holds.
@@ -172,7 +182,7 @@ pub struct Running {
 /// Opens the store, makes the keys, binds and serves. Call inside a tokio runtime.
 pub fn start(
     config: ServerConfig,
-    service_config: ServiceConfig,
+    mut service_config: ServiceConfig,
     store_options: StoreOptions,
 ) -> Result<Running, StartError> {
     fs::create_dir_all(&config.data_dir).map_err(|source| StartError::Io {
@@ -180,8 +190,9 @@ pub fn start(
         path: config.data_dir.clone(),
         source,
     })?;
-    let key = load_or_create_server_key(&config.data_dir)?;
-    let server_key = key.identity_key().to_bytes();
+    let secret = load_or_create_server_secret(&config.data_dir)?;
+    let server_key = server_key_pair(&secret).identity_key().to_bytes();
+    service_config.invite_key = Some(crate::invite::invite_key(&secret[..]));
     let db = config.data_dir.join(DATABASE_FILE);
     let store = Store::open(&db, store_options).map_err(|source| StartError::Store {
         path: db.clone(),
@@ -193,7 +204,10 @@ pub fn start(
         Some(server_key),
         system_clock(),
     ));
+    let data_dir = config.data_dir.clone();
     let handle = Server::spawn(config, App::new(Arc::clone(&service), server_key))?;
+    // Best effort: only `rendezvous announce` reads it.
+    let _ = fs::write(data_dir.join(ADDRESS_FILE), handle.local_addr().to_string());
     Ok(Running {
         handle,
         service,

@@ -7,10 +7,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::app::{listening_line, start};
+use crate::admin::send_announcement;
+use crate::app::{
+    ADDRESS_FILE, SERVER_KEY_FILE, listening_line, load_or_create_server_secret, server_key_pair,
+    sign_announcement, start,
+};
+use crate::invite::{invite_key, make_token};
 use crate::server::ServerConfig;
 use crate::service::{Registration, ServiceConfig};
 use crate::store::StoreOptions;
+use crate::tls::ServerIdentity;
+use messenger_proto::msg::MAX_ANNOUNCEMENT_LEN;
 
 /// Default UDP address: every interface, port 4433.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
@@ -30,6 +37,27 @@ struct Cli {
 enum Command {
     /// Serve (the default when no command is given).
     Serve(ServeArgs),
+    /// Print a one-time registration token (for `--registration invite`).
+    /// Works whether or not the server is running.
+    Invite {
+        /// The server's data directory.
+        #[arg(long, env = "RENDEZVOUS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Broadcast an announcement, signed by the server key, through the
+    /// running server: delivered at once to everyone online and to everyone
+    /// else at their next login.
+    Announce {
+        /// The text (at most 4,096 bytes).
+        text: String,
+        /// The server's data directory.
+        #[arg(long, env = "RENDEZVOUS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address of the running server [default: the one it recorded in
+        /// the data directory].
+        #[arg(long)]
+        server: Option<SocketAddr>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -70,6 +98,12 @@ pub fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
+        Some(Command::Invite { data_dir }) => return report(invite(data_dir)),
+        Some(Command::Announce {
+            text,
+            data_dir,
+            server,
+        }) => return report(announce(text, data_dir, server)),
     };
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -91,6 +125,84 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn report(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn data_dir_or_default(data_dir: Option<PathBuf>) -> Result<PathBuf, String> {
+    data_dir
+        .or_else(default_data_dir)
+        .ok_or_else(|| "no data directory: pass --data-dir".to_owned())
+}
+
+fn invite(data_dir: Option<PathBuf>) -> Result<String, String> {
+    let dir = data_dir_or_default(data_dir)?;
+    let secret = load_or_create_server_secret(&dir).map_err(|e| e.to_string())?;
+    make_token(&invite_key(&secret[..])).ok_or_else(|| "cannot make a token".to_owned())
+}
+
+fn announce(
+    text: String,
+    data_dir: Option<PathBuf>,
+    server: Option<SocketAddr>,
+) -> Result<String, String> {
+    if text.len() > MAX_ANNOUNCEMENT_LEN {
+        return Err(format!(
+            "announcement longer than {MAX_ANNOUNCEMENT_LEN} bytes"
+        ));
+    }
+    let dir = data_dir_or_default(data_dir)?;
+    let key_path = dir.join(SERVER_KEY_FILE);
+    if !key_path.exists() {
+        return Err(format!(
+            "{} not found: is this the server's data directory?",
+            key_path.display()
+        ));
+    }
+    let secret = load_or_create_server_secret(&dir).map_err(|e| e.to_string())?;
+    let identity = ServerIdentity::load_or_create(&dir).map_err(|e| e.to_string())?;
+    let mut addr = match server {
+        Some(a) => a,
+        None => std::fs::read_to_string(dir.join(ADDRESS_FILE))
+            .map_err(|e| {
+                format!(
+                    "no running server recorded in {} ({e}); pass --server ADDR",
+                    dir.display()
+                )
+            })?
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad address in {}: {e}", dir.join(ADDRESS_FILE).display()))?,
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let issued_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let signed = sign_announcement(&server_key_pair(&secret), issued_at, &text);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(send_announcement(addr, identity.fingerprint(), signed))?;
+    Ok(format!("announced to {addr}"))
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -106,7 +218,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .data_dir
         .or_else(default_data_dir)
         .ok_or("no data directory: pass --data-dir")?;
-    let mut config = ServerConfig::new(args.listen, data_dir);
+    let mut config = ServerConfig::new(args.listen, data_dir.clone());
     config.cert = args.cert.zip(args.key);
     let service_config = ServiceConfig {
         registration: match args.registration {
@@ -124,6 +236,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     running.handle.shutdown().await;
+    // No server listens there any more; `announce` should say so at once.
+    let _ = std::fs::remove_file(data_dir.join(ADDRESS_FILE));
     Ok(())
 }
 

@@ -40,9 +40,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod handler;
+pub mod invite;
 pub mod limits;
 pub mod net;
 pub mod pin;

@@ -17,6 +17,7 @@ use messenger_crypto::identity::{
     IdentityKey, PublicIdentity, SigningContext, Username, verify_login,
 };
 use messenger_crypto::prekey::{OneTimePrekey, SignedPrekey};
+use messenger_crypto::secret::Secret32;
 use messenger_proto::ErrorCode;
 use messenger_proto::msg::{
     DEFAULT_DEVICE, Envelope, LOBBY, MAX_ACKS, MAX_ANNOUNCEMENT_LEN, MAX_BODY_LEN,
@@ -27,6 +28,7 @@ use messenger_proto::msg::{
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use crate::invite::check_token;
 use crate::rate::{Buckets, Rate};
 use crate::store::{
     AccountRecord, AnnouncementRecord, AppendOutcome, EnvelopeRecord, FriendRequestOutcome,
@@ -74,6 +76,8 @@ pub struct ServiceConfig {
     pub bundle_rate: Rate,
     /// Other requests per user: 100/s, bursts of 200.
     pub request_rate: Rate,
+    /// Key that checks invitation tokens (`--registration invite`).
+    pub invite_key: Option<Secret32>,
 }
 
 impl Default for ServiceConfig {
@@ -84,6 +88,7 @@ impl Default for ServiceConfig {
             send_rate: Rate::per(50, Duration::from_secs(1), 200),
             bundle_rate: Rate::per(30, Duration::from_secs(60), 10),
             request_rate: Rate::per(100, Duration::from_secs(1), 200),
+            invite_key: None,
         }
     }
 }
@@ -456,10 +461,12 @@ impl<P: PushTarget> Service<P> {
         }
         let opks = parse_prekeys(&r.one_time_prekeys)?;
         if self.config.registration == Registration::Invite {
-            let Some(token) = r.invite else {
+            let (Some(token), Some(key)) = (r.invite.as_deref(), self.config.invite_key.as_ref())
+            else {
                 return Err(ErrorCode::NotPermitted);
             };
-            let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            let id = check_token(key, token).ok_or(ErrorCode::NotPermitted)?;
+            let id_hash: [u8; 32] = Sha256::digest(id).into();
             let store = self.store.clone();
             let user = username.clone();
             // Refuse a taken name before spending the invitation.
@@ -467,7 +474,8 @@ impl<P: PushTarget> Service<P> {
                 return Err(ErrorCode::UserExists);
             }
             let store = self.store.clone();
-            if !blocking(move || store.take_invite(hash)).await? {
+            let now = self.now();
+            if !blocking(move || store.redeem_invite(id_hash, now)).await? {
                 return Err(ErrorCode::NotPermitted);
             }
         }
@@ -1149,17 +1157,17 @@ impl<P: PushTarget> Service<P> {
             issued_at: a.issued_at,
             bytes,
         };
-        let id = blocking(move || store.add_announcement(record)).await?;
-        let targets: Vec<(String, P)> = lock(&self.online)
-            .iter()
-            .map(|(n, o)| (n.clone(), o.push.clone()))
+        blocking(move || store.add_announcement(record)).await?;
+        // Delivered live to everyone online. The per-user cursor moves only
+        // when announcements are delivered at login, so a connection that was
+        // closing as this went out loses nothing: delivery is at least once,
+        // and clients drop repeats by signature.
+        let targets: Vec<P> = lock(&self.online)
+            .values()
+            .map(|o| o.push.clone())
             .collect();
-        for (user, push) in targets {
-            if push.push(Push::Announcement(a.clone())) {
-                let store = self.store.clone();
-                // Best effort: a user whose cursor is not moved sees it again at login.
-                let _ = blocking(move || store.set_announcement_cursor(&user, id)).await;
-            }
+        for push in targets {
+            push.push(Push::Announcement(a.clone()));
         }
         Ok(Reply::Ok)
     }

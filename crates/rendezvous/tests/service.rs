@@ -769,5 +769,10 @@ async fn announcements_signed_by_the_server_key() {
     let mut b = w.login(&bob).await;
     assert!(drain(&mut b).contains(&Push::Announcement(good.clone())));
     let mut b2 = w.login(&bob).await;
-    assert!(!drain(&mut b2).contains(&Push::Announcement(good)));
+    assert!(!drain(&mut b2).contains(&Push::Announcement(good.clone())));
+    // Alice saw it live; her cursor moves at her next login (at least once).
+    let mut a2 = w.login(&alice).await;
+    assert!(drain(&mut a2).contains(&Push::Announcement(good.clone())));
+    let mut a3 = w.login(&alice).await;
+    assert!(!drain(&mut a3).contains(&Push::Announcement(good)));
 }

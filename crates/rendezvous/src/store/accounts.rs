@@ -2,7 +2,7 @@
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::tables::{ACCOUNTS, INVITES, OPK_META, OPKS};
+use super::tables::{ACCOUNTS, INVITES, OPK_META, OPKS, REDEEMED_INVITES};
 use super::{AccountRecord, MAX_ONE_TIME_PREKEYS, OneTimePrekey, OpResult, Store, StoreError};
 
 impl Store {
@@ -80,6 +80,20 @@ impl Store {
                 .insert(&token_hash, ())
                 .op(OP)?;
             Ok(())
+        })
+    }
+
+    /// Redeems a self-authenticating invite (see `invite.rs`) by the SHA-256
+    /// of its id: `true` the first time, `false` if it was used before.
+    pub fn redeem_invite(&self, id_hash: [u8; 32], now: u64) -> Result<bool, StoreError> {
+        const OP: &str = "redeem invite";
+        self.write(OP, |tx| {
+            let mut redeemed = tx.open_table(REDEEMED_INVITES).op(OP)?;
+            if redeemed.get(&id_hash).op(OP)?.is_some() {
+                return Ok(false);
+            }
+            redeemed.insert(&id_hash, now).op(OP)?;
+            Ok(true)
         })
     }
 

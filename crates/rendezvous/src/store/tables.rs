@@ -20,6 +20,10 @@ pub(super) const OPK_META: TableDefinition<&str, (u32, u64)> = TableDefinition::
 /// SHA-256 of an invite token -> ()
 pub(super) const INVITES: TableDefinition<&[u8; 32], ()> = TableDefinition::new("invites/1");
 
+/// SHA-256 of a redeemed self-authenticating invite id -> redemption time
+pub(super) const REDEEMED_INVITES: TableDefinition<&[u8; 32], u64> =
+    TableDefinition::new("redeemed_invites/1");
+
 /// counter name -> next value
 pub(super) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters/1");
 
@@ -87,6 +91,7 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(OPKS).op(OP)?;
     tx.open_table(OPK_META).op(OP)?;
     tx.open_table(INVITES).op(OP)?;
+    tx.open_table(REDEEMED_INVITES).op(OP)?;
     tx.open_table(COUNTERS).op(OP)?;
     tx.open_table(MAILBOX).op(OP)?;
     tx.open_table(MAILBOX_USAGE).op(OP)?;
