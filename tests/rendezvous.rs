@@ -59,7 +59,8 @@ fn start_with(
     (started, fingerprint, addr)
 }
 
-fn terminate(mut started: Started) {
+fn terminate(started: Started) {
+    let mut started = started;
     let pid = started.child.id();
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -429,5 +430,113 @@ fn announcements_reach_online_users_at_once_and_others_at_login() {
     assert!(
         err.starts_with("error: ") && err.lines().count() == 1,
         "{err}"
+    );
+}
+
+/// T-50 (CI size): a sender records every id the real server answered
+/// `Accepted`; the server is killed with SIGKILL at a random moment, 3 times,
+/// restarted on the same data directory; then the recipient pulls: every
+/// acknowledged id is there, exactly once.
+#[test]
+fn nothing_acknowledged_is_lost_across_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (person("alice"), person("bob"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut accepted: Vec<[u8; 16]> = Vec::new();
+    for round in 0..3 {
+        let (server, fp, addr) = start(dir.path(), &[]);
+        let pid = server.child.id();
+        let delay = rand::rng().random_range(200..800);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay));
+            let status = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        });
+        let got = runtime.block_on(async {
+            let mut a = connect_as(&alice, addr, &fp, round == 0).await;
+            if round == 0 {
+                let b = connect_as(&bob, addr, &fp, true).await;
+                b.conn.close(0u32.into(), b"bye");
+            }
+            let mut ok = Vec::new();
+            for i in 0u32.. {
+                let id: [u8; 16] = rand::rng().random();
+                let send = a.send_request(Request::Send(OutgoingEnvelope {
+                    to: "bob".into(),
+                    to_device: 1,
+                    id,
+                    body: [&i.to_be_bytes()[..], &[0xAB; 1020]].concat(),
+                }));
+                let Ok(sent_id) = tokio::time::timeout(Duration::from_secs(1), send).await else {
+                    break;
+                };
+                // Replies are matched by request id; pushes in between are skipped.
+                let accepted = loop {
+                    match tokio::time::timeout(Duration::from_secs(1), a.frame()).await {
+                        Ok(Ok(messenger_proto::msg::ServerFrame::Reply { id: rid, result }))
+                            if rid == sent_id =>
+                        {
+                            break Some(matches!(result, Ok(Reply::Accepted { .. })));
+                        }
+                        Ok(Ok(_)) => continue,
+                        _ => break None,
+                    }
+                };
+                match accepted {
+                    Some(true) => ok.push(id),
+                    Some(false) => panic!("a send was refused"),
+                    None => break,
+                }
+            }
+            ok
+        });
+        killer.join().unwrap();
+        drop(server);
+        assert!(
+            !got.is_empty(),
+            "round {round}: nothing was accepted before the kill"
+        );
+        accepted.extend(got);
+    }
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let delivered = runtime.block_on(async {
+        let mut b = connect_as(&bob, addr, &fp, false).await;
+        let mut ids = Vec::new();
+        let mut after = 0;
+        loop {
+            let Ok(Reply::Envelopes { envelopes, more }) =
+                b.request(Request::Pull { after, max: 256 }).await
+            else {
+                panic!("pull failed")
+            };
+            for e in &envelopes {
+                ids.push(e.id);
+                after = after.max(e.seq);
+            }
+            if !more {
+                break;
+            }
+        }
+        ids
+    });
+    terminate(server);
+    let delivered_set: std::collections::HashSet<_> = delivered.iter().collect();
+    assert_eq!(
+        delivered_set.len(),
+        delivered.len(),
+        "an envelope was delivered twice"
+    );
+    let lost = accepted
+        .iter()
+        .filter(|id| !delivered_set.contains(id))
+        .count();
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} acknowledged envelopes lost",
+        accepted.len()
     );
 }

@@ -37,6 +37,13 @@ use crate::store::{
 
 /// Below this many one-time prekeys the owner is told to upload more.
 pub const PREKEY_LOW_WATER: u32 = 20;
+/// Bytes of envelopes (bodies plus a generous per-envelope allowance for
+/// routing fields) one reply may carry: the frame limit less 8 KiB of headroom,
+/// so a `Pull` or `Users` reply always encodes into one frame.
+pub const REPLY_BUDGET: usize = messenger_proto::MAX_FRAME_LEN - 8 * 1024;
+/// Allowance per envelope or user for fields besides the body.
+const ITEM_OVERHEAD: usize = 128;
+
 /// Most envelopes one group commit holds: large enough to amortise an fsync
 /// over many senders, small enough to keep one commit well under a
 /// millisecond of CPU.
@@ -393,13 +400,24 @@ impl<P: PushTarget> Service<P> {
                 let max = max.clamp(1, MAX_PULL) as usize;
                 let me = me.to_owned();
                 let store = self.store.clone();
-                let mut records = blocking(move || store.pending(&me, after, max + 1)).await?;
-                let more = records.len() > max;
-                records.truncate(max);
-                Ok(Reply::Envelopes {
-                    envelopes: records.into_iter().map(to_envelope).collect(),
-                    more,
-                })
+                let records = blocking(move || store.pending(&me, after, max + 1)).await?;
+                let mut more = records.len() > max;
+                let mut budget = REPLY_BUDGET;
+                let mut envelopes = Vec::with_capacity(records.len().min(max));
+                for r in records.into_iter().take(max) {
+                    let cost = r.body.len()
+                        + r.sender.len()
+                        + r.group.as_ref().map_or(0, String::len)
+                        + ITEM_OVERHEAD;
+                    // The first always fits: a body is at most MAX_BODY_LEN.
+                    if !envelopes.is_empty() && cost > budget {
+                        more = true;
+                        break;
+                    }
+                    budget = budget.saturating_sub(cost);
+                    envelopes.push(to_envelope(r));
+                }
+                Ok(Reply::Envelopes { envelopes, more })
             }
             Request::Ack { seqs } => {
                 if seqs.len() > MAX_ACKS {
@@ -794,6 +812,15 @@ impl<P: PushTarget> Service<P> {
             users.retain(|u| u.username == me || friends.contains(&u.username));
         }
         users.sort_by(|a, b| a.username.cmp(&b.username));
+        // One frame's worth (about 1,400 users); listing more needs paging,
+        // which protocol v1 does not have yet.
+        let mut budget = REPLY_BUDGET;
+        users.retain(|u| {
+            let cost = u.username.len() + u.identity.len() + ITEM_OVERHEAD;
+            let keep = cost <= budget;
+            budget = budget.saturating_sub(cost);
+            keep
+        });
         Ok(Reply::Users { users })
     }
 

@@ -503,6 +503,58 @@ async fn store_and_forward_with_acks_and_dedupe() {
     };
     assert!(none.is_empty());
 
+    // A mailbox larger than one frame is pulled in several replies, each
+    // within the frame limit.
+    for i in 0..300u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        id[15] = 0xAA;
+        let r = w
+            .ask(
+                &mut a,
+                Request::Send(OutgoingEnvelope {
+                    to: "bob".into(),
+                    to_device: 1,
+                    id,
+                    body: vec![0x5A; 4096],
+                }),
+            )
+            .await;
+        assert!(matches!(r, Ok(Reply::Accepted { .. })), "{r:?}");
+    }
+    let (mut after, mut total, mut replies) = (0, 0, 0);
+    loop {
+        let reply = w
+            .ask(&mut b, Request::Pull { after, max: 256 })
+            .await
+            .unwrap();
+        let frame = messenger_proto::encode(&messenger_proto::msg::ServerFrame::Reply {
+            id: 1,
+            result: Ok(reply.clone()),
+        });
+        assert!(frame.is_ok(), "a pull reply must fit one frame");
+        let Reply::Envelopes { envelopes, more } = reply else {
+            panic!()
+        };
+        total += envelopes.len();
+        replies += 1;
+        after = envelopes.last().map_or(after, |e| e.seq);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(total, 300);
+    assert!(replies >= 5, "{replies} replies for 1.2 MB");
+    let all: Vec<u64> = (0..=after).collect();
+    w.ask(
+        &mut b,
+        Request::Ack {
+            seqs: all[..1000.min(all.len())].to_vec(),
+        },
+    )
+    .await
+    .unwrap();
+
     // Online: pushed at once.
     drain(&mut b);
     w.ask(&mut a, send("bob", 4, b"live")).await.unwrap();
