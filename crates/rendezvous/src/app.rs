@@ -168,6 +168,47 @@ pub fn server_key_pair(secret: &[u8; 64]) -> IdentityKeyPair {
     key
 }
 
+/// How often expired envelopes are purged: often enough that a 30-day
+/// lifetime is kept to within minutes, rarely enough to cost nothing.
+pub const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Purges expired envelopes now and every [`PURGE_INTERVAL`] until the store
+/// is dropped. Call inside a tokio runtime.
+pub fn spawn_purger(store: Store) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PURGE_INTERVAL);
+        loop {
+            tick.tick().await;
+            let store = store.clone();
+            let purged = tokio::task::spawn_blocking(move || {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let mut total = 0u64;
+                loop {
+                    match store.purge_expired(now) {
+                        Ok(n) => {
+                            total += u64::from(n);
+                            if (n as usize) < crate::store::PURGE_BATCH {
+                                return Ok(total);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+            .await;
+            match purged {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(envelopes = n, "purged expired envelopes"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "purging expired envelopes failed"),
+                Err(_) => tracing::warn!("purge task failed"),
+            }
+        }
+    });
+}
+
 /// Everything a running server holds.
 #[derive(Debug)]
 pub struct Running {
@@ -198,6 +239,7 @@ pub fn start(
         path: db.clone(),
         source,
     })?;
+    spawn_purger(store.clone());
     let service = Arc::new(Service::new(
         store,
         service_config,

@@ -14,7 +14,7 @@ use crate::app::{
 };
 use crate::invite::{invite_key, make_token};
 use crate::server::ServerConfig;
-use crate::service::{Registration, ServiceConfig};
+use crate::service::{Registration, ServiceConfig, UsersPolicy};
 use crate::store::StoreOptions;
 use crate::tls::ServerIdentity;
 use messenger_proto::msg::MAX_ANNOUNCEMENT_LEN;
@@ -68,6 +68,14 @@ enum RegistrationArg {
     Invite,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum UsersArg {
+    /// `users` lists everyone online.
+    Everyone,
+    /// `users` lists only the asker's online friends.
+    Friends,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 struct ServeArgs {
     /// UDP address to listen on (port 0 picks a free port).
@@ -80,6 +88,9 @@ struct ServeArgs {
     /// Who may register.
     #[arg(long, value_enum, default_value = "open")]
     registration: RegistrationArg,
+    /// Whom the `users` request lists.
+    #[arg(long, value_enum, default_value = "everyone")]
+    users: UsersArg,
     /// A CA-issued certificate chain (PEM) instead of the self-signed one.
     #[arg(long, requires = "key")]
     cert: Option<PathBuf>,
@@ -224,6 +235,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         registration: match args.registration {
             RegistrationArg::Open => Registration::Open,
             RegistrationArg::Invite => Registration::Invite,
+        },
+        users_policy: match args.users {
+            UsersArg::Everyone => UsersPolicy::Everyone,
+            UsersArg::Friends => UsersPolicy::FriendsOnly,
         },
         ..ServiceConfig::default()
     };

@@ -828,3 +828,44 @@ async fn announcements_signed_by_the_server_key() {
     let mut a3 = w.login(&alice).await;
     assert!(!drain(&mut a3).contains(&Push::Announcement(good)));
 }
+
+/// `users` lists everyone online by default, or only online friends under
+/// the friends-only policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_policy() {
+    for friends_only in [false, true] {
+        let w = World::new(ServiceConfig {
+            users_policy: if friends_only {
+                messenger_rendezvous::service::UsersPolicy::FriendsOnly
+            } else {
+                messenger_rendezvous::service::UsersPolicy::Everyone
+            },
+            ..fast_config()
+        });
+        let (alice, bob, carol) = (
+            user("alice", 30, 0),
+            user("bob", 31, 0),
+            user("carol", 32, 0),
+        );
+        for u in [&alice, &bob, &carol] {
+            w.registered(u).await;
+        }
+        let mut a = w.login(&alice).await;
+        let mut b = w.login(&bob).await;
+        let _c = w.login(&carol).await;
+        let req = named(|username| Request::FriendRequest { username }, "bob");
+        w.ask(&mut a, req).await.unwrap();
+        let accept = named(|username| Request::FriendAccept { username }, "alice");
+        w.ask(&mut b, accept).await.unwrap();
+        let Ok(Reply::Users { users }) = w.ask(&mut a, Request::Users).await else {
+            panic!()
+        };
+        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+        if friends_only {
+            assert_eq!(names, ["alice", "bob"]);
+        } else {
+            assert_eq!(names, ["alice", "bob", "carol"]);
+        }
+        assert!(users.iter().all(|u| u.online && !u.identity.is_empty()));
+    }
+}
