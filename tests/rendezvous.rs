@@ -155,10 +155,17 @@ fn end_to_end_exchange_leaves_no_plaintext_on_the_server() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let markers: Vec<[u8; 32]> = (0..20).map(|_| rand::rng().random()).collect();
     let control: [u8; 32] = rand::rng().random();
+    let group_markers: Vec<[u8; 32]> = (0..2).map(|_| rand::rng().random()).collect();
     runtime.block_on(async {
         let (alice, bob) = (person("alice"), person("bob"));
         let mut a = connect_as(&alice, addr, &fp, true).await;
-        let b = connect_as(&bob, addr, &fp, true).await;
+        let mut b = connect_as(&bob, addr, &fp, true).await;
+        let joined = b
+            .request(Request::GroupJoin {
+                group: "lobby".into(),
+            })
+            .await;
+        assert_eq!(joined, Ok(Reply::Ok));
 
         // Alice fetches Bob's bundle through the server and starts a session.
         let Ok(Reply::Bundle {
@@ -252,6 +259,50 @@ fn end_to_end_exchange_leaves_no_plaintext_on_the_server() {
         let seqs = envelopes.iter().map(|e| e.seq).collect();
         assert_eq!(b.request(Request::Ack { seqs }).await, Ok(Reply::Ok));
 
+        // Group and lobby messages: sender-key ciphertexts carrying markers,
+        // fanned out by the server to a member who is offline.
+        let members = vec!["alice".to_string(), "bob".to_string()];
+        let roster_bytes =
+            messenger_proto::msg::roster_signed_bytes("club", 1, "alice", &members).unwrap();
+        let roster = messenger_proto::msg::SignedRoster {
+            group: "club".into(),
+            version: 1,
+            owner: "alice".into(),
+            members,
+            signature: alice
+                .id
+                .sign(
+                    messenger_crypto::identity::SigningContext::GroupRoster,
+                    &roster_bytes,
+                )
+                .to_vec(),
+        };
+        assert_eq!(a.request(Request::GroupCreate(roster)).await, Ok(Reply::Ok));
+        assert_eq!(
+            a.request(Request::GroupJoin {
+                group: "lobby".into()
+            })
+            .await,
+            Ok(Reply::Ok)
+        );
+        let mut sender_key = messenger_crypto::sender_key::SenderKeyState::generate(
+            messenger_crypto::sender_key::GroupId::new(b"club").unwrap(),
+            &mut rand::rng(),
+        );
+        for (group, marker) in [("club", &group_markers[0]), ("lobby", &group_markers[1])] {
+            let mut text = b"group marker ".to_vec();
+            text.extend_from_slice(marker);
+            let body = sender_key.encrypt(&alice.name, &text).unwrap();
+            let r = a
+                .request(Request::GroupSend {
+                    group: group.into(),
+                    id: rand::rng().random(),
+                    body,
+                })
+                .await;
+            assert!(matches!(r, Ok(Reply::Accepted { .. })), "{group}: {r:?}");
+        }
+
         // Control: a body that is NOT encrypted is stored as is, and the
         // search below must find it; otherwise the search proves nothing.
         b.conn.close(0u32.into(), b"bye");
@@ -289,7 +340,7 @@ fn end_to_end_exchange_leaves_no_plaintext_on_the_server() {
         found(&control),
         "the unencrypted control body must be found"
     );
-    for marker in &markers {
+    for marker in markers.iter().chain(&group_markers) {
         let forms: Vec<Vec<u8>> = vec![
             marker.to_vec(),
             hex::encode(marker).into_bytes(),

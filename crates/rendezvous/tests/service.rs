@@ -89,8 +89,12 @@ fn fast_config() -> ServiceConfig {
 
 impl World {
     fn new(config: ServiceConfig) -> Self {
+        Self::with_store(config, StoreOptions::default())
+    }
+
+    fn with_store(config: ServiceConfig, options: StoreOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.redb"), StoreOptions::default()).unwrap();
+        let store = Store::open(&dir.path().join("db.redb"), options).unwrap();
         let now = Arc::new(AtomicU64::new(1_700_000_000_000));
         let clock_now = Arc::clone(&now);
         let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
@@ -868,4 +872,70 @@ async fn users_policy() {
         }
         assert!(users.iter().all(|u| u.online && !u.identity.is_empty()));
     }
+}
+
+/// T-41 at the service: a recipient's mailbox quota (count, then bytes) is
+/// answered `quota_exceeded`; acknowledging frees room; other mailboxes are
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailbox_quotas() {
+    let options = StoreOptions {
+        mailbox_max_messages: 3,
+        mailbox_max_bytes: 10_000,
+        ..StoreOptions::default()
+    };
+    let w = World::with_store(fast_config(), options);
+    let (alice, bob, carol) = (
+        user("alice", 40, 0),
+        user("bob", 41, 0),
+        user("carol", 42, 0),
+    );
+    for u in [&alice, &bob, &carol] {
+        w.registered(u).await;
+    }
+    let mut a = w.login(&alice).await;
+    for i in 0..3u8 {
+        assert!(matches!(
+            w.ask(&mut a, send("bob", i, b"x")).await,
+            Ok(Reply::Accepted { .. })
+        ));
+    }
+    assert_eq!(
+        w.ask(&mut a, send("bob", 9, b"x")).await,
+        Err(ErrorCode::QuotaExceeded)
+    );
+    // Carol's mailbox is separate; a large body hits her byte quota.
+    assert_eq!(
+        w.ask(&mut a, send("carol", 1, &[0u8; 9_000]))
+            .await
+            .map(|_| ()),
+        Ok(())
+    );
+    assert_eq!(
+        w.ask(&mut a, send("carol", 2, &[0u8; 2_000])).await,
+        Err(ErrorCode::QuotaExceeded)
+    );
+    // Bob acknowledges one: room for one more.
+    let mut b = w.login(&bob).await;
+    let Ok(Reply::Envelopes { envelopes, .. }) =
+        w.ask(&mut b, Request::Pull { after: 0, max: 1 }).await
+    else {
+        panic!()
+    };
+    w.ask(
+        &mut b,
+        Request::Ack {
+            seqs: vec![envelopes[0].seq],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        w.ask(&mut a, send("bob", 10, b"x")).await,
+        Ok(Reply::Accepted { .. })
+    ));
+    assert_eq!(
+        w.ask(&mut a, send("bob", 11, b"x")).await,
+        Err(ErrorCode::QuotaExceeded)
+    );
 }
