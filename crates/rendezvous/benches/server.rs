@@ -192,6 +192,7 @@ fn server_main() {
                 let store = StoreOptions {
                     mailbox_max_messages: u32::MAX,
                     mailbox_max_bytes: u64::MAX,
+                    two_phase_commit: std::env::var("BENCH_TWO_PHASE").as_deref() != Ok("0"),
                     ..StoreOptions::default()
                 };
                 let running = messenger_rendezvous::app::start(config, service, store).unwrap();
@@ -242,6 +243,10 @@ struct ServerChild {
 
 impl ServerChild {
     fn spawn(mode: &str) -> Self {
+        Self::spawn_with(mode, true)
+    }
+
+    fn spawn_with(mode: &str, two_phase: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let exe = std::env::current_exe().unwrap();
         let mut cmd = if has_taskset() {
@@ -254,6 +259,7 @@ impl ServerChild {
         cmd.env("BENCH_ROLE", "server")
             .env("BENCH_MODE", mode)
             .env("BENCH_DATA", dir.path().join("data"))
+            .env("BENCH_TWO_PHASE", if two_phase { "1" } else { "0" })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -406,36 +412,45 @@ async fn store_scenario() {
          durability and group commit as in production",
         2 * IDLE_CONNS
     );
-    let mut runs = Vec::new();
-    for run in 0..RUNS {
-        let local = tokio::task::LocalSet::new();
-        let r = local.run_until(store_run()).await;
+    let mut ours_runs = Vec::new();
+    for two_phase in [true, false] {
+        let label = if two_phase {
+            "two-phase commit (production default)"
+        } else {
+            "one-phase commit (StoreOptions::two_phase_commit = false)"
+        };
+        let mut runs = Vec::new();
+        for run in 0..RUNS {
+            let local = tokio::task::LocalSet::new();
+            let r = local.run_until(store_run(two_phase)).await;
+            println!(
+                "   [{label}] run {}: {:.0} accepted msgs/s, accept latency p50 {:.2} ms p99 \
+                 {:.2} ms, server CPU {:.2} s ({:.0} msgs per server CPU-second)",
+                run + 1,
+                r.rate,
+                r.p50_ms,
+                r.p99_ms,
+                r.cpu_s,
+                r.per_cpu_s
+            );
+            runs.push(r);
+        }
+        let rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
+        let p50: Vec<f64> = runs.iter().map(|r| r.p50_ms).collect();
+        let p99: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
+        let per_cpu: Vec<f64> = runs.iter().map(|r| r.per_cpu_s).collect();
         println!(
-            "   run {}: {:.0} accepted msgs/s, accept latency p50 {:.2} ms p99 {:.2} ms, \
-             server CPU {:.2} s ({:.0} msgs per server CPU-second)",
-            run + 1,
-            r.rate,
-            r.p50_ms,
-            r.p99_ms,
-            r.cpu_s,
-            r.per_cpu_s
+            "   ours [{label}]: median {:.0} msgs/s (runs {}), p50 {:.2} ms, p99 {:.2} ms, {:.0} \
+             msgs per server CPU-second (runs {})",
+            median(&rates),
+            spread(&rates),
+            median(&p50),
+            median(&p99),
+            median(&per_cpu),
+            spread(&per_cpu)
         );
-        runs.push(r);
+        ours_runs.push((label, median(&rates), median(&per_cpu)));
     }
-    let rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
-    let p50: Vec<f64> = runs.iter().map(|r| r.p50_ms).collect();
-    let p99: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
-    let per_cpu: Vec<f64> = runs.iter().map(|r| r.per_cpu_s).collect();
-    let ours = median(&rates);
-    println!(
-        "   ours: median {ours:.0} msgs/s (runs {}), p50 {:.2} ms, p99 {:.2} ms, {:.0} msgs per \
-         server CPU-second (runs {})",
-        spread(&rates),
-        median(&p50),
-        median(&p99),
-        median(&per_cpu),
-        spread(&per_cpu)
-    );
     for pipeline in [1u32, IN_FLIGHT as u32] {
         let mut redis = Vec::new();
         for _ in 0..RUNS {
@@ -452,23 +467,29 @@ async fn store_scenario() {
         let p50: Vec<f64> = redis.iter().map(|r| r.p50_ms).collect();
         let p99: Vec<f64> = redis.iter().map(|r| r.p99_ms).collect();
         let theirs = median(&rates);
+        let their_cpu = median(&per_cpu);
         println!(
             "   redis LPUSH appendfsync always, -c {SENDERS} -P {pipeline}: median {theirs:.0} \
-             ops/s (runs {}), p50 {:.2} ms, p99 {:.2} ms, {:.0} ops per server CPU-second \
-             (runs {}); ratio ours/redis {:.2}, per CPU-second {:.2}",
+             ops/s (runs {}), p50 {:.2} ms, p99 {:.2} ms, {their_cpu:.0} ops per server \
+             CPU-second (runs {})",
             spread(&rates),
             median(&p50),
             median(&p99),
-            median(&per_cpu),
             spread(&per_cpu),
-            ours / theirs,
-            median(&runs.iter().map(|r| r.per_cpu_s).collect::<Vec<_>>()) / median(&per_cpu)
         );
+        for (label, rate, cpu) in &ours_runs {
+            println!(
+                "      ratio ours [{label}] / redis -P {pipeline}: throughput {:.2}, per \
+                 server CPU-second {:.2}",
+                rate / theirs,
+                cpu / their_cpu
+            );
+        }
     }
 }
 
-async fn store_run() -> StoreRun {
-    let server = ServerChild::spawn("ours");
+async fn store_run(two_phase: bool) -> StoreRun {
+    let server = ServerChild::spawn_with("ours", two_phase);
     let endpoint = client_endpoint(&server.fingerprint);
     let addr = server.addr;
     let recipients: Vec<Person> = (0..SENDERS).map(|i| person(format!("rcpt{i}"))).collect();
