@@ -548,7 +548,7 @@ async fn store_run(two_phase: bool) -> StoreRun {
                 if now < end {
                     let at = Instant::now();
                     counter += 1;
-                let id = c.send_request(envelope(i, counter, &to, &body)).await;
+                    let id = c.send_request(envelope(i, counter, &to, &body)).await;
                     in_flight.push_back((id, at));
                 }
             }
