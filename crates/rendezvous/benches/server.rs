@@ -674,7 +674,7 @@ async fn idle_scenario() {
     println!();
     println!(
         "== idle: {IDLE_CONNS} connections held from one client endpoint (one UDP socket, so the \
-         fd limit does not apply), server RSS delta per connection, {RUNS} rounds"
+         fd limit does not apply), server RSS delta per connection, {RUNS} rounds, each on a fresh server process"
     );
     let local = tokio::task::LocalSet::new();
     let ours = local.run_until(idle_ours()).await;
@@ -702,33 +702,33 @@ async fn settle(pid: u32) -> u64 {
     rss_bytes(pid)
 }
 
+/// One round per fresh server process: after connections close, glibc
+/// keeps their memory for reuse, so a second round on the same process
+/// would under-count.
 async fn idle_ours() -> Vec<f64> {
-    let server = ServerChild::spawn("ours");
-    let endpoint = client_endpoint(&server.fingerprint);
-    let addr = server.addr;
-    let t = Instant::now();
     let people: Vec<Arc<Person>> = (0..IDLE_CONNS)
         .map(|i| Arc::new(person(format!("idle{i}"))))
         .collect();
-    {
-        let people = people.clone();
-        let e = endpoint.clone();
-        bounded(IDLE_CONNS, move |i| {
-            let p = Arc::clone(&people[i]);
-            let e = e.clone();
-            async move {
-                let c = register(&e, addr, &p).await;
-                close(&c);
-            }
-        })
-        .await;
-    }
-    println!(
-        "   ours: registered {IDLE_CONNS} users in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
     let mut per_conn = Vec::new();
     for round in 0..RUNS {
+        let server = ServerChild::spawn("ours");
+        let endpoint = client_endpoint(&server.fingerprint);
+        let addr = server.addr;
+        let t = Instant::now();
+        {
+            let people = people.clone();
+            let e = endpoint.clone();
+            bounded(IDLE_CONNS, move |i| {
+                let p = Arc::clone(&people[i]);
+                let e = e.clone();
+                async move {
+                    let c = register(&e, addr, &p).await;
+                    close(&c);
+                }
+            })
+            .await;
+        }
+        let registered = t.elapsed().as_secs_f64();
         let before = settle(server.pid).await;
         let t = Instant::now();
         let people = people.clone();
@@ -751,8 +751,9 @@ async fn idle_ours() -> Vec<f64> {
             .count();
         let d = (after as f64 - before as f64) / IDLE_CONNS as f64;
         println!(
-            "   ours round {}: {alive} alive, connected+logged in at {:.0} conn/s, RSS {:.1} -> \
-             {:.1} MiB, {d:.0} B/conn",
+            "   ours round {}: registered {IDLE_CONNS} users in {registered:.1} s (those \
+             connections closed), then {alive} alive, connected+logged in at {:.0} conn/s, RSS \
+             {:.1} -> {:.1} MiB, {d:.0} B/conn",
             round + 1,
             IDLE_CONNS as f64 / took,
             before as f64 / 1048576.0,
@@ -763,17 +764,17 @@ async fn idle_ours() -> Vec<f64> {
             close(c);
         }
         drop(clients);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(server);
     }
     per_conn
 }
 
 async fn idle_bare() -> Vec<f64> {
-    let server = ServerChild::spawn("bare");
-    let endpoint = client_endpoint(&server.fingerprint);
-    let addr = server.addr;
     let mut per_conn = Vec::new();
     for round in 0..RUNS {
+        let server = ServerChild::spawn("bare");
+        let endpoint = client_endpoint(&server.fingerprint);
+        let addr = server.addr;
         let before = settle(server.pid).await;
         let t = Instant::now();
         let e = endpoint.clone();
@@ -802,7 +803,7 @@ async fn idle_bare() -> Vec<f64> {
             c.close(0u32.into(), b"bye");
         }
         drop(clients);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(server);
     }
     per_conn
 }
