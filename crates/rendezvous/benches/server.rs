@@ -676,6 +676,14 @@ async fn idle_scenario() {
         "== idle: {IDLE_CONNS} connections held from one client endpoint (one UDP socket, so the \
          fd limit does not apply), server RSS delta per connection, {RUNS} rounds, each on a fresh server process"
     );
+    println!(
+        "   (per-connection slot sizes: Push {} B; the push queue holds boxed pushes, so a \
+         32-slot tokio mpsc block is {} B instead of {} B; reply channel slot {} B)",
+        std::mem::size_of::<messenger_proto::msg::Push>(),
+        32 * std::mem::size_of::<Box<messenger_proto::msg::Push>>(),
+        32 * std::mem::size_of::<messenger_proto::msg::Push>(),
+        std::mem::size_of::<Vec<u8>>()
+    );
     let local = tokio::task::LocalSet::new();
     let ours = local.run_until(idle_ours()).await;
     let local = tokio::task::LocalSet::new();
