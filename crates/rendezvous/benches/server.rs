@@ -126,7 +126,7 @@ fn print_machine() {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         })
         .unwrap_or_default();
-    println!("machine: {cpus} CPUs for this process, {model}");
+    println!("machine: {cpus} CPU(s) available to this pinned process, {model}");
 }
 
 fn clk_tck() -> f64 {
