@@ -213,9 +213,14 @@ pub enum PushError {
 /// The queue is bounded ([`crate::limits::PUSH_QUEUE`]): a push into a full
 /// queue disconnects the client ([`CloseReason::TooSlow`]) instead of letting
 /// the server's memory grow.
+///
+/// Pushes are queued boxed: tokio's bounded channel allocates its slots 32
+/// at a time on creation, so a slot of a bare `Push` (112 bytes) cost every
+/// idle connection about 3.5 KB; a box costs 8 bytes a slot
+/// (docs/benchmarks.md §2).
 #[derive(Clone, Debug)]
 pub struct PushSender {
-    tx: mpsc::Sender<Push>,
+    tx: mpsc::Sender<Box<Push>>,
     close: Arc<CloseSignal>,
 }
 
@@ -243,7 +248,7 @@ impl PushSender {
     /// closed with [`CloseReason::TooSlow`]); [`PushError::Closed`] if the
     /// connection has ended.
     pub fn push(&self, push: Push) -> Result<(), PushError> {
-        match self.tx.try_send(push) {
+        match self.tx.try_send(Box::new(push)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close.request(CloseReason::TooSlow);
@@ -269,19 +274,19 @@ impl PushSender {
 /// The receiving end of a [`PushSender`].
 #[derive(Debug)]
 pub struct PushQueue {
-    rx: mpsc::Receiver<Push>,
+    rx: mpsc::Receiver<Box<Push>>,
     close: Arc<CloseSignal>,
 }
 
 impl PushQueue {
     /// The next push, waiting for one; `None` once every sender is gone.
     pub async fn recv(&mut self) -> Option<Push> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|push| *push)
     }
 
     /// The next push if one is queued.
     pub fn try_recv(&mut self) -> Option<Push> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|push| *push)
     }
 
     /// Waits until a sender asks to close the connection, and returns why.

@@ -651,12 +651,22 @@ impl<P: PushTarget> Service<P> {
         envelopes: Vec<NewEnvelope>,
     ) -> Result<Vec<Result<AppendOutcome, StoreError>>, ErrorCode> {
         let (tx, rx) = oneshot::channel();
-        let commits = self.commits.clone();
-        // The queue is bounded; waiting for room is the backpressure senders feel.
-        tokio::task::spawn_blocking(move || commits.send((envelopes, tx)))
-            .await
-            .map_err(|_| ErrorCode::Internal)?
-            .map_err(|_| ErrorCode::Internal)?;
+        // Enqueue without leaving the async worker when there is room (the
+        // common case); a blocking-pool hop per envelope cost more CPU than
+        // the commit itself on a loaded 2-core box (docs/benchmarks.md).
+        match self.commits.try_send((envelopes, tx)) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(job)) => {
+                let commits = self.commits.clone();
+                // The queue is bounded; waiting for room is the backpressure
+                // senders feel.
+                tokio::task::spawn_blocking(move || commits.send(job))
+                    .await
+                    .map_err(|_| ErrorCode::Internal)?
+                    .map_err(|_| ErrorCode::Internal)?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(ErrorCode::Internal),
+        }
         rx.await.map_err(|_| ErrorCode::Internal)
     }
 
@@ -671,11 +681,9 @@ impl<P: PushTarget> Service<P> {
         if !lock(&self.send_buckets).take(me, self.now_ms()) {
             return Err(ErrorCode::RateLimited);
         }
-        let store = self.store.clone();
-        let t = to.clone();
-        if blocking(move || store.account(&t)).await?.is_none() {
-            return Err(ErrorCode::UserNotExist);
-        }
+        // An unknown recipient is refused by the append itself
+        // (`StoreError::UnknownUser` inside the same transaction), which
+        // saves a read transaction and a blocking-pool hop per envelope.
         let sent_at = self.now();
         let new = NewEnvelope {
             recipient: to.clone(),

@@ -114,6 +114,13 @@ pub struct StoreOptions {
     /// ([`DEFAULT_ENVELOPE_TTL_SECS`]). The dedupe record of an envelope is
     /// kept for the same time, even after the envelope was acknowledged.
     pub envelope_ttl_secs: u64,
+    /// Whether every write transaction uses redb's two-phase commit (two
+    /// `fsync`s per commit; default true, see `docs/storage.md`
+    /// "Durability"). With false a commit takes one `fsync` and redb relies
+    /// on its page checksums to detect a torn commit at recovery, which is
+    /// weaker against an attacker who can shape the bytes being written
+    /// (redb's documentation of `set_two_phase_commit`).
+    pub two_phase_commit: bool,
 }
 
 impl Default for StoreOptions {
@@ -122,6 +129,7 @@ impl Default for StoreOptions {
             mailbox_max_messages: DEFAULT_MAILBOX_MAX_MESSAGES,
             mailbox_max_bytes: DEFAULT_MAILBOX_MAX_BYTES,
             envelope_ttl_secs: DEFAULT_ENVELOPE_TTL_SECS,
+            two_phase_commit: true,
         }
     }
 }
@@ -493,7 +501,7 @@ impl Store {
     }
 
     /// One durable write transaction: `f` fills it, then it commits with
-    /// immediate durability and two-phase commit. Nothing is committed if `f`
+    /// immediate durability and (by default) two-phase commit. Nothing is committed if `f`
     /// fails.
     fn write<T>(
         &self,
@@ -504,7 +512,7 @@ impl Store {
             let mut tx = db.begin_write().map_err(|e| classify(op, e.into()))?;
             tx.set_durability(Durability::Immediate)
                 .map_err(|e| classify(op, e.into()))?;
-            tx.set_two_phase_commit(true);
+            tx.set_two_phase_commit(self.inner.options.two_phase_commit);
             let value = f(&tx)?;
             tx.commit().map_err(|e| classify(op, e.into()))?;
             Ok(value)
