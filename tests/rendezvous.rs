@@ -362,6 +362,27 @@ fn end_to_end_exchange_leaves_no_plaintext_on_the_server() {
     }
 }
 
+/// Logs in as `p` and pulls every stored envelope's id, in order.
+async fn pull_all_ids(p: &Person, addr: std::net::SocketAddr, fp: &str) -> Vec<[u8; 16]> {
+    let mut client = connect_as(p, addr, fp, false).await;
+    let mut ids = Vec::new();
+    let mut after = 0;
+    loop {
+        let Ok(Reply::Envelopes { envelopes, more }) =
+            client.request(Request::Pull { after, max: 256 }).await
+        else {
+            panic!("pull failed")
+        };
+        for e in &envelopes {
+            ids.push(e.id);
+            after = after.max(e.seq);
+        }
+        if !more {
+            return ids;
+        }
+    }
+}
+
 fn operator(args: &[&str], data: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_rendezvous"))
         .args(args)
@@ -556,26 +577,7 @@ fn nothing_acknowledged_is_lost_across_kill_9() {
         accepted.extend(got);
     }
     let (server, fp, addr) = start(dir.path(), &[]);
-    let delivered = runtime.block_on(async {
-        let mut b = connect_as(&bob, addr, &fp, false).await;
-        let mut ids = Vec::new();
-        let mut after = 0;
-        loop {
-            let Ok(Reply::Envelopes { envelopes, more }) =
-                b.request(Request::Pull { after, max: 256 }).await
-            else {
-                panic!("pull failed")
-            };
-            for e in &envelopes {
-                ids.push(e.id);
-                after = after.max(e.seq);
-            }
-            if !more {
-                break;
-            }
-        }
-        ids
-    });
+    let delivered = runtime.block_on(pull_all_ids(&bob, addr, &fp));
     terminate(server);
     let delivered_set: std::collections::HashSet<_> = delivered.iter().collect();
     assert_eq!(
@@ -687,25 +689,10 @@ fn full_disk_gives_storage_full_and_service_resumes() {
     assert!(matches!(resumed, Ok(Reply::Accepted { .. })), "{resumed:?}");
     accepted.push(id);
 
-    let delivered = runtime.block_on(async {
-        let mut b = connect_as(&bob, addr, &fp, false).await;
-        let mut ids = std::collections::HashSet::new();
-        let mut after = 0;
-        loop {
-            let Ok(Reply::Envelopes { envelopes, more }) =
-                b.request(Request::Pull { after, max: 256 }).await
-            else {
-                panic!("pull failed")
-            };
-            for e in &envelopes {
-                ids.insert(e.id);
-                after = after.max(e.seq);
-            }
-            if !more {
-                break ids;
-            }
-        }
-    });
+    let delivered: std::collections::HashSet<[u8; 16]> = runtime
+        .block_on(pull_all_ids(&bob, addr, &fp))
+        .into_iter()
+        .collect();
     drop(runtime);
     terminate(server);
     drop(tmpfs);
