@@ -3,7 +3,7 @@
 //! `rendezvous` binary performs.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,6 +100,9 @@ pub enum StartError {
         /// Where.
         path: PathBuf,
     },
+    /// The key file could not be written.
+    #[error("server key: {0}")]
+    KeyFile(#[source] crate::tls::TlsError),
     /// The database could not be opened.
     #[error("database {path}: {source}")]
     Store {
@@ -141,16 +144,13 @@ pub fn load_or_create_server_secret(data_dir: &Path) -> Result<Zeroizing<[u8; 64
             fs::create_dir_all(data_dir).map_err(|e| io("create", e))?;
             let mut secret = Zeroizing::new([0u8; 64]);
             rand::fill(&mut secret[..]);
-            let tmp = data_dir.join(format!("{SERVER_KEY_FILE}.tmp"));
-            let mut options = fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(&tmp).map_err(|e| io("create", e))?;
-            file.write_all(&secret[..]).map_err(|e| io("write", e))?;
-            file.sync_all().map_err(|e| io("sync", e))?;
-            fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
-            Ok(secret)
+            match crate::tls::write_new_file(data_dir, &path, &secret[..], 0o600) {
+                Ok(()) => Ok(secret),
+                // Another process (a starting server, `rendezvous invite`)
+                // created it first: use that key, never replace it.
+                Err(_) if path.exists() => load_or_create_server_secret(data_dir),
+                Err(e) => Err(StartError::KeyFile(e)),
+            }
         }
         Err(e) => Err(io("read", e)),
     }
@@ -274,4 +274,39 @@ pub fn sign_announcement(
 /// The address to print: the bound one.
 pub fn listening_line(addr: SocketAddr) -> String {
     format!("listening on {addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several processes creating the key at once all end up with the same
+    /// key (none replaces another's), and later loads return it.
+    #[test]
+    fn server_key_created_once_even_under_races() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let keys: Vec<[u8; 64]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| *load_or_create_server_secret(&path).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(*load_or_create_server_secret(&path).unwrap(), keys[0]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(path.join(SERVER_KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        fs::write(path.join(SERVER_KEY_FILE), [0u8; 63]).unwrap();
+        assert!(matches!(
+            load_or_create_server_secret(&path),
+            Err(StartError::BadKey { .. })
+        ));
+    }
 }

@@ -464,7 +464,8 @@ impl<P: PushTarget> Service<P> {
                 groups.sort();
                 Ok(Reply::Groups { groups })
             }
-            Request::Register(_) | Request::Login(_) => Err(ErrorCode::BadRequest),
+            // Register, Login and Announce are answered before this point;
+            // on a logged-in connection they, and unknown requests, are out of place.
             _ => Err(ErrorCode::BadRequest),
         }
     }

@@ -293,7 +293,12 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, TlsError> {
 
 /// Writes `contents` to `path`, which must not exist, so that `path` holds
 /// either nothing or the complete, synced contents.
-fn write_new_file(dir: &Path, path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+pub(crate) fn write_new_file(
+    dir: &Path,
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<(), TlsError> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
         .tempfile_in(dir)
