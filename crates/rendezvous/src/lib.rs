@@ -13,8 +13,9 @@
 //! friends, groups, announcements; `docs/storage.md`); [`service::Service`]
 //! turns each request into a reply over the store; [`server::Server::spawn`]
 //! runs the QUIC accept loop ([`net`]) within the [`limits`], handing each
-//! request of a connection to a [`handler::Handler`]; [`pin`] is the
-//! client-side pinning verifier.
+//! request of a connection to a [`handler::Handler`]; [`pin`] (from
+//! messenger-transport) is the client-side pinning verifier, used for admin
+//! connections.
 //!
 //! ## What it does not do
 //!
@@ -47,7 +48,7 @@ pub mod handler;
 pub mod invite;
 pub mod limits;
 pub mod net;
-pub mod pin;
+pub use messenger_transport::pin;
 pub mod rate;
 pub mod server;
 pub mod service;

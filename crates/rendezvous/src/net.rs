@@ -59,9 +59,7 @@ use crate::handler::{CloseReason, ConnectionContext, Handler, PushQueue, PushSen
 use crate::limits::Limits;
 use crate::server::ServerError;
 
-/// TLS exporter label for channel binding, RFC 9266 §2
-/// (`tls-exporter`); the context is empty and the output 32 bytes.
-pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+pub use messenger_transport::CHANNEL_BINDING_LABEL;
 
 /// Stream error code for streams beyond the control stream (`STOP_SENDING`
 /// and `RESET_STREAM`): the protocol uses one stream per connection.

@@ -18,12 +18,9 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD_NO_PAD;
 use rcgen::{CertificateParams, DnType, KeyPair, PublicKeyData};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 /// File name of the certificate (PEM) in the data directory.
@@ -37,8 +34,7 @@ pub const KEY_FILE: &str = "key.pem";
 /// name; pinning, not the name, is what authenticates the server.
 pub const DEFAULT_NAMES: [&str; 2] = ["localhost", "rendezvous"];
 
-/// Prefix of a certificate fingerprint, as in OpenSSH's `SHA256:` form.
-pub const FINGERPRINT_PREFIX: &str = "SHA256:";
+pub use messenger_transport::{FINGERPRINT_PREFIX, certificate_fingerprint};
 
 /// Subject common name of generated certificates.
 const COMMON_NAME: &str = "messenger rendezvous";
@@ -236,13 +232,6 @@ impl fmt::Debug for ServerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ServerKey(..)")
     }
-}
-
-/// The fingerprint of a DER certificate: `SHA256:` + standard base64
-/// without padding (43 characters) of its SHA-256 digest.
-pub fn certificate_fingerprint(cert_der: &[u8]) -> String {
-    let digest = Sha256::digest(cert_der);
-    format!("{FINGERPRINT_PREFIX}{}", STANDARD_NO_PAD.encode(digest))
 }
 
 fn make_cert(key: &KeyPair, extra_names: &[String]) -> Result<rcgen::Certificate, TlsError> {
@@ -545,7 +534,7 @@ mod tests {
             assert!(!shown.contains(&listed[1..listed.len() - 1]));
         }
         // Base64 characters that encode only scalar bytes, in the whole DER.
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
         let (from, to) = (at.div_ceil(3) * 4, (at + 32) / 3 * 4);
         for window in (from..to - 12).step_by(4) {
             assert!(!shown.contains(&b64[window..window + 12]));

@@ -9,9 +9,8 @@
 //! signature is verified with the ring provider's algorithms
 //! (security.md §1.8; T-44).
 //!
-//! This module lives in the server library because that is where the
-//! network tests are; it needs only rustls and the fingerprint function of
-//! [`crate::tls`], so the client crate can move it to itself without change.
+//! The client library uses it for every connection; the server library uses
+//! it for its own admin connections and its network tests.
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use rustls::crypto::{CryptoProvider, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::tls::{FINGERPRINT_PREFIX, certificate_fingerprint};
+use crate::{FINGERPRINT_PREFIX, certificate_fingerprint};
 
 /// Why a pin could not be used, or why a server failed it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
