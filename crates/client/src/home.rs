@@ -3,7 +3,10 @@
 //! ```text
 //! HOME/                 mode 0700 when created here
 //!   identity.key        MSGR-IDK key file (keys/README.md), mode 0600
-//!   profile.toml        format, username, identity key (hex), mode 0600
+//!   profile.toml        format, username, identity key (hex), and once
+//!                       registered the server's address and pinned
+//!                       certificate fingerprint; mode 0600
+//!   store.redb          the local store (sealed records; docs/client-storage.md)
 //! ```
 //!
 //! `identity.key` is what makes a home initialised: `profile.toml` is
@@ -36,6 +39,8 @@ use crate::passphrase::{Passphrase, PassphraseError, PassphrasePurpose, Passphra
 pub const KEY_FILE: &str = "identity.key";
 /// File name of the profile inside a home.
 pub const PROFILE_FILE: &str = "profile.toml";
+/// File name of the local store inside a home.
+pub const STORE_FILE: &str = "store.redb";
 /// The `format` this build writes and reads in `profile.toml`.
 pub const PROFILE_FORMAT: u32 = 1;
 /// Largest `profile.toml` read. A profile is a few lines; the cap keeps a
@@ -124,6 +129,17 @@ pub struct Home {
 pub struct Profile {
     name: Username,
     identity: PublicIdentity,
+    server: Option<ServerInfo>,
+}
+
+/// The server a home is registered with: where it is and the certificate
+/// fingerprint pinned for it (like an ssh `known_hosts` line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// `HOST:PORT` as given to `register`.
+    pub address: String,
+    /// The pinned certificate fingerprint, `SHA256:` + 43 base64 characters.
+    pub fingerprint: String,
 }
 
 /// An unlocked home: the profile, the identity and the local-storage key.
@@ -161,6 +177,20 @@ impl Home {
     /// Path of the profile.
     pub fn profile_path(&self) -> PathBuf {
         self.dir.join(PROFILE_FILE)
+    }
+
+    /// Path of the local store.
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.join(STORE_FILE)
+    }
+
+    /// Records the server this home is registered with, keeping the rest of
+    /// the profile, and returns the updated profile.
+    pub fn set_server(&self, server: ServerInfo) -> Result<Profile, HomeError> {
+        let mut profile = self.profile()?;
+        profile.server = Some(server);
+        self.write_profile(&profile)?;
+        Ok(profile)
     }
 
     /// Whether the home holds an identity (whether [`KEY_FILE`] exists).
@@ -214,8 +244,12 @@ impl Home {
         let profile = Profile {
             name,
             identity: identity.public().clone(),
+            server: None,
         };
         self.write_profile(&profile)?;
+        // A new identity starts a new local store: sessions and contacts of
+        // an identity replaced with --force belong to the old key.
+        remove_if_exists(&self.store_path())?;
         write_atomically(&self.dir, &self.key_file_path(), &sealed)?;
         Ok(profile)
     }
@@ -352,7 +386,11 @@ impl Home {
                 "it belongs with another identity than {KEY_FILE}"
             )));
         }
-        Ok(Profile { name, identity })
+        Ok(Profile {
+            name,
+            identity,
+            server: file.server,
+        })
     }
 
     fn write_profile(&self, profile: &Profile) -> Result<(), HomeError> {
@@ -361,6 +399,7 @@ impl Home {
             format: PROFILE_FORMAT,
             name: profile.name.as_str().to_owned(),
             identity_key: profile.identity_key_hex(),
+            server: profile.server.clone(),
         };
         let body = toml::to_string(&file).map_err(|e| HomeError::CorruptProfile {
             path: path.clone(),
@@ -398,6 +437,11 @@ impl Profile {
     pub fn identity_key_hex(&self) -> String {
         to_hex(&self.identity_key().to_bytes())
     }
+
+    /// The server this home is registered with, if any.
+    pub fn server(&self) -> Option<&ServerInfo> {
+        self.server.as_ref()
+    }
 }
 
 impl Unlocked {
@@ -424,6 +468,8 @@ struct ProfileFile {
     format: u32,
     name: String,
     identity_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    server: Option<ServerInfo>,
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -446,6 +492,15 @@ fn read_capped(path: &Path, cap: u64) -> io::Result<Option<Vec<u8>>> {
     let mut bytes = Vec::new();
     file.take(cap).read_to_end(&mut bytes)?;
     Ok(Some(bytes))
+}
+
+/// Removes `path` if it exists.
+fn remove_if_exists(path: &Path) -> Result<(), HomeError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("remove", path)(e)),
+    }
 }
 
 /// Creates `dir` and any missing parents, mode 0700 on Unix. An existing
@@ -892,6 +947,31 @@ mod tests {
         if let Some(dir) = Home::default_dir() {
             assert!(dir.ends_with("messenger"), "{}", dir.display());
         }
+    }
+
+    #[test]
+    fn the_server_is_remembered_and_forgotten_by_a_forced_init() {
+        let (_dir, home) = temp_home();
+        home.init("alice", &mut Script::new(&["pw"]), cheap(), false)
+            .unwrap();
+        assert_eq!(home.profile().unwrap().server(), None);
+        let server = ServerInfo {
+            address: "127.0.0.1:4433".to_owned(),
+            fingerprint: "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU".to_owned(),
+        };
+        let updated = home.set_server(server.clone()).unwrap();
+        assert_eq!(updated.server(), Some(&server));
+        assert_eq!(home.profile().unwrap().server(), Some(&server));
+        // Unlocking and changing the passphrase keep it.
+        home.change_passphrase(&mut Script::new(&["pw", "pw2"]), None)
+            .unwrap();
+        assert_eq!(home.profile().unwrap().server(), Some(&server));
+        // A new identity is not registered anywhere; its old store is gone.
+        fs::write(home.store_path(), b"old store").unwrap();
+        home.init("alice", &mut Script::new(&["pw3"]), cheap(), true)
+            .unwrap();
+        assert_eq!(home.profile().unwrap().server(), None);
+        assert!(!home.store_path().exists());
     }
 
     #[test]

@@ -36,7 +36,7 @@
 pub mod home;
 pub mod passphrase;
 
-pub use home::{Home, HomeError, Profile, Unlocked};
+pub use home::{Home, HomeError, Profile, ServerInfo, Unlocked};
 pub use messenger_crypto::identity::Username;
 pub use messenger_crypto::keyfile::{KdfParams, KeyFileError};
 pub use passphrase::{Passphrase, PassphraseError, PassphrasePurpose, PassphraseSource};
