@@ -263,6 +263,13 @@ pub enum Request {
     /// Operator only (signed by the server key; no login needed): broadcast
     /// an announcement.
     Announce(SignedAnnouncement),
+    /// A user's directory entry, without taking a one-time prekey; answered
+    /// [`Reply::User`]. Clients use it to check a contact's current identity
+    /// key before sending and to compute safety numbers.
+    Lookup {
+        /// Whom.
+        username: String,
+    },
 }
 
 /// A successful answer.
@@ -330,6 +337,9 @@ pub enum Reply {
         /// Names, sorted.
         groups: Vec<String>,
     },
+    /// One user's directory entry; `online` follows the server's
+    /// users policy (false when the asker may not see it).
+    User(UserInfo),
 }
 
 /// A user as others see them.
@@ -551,6 +561,9 @@ mod tests {
                 text: "hi".into(),
                 signature: vec![9],
             }),
+            Request::Lookup {
+                username: "bob".into(),
+            },
         ];
         let replies = vec![
             Reply::Ok,
@@ -591,6 +604,11 @@ mod tests {
             Reply::Groups {
                 groups: vec!["g".into()],
             },
+            Reply::User(UserInfo {
+                username: "bob".into(),
+                identity: vec![1],
+                online: false,
+            }),
         ];
         let pushes = vec![
             Push::Envelope(envelope()),
@@ -676,7 +694,7 @@ mod tests {
             let body = postcard::to_stdvec(p).unwrap();
             assert_eq!(usize::from(body[0]), i, "{p:?}");
         }
-        assert_eq!((requests.len(), replies.len(), pushes.len()), (23, 10, 11));
+        assert_eq!((requests.len(), replies.len(), pushes.len()), (24, 11, 11));
     }
 
     #[test]

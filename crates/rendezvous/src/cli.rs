@@ -12,7 +12,7 @@ use crate::app::{
     ADDRESS_FILE, SERVER_KEY_FILE, listening_line, load_or_create_server_secret, server_key_pair,
     sign_announcement, start,
 };
-use crate::invite::{invite_key, make_token};
+use crate::invite::{invite_key, make_reset_token, make_token};
 use crate::server::ServerConfig;
 use crate::service::{Registration, ServiceConfig, UsersPolicy};
 use crate::store::StoreOptions;
@@ -43,6 +43,11 @@ enum Command {
         /// The server's data directory.
         #[arg(long, env = "RENDEZVOUS_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Instead, a one-time token that lets USER register again with new
+        /// keys (a user who lost their key); their contacts will see a
+        /// changed key
+        #[arg(long, value_name = "USER")]
+        reset: Option<String>,
     },
     /// Broadcast an announcement, signed by the server key, through the
     /// running server: delivered at once to everyone online and to everyone
@@ -109,7 +114,7 @@ pub fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
-        Some(Command::Invite { data_dir }) => return report(invite(data_dir)),
+        Some(Command::Invite { data_dir, reset }) => return report(invite(data_dir, reset)),
         Some(Command::Announce {
             text,
             data_dir,
@@ -155,10 +160,19 @@ fn data_dir_or_default(data_dir: Option<PathBuf>) -> Result<PathBuf, String> {
         .ok_or_else(|| "no data directory: pass --data-dir".to_owned())
 }
 
-fn invite(data_dir: Option<PathBuf>) -> Result<String, String> {
+fn invite(data_dir: Option<PathBuf>, reset: Option<String>) -> Result<String, String> {
     let dir = data_dir_or_default(data_dir)?;
     let secret = load_or_create_server_secret(&dir).map_err(|e| e.to_string())?;
-    make_token(&invite_key(&secret[..])).ok_or_else(|| "cannot make a token".to_owned())
+    let key = invite_key(&secret[..]);
+    match reset {
+        None => make_token(&key),
+        Some(user) => {
+            let user = messenger_crypto::identity::Username::parse(&user)
+                .map_err(|_| format!("invalid username {user:?}"))?;
+            make_reset_token(&key, user.as_str())
+        }
+    }
+    .ok_or_else(|| "cannot make a token".to_owned())
 }
 
 fn announce(

@@ -8,6 +8,12 @@
 //! directory can mint tokens and nobody else can. The server checks the tag in
 //! constant time and records the id when a registration uses it, so each token
 //! works once.
+//!
+//! A *reset token* has the same shape but its tag is
+//! `HMAC-SHA256(invite key, "messenger/1 reset" ‖ 0x00 ‖ username ‖ 0x00 ‖ id)`:
+//! it lets that one username register again with new keys (a user who lost
+//! their key asks the operator). The MAC inputs of the two kinds differ in
+//! length and prefix, so neither kind passes for the other.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -52,8 +58,48 @@ pub fn make_token(key: &Secret32) -> Option<String> {
     Some(URL_SAFE_NO_PAD.encode(raw))
 }
 
+/// Prefix of a reset token's MAC input.
+const RESET_CONTEXT: &[u8] = b"messenger/1 reset";
+
 /// Checks a token's tag; returns its id when genuine.
 pub fn check_token(key: &Secret32, token: &str) -> Option<[u8; INVITE_ID_LEN]> {
+    check(key, token, |_| {})
+}
+
+/// Mints a reset token for `username` (already validated and lowercased).
+pub fn make_reset_token(key: &Secret32, username: &str) -> Option<String> {
+    let id: [u8; INVITE_ID_LEN] = rand::random();
+    let mut m = mac(key)?;
+    reset_input(&mut m, username);
+    m.update(&id);
+    let tag = m.finalize().into_bytes();
+    let mut raw = Vec::with_capacity(INVITE_ID_LEN + TAG_LEN);
+    raw.extend_from_slice(&id);
+    raw.extend_from_slice(&tag);
+    Some(URL_SAFE_NO_PAD.encode(raw))
+}
+
+/// Checks a reset token for `username`; returns its id when genuine.
+pub fn check_reset_token(
+    key: &Secret32,
+    token: &str,
+    username: &str,
+) -> Option<[u8; INVITE_ID_LEN]> {
+    check(key, token, |m| reset_input(m, username))
+}
+
+fn reset_input(m: &mut Hmac<Sha256>, username: &str) {
+    m.update(RESET_CONTEXT);
+    m.update(&[0]);
+    m.update(username.as_bytes());
+    m.update(&[0]);
+}
+
+fn check(
+    key: &Secret32,
+    token: &str,
+    prefix: impl FnOnce(&mut Hmac<Sha256>),
+) -> Option<[u8; INVITE_ID_LEN]> {
     if token.len() > 128 {
         return None;
     }
@@ -63,6 +109,7 @@ pub fn check_token(key: &Secret32, token: &str) -> Option<[u8; INVITE_ID_LEN]> {
     }
     let (id, tag) = raw.split_at(INVITE_ID_LEN);
     let mut m = mac(key)?;
+    prefix(&mut m);
     m.update(id);
     m.verify_slice(tag).ok()?;
     id.try_into().ok()
@@ -87,5 +134,19 @@ mod tests {
         assert!(check_token(&key, &token[..63]).is_none());
         assert!(check_token(&key, "").is_none());
         assert_eq!(check_token(&key, &format!(" {token}\n")), Some(id));
+    }
+
+    #[test]
+    fn reset_tokens_are_bound_to_their_user_and_kind() {
+        let key = invite_key(&[7u8; 64]);
+        let reset = make_reset_token(&key, "bob").unwrap();
+        assert_eq!(reset.len(), 64);
+        assert!(check_reset_token(&key, &reset, "bob").is_some());
+        assert!(check_reset_token(&key, &reset, "alice").is_none());
+        assert!(check_reset_token(&invite_key(&[8u8; 64]), &reset, "bob").is_none());
+        // Neither kind passes for the other.
+        assert!(check_token(&key, &reset).is_none());
+        let invite = make_token(&key).unwrap();
+        assert!(check_reset_token(&key, &invite, "bob").is_none());
     }
 }

@@ -28,7 +28,7 @@ use messenger_proto::msg::{
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
-use crate::invite::check_token;
+use crate::invite::{check_reset_token, check_token};
 use crate::rate::{Buckets, Rate};
 use crate::store::{
     AccountRecord, AnnouncementRecord, AppendOutcome, EnvelopeRecord, FriendRequestOutcome,
@@ -429,6 +429,7 @@ impl<P: PushTarget> Service<P> {
                 Ok(Reply::Ok)
             }
             Request::Users => self.users(me).await,
+            Request::Lookup { username } => self.lookup(me, &username).await,
             Request::FriendRequest { username } => self.friend_request(me, &username).await,
             Request::FriendAccept { username } => self.friend_answer(me, &username, true).await,
             Request::FriendDecline { username } => self.friend_answer(me, &username, false).await,
@@ -479,6 +480,32 @@ impl<P: PushTarget> Service<P> {
             return Err(ErrorCode::TooLarge);
         }
         let opks = parse_prekeys(&r.one_time_prekeys)?;
+        // A reset token for this name replaces an existing account's keys.
+        if let (Some(token), Some(key)) = (r.invite.as_deref(), self.config.invite_key.as_ref())
+            && let Some(id) = check_reset_token(key, token, &username)
+        {
+            let id_hash: [u8; 32] = Sha256::digest(id).into();
+            let store = self.store.clone();
+            let now = self.now();
+            let record = AccountRecord {
+                username: username.clone(),
+                identity: r.identity,
+                signed_prekey: r.signed_prekey,
+                registered_at: now,
+            };
+            let replaced = blocking(move || {
+                if !store.redeem_invite(id_hash, now)? {
+                    return Ok(false);
+                }
+                store.replace_account(record, opks).map(|()| true)
+            })
+            .await?;
+            if !replaced {
+                return Err(ErrorCode::NotPermitted);
+            }
+            tracing::info!(user = %username, "account keys reset");
+            return Ok(Reply::Ok);
+        }
         if self.config.registration == Registration::Invite {
             let (Some(token), Some(key)) = (r.invite.as_deref(), self.config.invite_key.as_ref())
             else {
@@ -831,6 +858,26 @@ impl<P: PushTarget> Service<P> {
             keep
         });
         Ok(Reply::Users { users })
+    }
+
+    async fn lookup(&self, me: &str, username: &str) -> Result<Reply, ErrorCode> {
+        let user = name(username)?;
+        let store = self.store.clone();
+        let u = user.clone();
+        let account = blocking(move || store.account(&u))
+            .await?
+            .ok_or(ErrorCode::UserNotExist)?;
+        let mut online = lock(&self.online).contains_key(&user);
+        if online && user != me && self.config.users_policy == UsersPolicy::FriendsOnly {
+            let store = self.store.clone();
+            let m = me.to_owned();
+            online = blocking(move || store.friends(&m)).await?.contains(&user);
+        }
+        Ok(Reply::User(UserInfo {
+            username: user,
+            identity: account.identity,
+            online,
+        }))
     }
 
     async fn friend_request(&self, me: &str, username: &str) -> Result<Reply, ErrorCode> {

@@ -13,7 +13,7 @@ use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyP
 use messenger_proto::ErrorCode;
 use messenger_proto::msg::{
     Login, OutgoingEnvelope, Push, Register, Reply, Request, SignedAnnouncement, SignedRoster,
-    announcement_signed_bytes, roster_signed_bytes,
+    UserInfo, announcement_signed_bytes, roster_signed_bytes,
 };
 use messenger_rendezvous::rate::Rate;
 use messenger_rendezvous::service::{Clock, PushTarget, Service, ServiceConfig, Session};
@@ -938,4 +938,131 @@ async fn mailbox_quotas() {
         w.ask(&mut a, send("bob", 11, b"x")).await,
         Err(ErrorCode::QuotaExceeded)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_reads_the_directory_without_taking_a_prekey() {
+    let w = World::new(fast_config());
+    let (alice, bob) = (user("alice", 31, 0), user("bob", 32, 3));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let r = w
+        .ask(
+            &mut a,
+            named(|username| Request::Lookup { username }, "BOB"),
+        )
+        .await;
+    let Ok(Reply::User(info)) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(info.username, "bob");
+    assert_eq!(info.identity, bob.id.public().to_bytes());
+    assert!(!info.online);
+    let _b = w.login(&bob).await;
+    let r = w
+        .ask(
+            &mut a,
+            named(|username| Request::Lookup { username }, "bob"),
+        )
+        .await;
+    assert!(
+        matches!(r, Ok(Reply::User(UserInfo { online: true, .. }))),
+        "{r:?}"
+    );
+    // The pool is untouched.
+    let mut b2 = w.login(&bob).await;
+    assert_eq!(
+        w.ask(&mut b2, Request::PrekeyStatus).await,
+        Ok(Reply::PrekeyStatus {
+            remaining: 3,
+            low: true
+        })
+    );
+    let r = w
+        .ask(
+            &mut a,
+            named(|username| Request::Lookup { username }, "nobody"),
+        )
+        .await;
+    assert_eq!(r, Err(ErrorCode::UserNotExist));
+    // Before login: refused.
+    let mut anon = w.connect();
+    let r = w
+        .ask(
+            &mut anon,
+            named(|username| Request::Lookup { username }, "bob"),
+        )
+        .await;
+    assert_eq!(r, Err(ErrorCode::NotAuthenticated));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_token_replaces_one_accounts_keys_once() {
+    let invite_key = messenger_rendezvous::invite::invite_key(&[3u8; 64]);
+    let config = ServiceConfig {
+        invite_key: Some(invite_key.clone()),
+        ..fast_config()
+    };
+    let w = World::new(config);
+    let bob = user("bob", 41, 2);
+    w.registered(&bob).await;
+    let new_bob = user("bob", 42, 4);
+    let with = |token: Option<String>| {
+        let Request::Register(mut r) = register(&new_bob) else {
+            unreachable!()
+        };
+        r.invite = token;
+        Request::Register(r)
+    };
+    let mut c = w.connect();
+    // Without a token, or with another user's or an invite token: refused.
+    assert_eq!(w.ask(&mut c, with(None)).await, Err(ErrorCode::UserExists));
+    let alice_token = messenger_rendezvous::invite::make_reset_token(&invite_key, "alice");
+    assert_eq!(
+        w.ask(&mut c, with(alice_token)).await,
+        Err(ErrorCode::UserExists)
+    );
+    let token = messenger_rendezvous::invite::make_reset_token(&invite_key, "bob").unwrap();
+    assert_eq!(
+        w.ask(&mut c, with(Some(token.clone()))).await,
+        Ok(Reply::Ok)
+    );
+    // Once only.
+    assert_eq!(
+        w.ask(&mut c, with(Some(token))).await,
+        Err(ErrorCode::NotPermitted)
+    );
+    // The old key no longer logs in; the new one does, with the new pool.
+    let mut old = w.connect();
+    let sig = bob.id.sign_login(&old.nonce, &old.exporter);
+    let r = w
+        .ask(
+            &mut old,
+            Request::Login(Login {
+                username: "bob".into(),
+                signature: sig.to_vec(),
+            }),
+        )
+        .await;
+    assert_eq!(r, Err(ErrorCode::BadSignature));
+    let mut b = w.login(&new_bob).await;
+    assert!(matches!(
+        w.ask(&mut b, Request::PrekeyStatus).await,
+        Ok(Reply::PrekeyStatus { remaining: 4, .. })
+    ));
+    let mut a = w.connect();
+    let alice = user("alice", 43, 0);
+    assert_eq!(w.ask(&mut a, register(&alice)).await, Ok(Reply::Ok));
+    let mut a = w.login(&alice).await;
+    let r = w
+        .ask(
+            &mut a,
+            named(|username| Request::FetchBundle { username }, "bob"),
+        )
+        .await;
+    let Ok(Reply::Bundle { identity, .. }) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(identity, new_bob.id.public().to_bytes());
 }

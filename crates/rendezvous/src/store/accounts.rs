@@ -35,6 +35,53 @@ impl Store {
         })
     }
 
+    /// Replaces an existing account's identity and signed prekey and its
+    /// whole one-time prekey pool (an operator's key reset), atomically.
+    /// The prekey id floor starts over: ids are unique per identity, and a
+    /// new identity numbers its prekeys from the start. Fails with
+    /// [`StoreError::UnknownUser`] if there is no such account.
+    pub fn replace_account(
+        &self,
+        account: AccountRecord,
+        one_time_prekeys: Vec<OneTimePrekey>,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "replace account";
+        self.write(OP, |tx| {
+            let mut accounts = tx.open_table(ACCOUNTS).op(OP)?;
+            if accounts.get(account.username.as_str()).op(OP)?.is_none() {
+                return Err(StoreError::UnknownUser);
+            }
+            accounts
+                .insert(
+                    account.username.as_str(),
+                    (
+                        account.identity.as_slice(),
+                        account.signed_prekey.as_slice(),
+                        account.registered_at,
+                    ),
+                )
+                .op(OP)?;
+            let name = account.username.as_str();
+            let mut opks = tx.open_table(OPKS).op(OP)?;
+            let old: Vec<u32> = opks
+                .range((name, 0u32)..=(name, u32::MAX))
+                .op(OP)?
+                .map(|item| item.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()
+                .op(OP)?;
+            for id in old {
+                opks.remove((name, id)).op(OP)?;
+            }
+            drop(opks);
+            tx.open_table(OPK_META)
+                .op(OP)?
+                .insert(name, (0u32, 0u64))
+                .op(OP)?;
+            insert_prekeys(tx, OP, name, &one_time_prekeys)?;
+            Ok(())
+        })
+    }
+
     /// The account, if it exists.
     pub fn account(&self, username: &str) -> Result<Option<AccountRecord>, StoreError> {
         const OP: &str = "read account";
