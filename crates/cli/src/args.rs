@@ -24,7 +24,8 @@ only by you is safer than the variable, which other programs you run inherit.
 Environment:
   MESSENGER_HOME            profile directory, like --home
   MESSENGER_PASSPHRASE      the passphrase
-  MESSENGER_NEW_PASSPHRASE  the new passphrase for `messenger passwd`";
+  MESSENGER_NEW_PASSPHRASE  the new passphrase for `messenger passwd`
+  MESSENGER_CONNECT_TIMEOUT_MS  how long to wait for the server (default 10000)";
 
 /// End-to-end encrypted messenger for people who self-host.
 #[derive(Debug, Parser)]
@@ -48,12 +49,123 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Create your identity, sealed under a passphrase, and print its fingerprint
     Init(InitArgs),
-    /// Show your name and fingerprint (needs no passphrase)
+    /// Register your name and public keys with a rendezvous server
+    Register(RegisterArgs),
+    /// Show your name, server and fingerprint (needs no passphrase)
     Whoami(JsonArgs),
-    /// Print your SHA256: fingerprint, to compare with what others see
-    Fingerprint(JsonArgs),
+    /// Print your fingerprint, or with USER the safety number you share with USER
+    Fingerprint(FingerprintArgs),
+    /// Mark USER verified after comparing safety numbers
+    Verify(VerifyArgs),
+    /// Encrypt and send a message to USER
+    Send(SendArgs),
+    /// Fetch, decrypt and show new messages
+    Pull(JsonArgs),
+    /// Show the conversation with USER from the local history
+    History(HistoryArgs),
+    /// List who is online
+    #[command(visible_alias = "cl")]
+    Users(JsonArgs),
+    /// Friends: add, accept, decline, remove, list
+    #[command(subcommand)]
+    Friend(FriendCommand),
+    /// Stay online: show messages and presence as they come, send as you type
+    Chat,
     /// Change the passphrase your identity is sealed under
     Passwd(PasswdArgs),
+}
+
+/// `messenger register`.
+#[derive(Debug, Args)]
+pub(crate) struct RegisterArgs {
+    /// The server, HOST:PORT
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) server: String,
+
+    /// The server certificate's fingerprint, as its operator printed it;
+    /// without it the certificate is trusted on first use and pinned
+    #[arg(long, value_name = "SHA256:...")]
+    pub(crate) server_fingerprint: Option<String>,
+
+    /// A registration token from the operator (`rendezvous invite`)
+    #[arg(long, value_name = "TOKEN")]
+    pub(crate) invite: Option<String>,
+}
+
+/// `messenger fingerprint`.
+#[derive(Debug, Args)]
+pub(crate) struct FingerprintArgs {
+    /// Show the safety number shared with USER instead of your fingerprint
+    pub(crate) user: Option<String>,
+
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `messenger verify`.
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    /// The contact
+    pub(crate) user: String,
+
+    /// The 60-digit safety number USER read to you (spaces allowed); without
+    /// it you are shown the number and asked to confirm on the terminal
+    #[arg(num_args = 0.., value_name = "SAFETY_NUMBER")]
+    pub(crate) number: Vec<String>,
+}
+
+/// `messenger send`.
+#[derive(Debug, Args)]
+pub(crate) struct SendArgs {
+    /// The recipient
+    pub(crate) user: String,
+
+    /// The message; `-` reads it from standard input
+    #[arg(required = true, num_args = 1.., value_name = "TEXT")]
+    pub(crate) text: Vec<String>,
+}
+
+/// `messenger history`.
+#[derive(Debug, Args)]
+pub(crate) struct HistoryArgs {
+    /// The contact
+    pub(crate) user: String,
+
+    /// Show at most the last N messages
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub(crate) limit: usize,
+
+    /// Print one JSON object per message instead of text
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `messenger friend ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum FriendCommand {
+    /// Ask USER to be friends (works while USER is offline)
+    Add {
+        /// Whom
+        user: String,
+    },
+    /// Accept USER's friend request
+    Accept {
+        /// Whom
+        user: String,
+    },
+    /// Decline USER's friend request
+    Decline {
+        /// Whom
+        user: String,
+    },
+    /// Stop being friends with USER
+    Remove {
+        /// Whom
+        user: String,
+    },
+    /// List friends and pending requests
+    List(JsonArgs),
 }
 
 /// `messenger init`.

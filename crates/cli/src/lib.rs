@@ -20,6 +20,13 @@
 //! * `fingerprint [--json]`: the `SHA256:` fingerprint; no passphrase.
 //! * `passwd [--new-passphrase-file FILE] [--kdf-memory-mib MIB]`: changes
 //!   the passphrase.
+//! * `register --server HOST:PORT [--server-fingerprint SHA256:..]
+//!   [--invite TOKEN]`: registers the identity, pins the certificate.
+//! * `send USER TEXT...|-`, `pull [--json]`, `history USER [--limit N]
+//!   [--json]`, `users|cl [--json]`, `friend add|accept|decline|remove
+//!   USER`, `friend list [--json]`: the messaging commands.
+//! * `fingerprint USER [--json]`, `verify USER [NUMBER]`: safety numbers.
+//! * `chat`: stays online; see [`chat`].
 //!
 //! Global options: `--home DIR` (`MESSENGER_HOME`) and
 //! `--passphrase-file FILE` (or `MESSENGER_PASSPHRASE`), before or after the
@@ -28,7 +35,10 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod chat;
+mod commands;
 mod passphrase;
+mod render;
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -39,7 +49,9 @@ use clap::Parser as _;
 use messenger_client::{Home, HomeError, KdfParams, PassphraseError, Profile};
 use serde::Serialize;
 
-use crate::args::{Cli, Command, HOME_ENV, InitArgs, JsonArgs, KdfArgs, PasswdArgs};
+use crate::args::{
+    Cli, Command, FingerprintArgs, HOME_ENV, InitArgs, JsonArgs, KdfArgs, PasswdArgs,
+};
 use crate::passphrase::CliPassphrases;
 
 /// Runs the `messenger` command with the process's arguments and returns
@@ -75,8 +87,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init(args) => init(&home, cli.passphrase_file, args, &mut out),
         Command::Whoami(args) => whoami(&home, args, &mut out),
-        Command::Fingerprint(args) => fingerprint(&home, args, &mut out),
+        Command::Fingerprint(FingerprintArgs { user: None, json }) => {
+            fingerprint(&home, JsonArgs { json }, &mut out)
+        }
         Command::Passwd(args) => passwd(&home, cli.passphrase_file, args, &mut out),
+        command => commands::run(&home, cli.passphrase_file, command, &mut out),
     }
 }
 
@@ -106,20 +121,28 @@ fn whoami(home: &Home, args: JsonArgs, out: &mut Output) -> anyhow::Result<()> {
             fingerprint: String,
             identity_key: String,
             server: Option<String>,
+            server_fingerprint: Option<String>,
             home: String,
         }
         return out.json(&Whoami {
             name: profile.name().to_string(),
             fingerprint: profile.fingerprint(),
             identity_key: profile.identity_key_hex(),
-            server: None,
+            server: profile.server().map(|s| s.address.clone()),
+            server_fingerprint: profile.server().map(|s| s.fingerprint.clone()),
             home: home.path().display().to_string(),
         });
     }
     out.line(&format!("name         {}", profile.name()))?;
     out.line(&format!("fingerprint  {}", profile.fingerprint()))?;
     out.line(&format!("identity key {}", profile.identity_key_hex()))?;
-    out.line("server       none (not registered)")?;
+    match profile.server() {
+        Some(server) => out.line(&format!(
+            "server       {} (certificate {})",
+            server.address, server.fingerprint
+        ))?,
+        None => out.line("server       none (not registered)")?,
+    }
     out.line(&format!("home         {}", home.path().display()))
 }
 
@@ -168,7 +191,7 @@ fn kdf_params(args: &KdfArgs) -> anyhow::Result<Option<KdfParams>> {
 
 /// Standard output, with write failures (a closed pipe) as errors rather
 /// than panics.
-struct Output {
+pub(crate) struct Output {
     stdout: io::Stdout,
 }
 
@@ -179,14 +202,14 @@ impl Output {
         }
     }
 
-    fn line(&mut self, text: &str) -> anyhow::Result<()> {
+    pub(crate) fn line(&mut self, text: &str) -> anyhow::Result<()> {
         let mut lock = self.stdout.lock();
         writeln!(lock, "{text}")
             .and_then(|()| lock.flush())
             .context("could not write to standard output")
     }
 
-    fn json<T: Serialize>(&mut self, value: &T) -> anyhow::Result<()> {
+    pub(crate) fn json<T: Serialize>(&mut self, value: &T) -> anyhow::Result<()> {
         let text = serde_json::to_string(value).context("could not encode JSON")?;
         self.line(&text)
     }
@@ -208,6 +231,9 @@ fn report(error: &anyhow::Error) {
 
 /// What to do next, for the errors where there is something to say.
 fn hint(error: &anyhow::Error) -> Option<String> {
+    if let Some(hint) = commands::hint(error) {
+        return Some(hint);
+    }
     const PASSPHRASE_HINT: &str = "in scripts, put the passphrase in a file only you can read and pass --passphrase-file FILE";
     for cause in error.chain() {
         if let Some(e) = cause.downcast_ref::<HomeError>() {
@@ -241,7 +267,7 @@ fn hint(error: &anyhow::Error) -> Option<String> {
 }
 
 /// Keeps a message on one line: parsers' multi-line messages are folded.
-fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

@@ -10,10 +10,9 @@
 //!   its stdout readable through [`StdoutLines`], e.g. a later
 //!   `certificate SHA256:...` line.
 //! * [`temp_dir`] makes a private temporary data directory removed on drop.
-//!
-//! The next step built on these: start a real `rendezvous` on `127.0.0.1:0`
-//! in a temporary data directory, read its address and certificate
-//! fingerprint from stdout, and kill it when the test ends.
+//! * [`Rendezvous::start`] starts a real `rendezvous` (given the path of the
+//!   binary) on a loopback address in a data directory, reads its address
+//!   and certificate fingerprint from stdout, and kills it on drop.
 //!
 //! ## What it does not do
 //!
@@ -119,6 +118,9 @@ pub enum TestkitError {
     /// A temporary directory could not be created.
     #[error("could not create a temporary directory")]
     TempDir(#[source] io::Error),
+    /// A line did not have the expected form.
+    #[error("unexpected output line {0:?}")]
+    Unexpected(String),
 }
 
 /// Owns a child process and kills and reaps it when dropped.
@@ -403,6 +405,64 @@ impl StdoutLines {
             stderr: tail,
             stderr_closed,
         }
+    }
+}
+
+/// A running `rendezvous` server, killed on drop.
+#[derive(Debug)]
+pub struct Rendezvous {
+    /// The process and its output.
+    pub started: Started,
+    /// The address it listens on, from its `listening on` line.
+    pub addr: std::net::SocketAddr,
+    /// Its certificate fingerprint, `SHA256:...`, from its
+    /// `certificate` line.
+    pub fingerprint: String,
+}
+
+/// How long a server gets to print its start-up lines: 30 s (a debug build
+/// on a loaded CI machine creates its certificate and database in well
+/// under a second; the margin is for the machine, not the server).
+pub const SERVER_START: Duration = Duration::from_secs(30);
+
+impl Rendezvous {
+    /// Starts `binary` with `--listen LISTEN --data-dir DATA` and `args`,
+    /// with `env` added to its environment, and waits for its start-up
+    /// lines.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn_and_wait_for_line`]; [`TestkitError::Unexpected`] if the
+    /// lines cannot be read.
+    pub fn start(
+        binary: &std::path::Path,
+        listen: &str,
+        data: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, TestkitError> {
+        let mut cmd = Command::new(binary);
+        cmd.args(["--listen", listen, "--data-dir"])
+            .arg(data)
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut started = spawn_and_wait_for_line(cmd, "listening on ", SERVER_START)?;
+        let addr = started
+            .line
+            .trim_start_matches("listening on ")
+            .parse()
+            .map_err(|_| TestkitError::Unexpected(started.line.clone()))?;
+        let cert = started
+            .stdout
+            .wait_for_prefix("certificate SHA256:", SERVER_START)?;
+        let fingerprint = cert.trim_start_matches("certificate ").to_owned();
+        Ok(Self {
+            started,
+            addr,
+            fingerprint,
+        })
     }
 }
 
