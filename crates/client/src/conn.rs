@@ -1052,7 +1052,7 @@ mod tests {
             closed_reason(&app(101, b"unsupported_version\n\x1b[31m")),
             ClosedReason::ByServer {
                 code: 101,
-                reason: "unsupported_version???[31m".to_owned()
+                reason: "unsupported_version??[31m".to_owned()
             }
         );
         assert_eq!(
