@@ -426,7 +426,12 @@ impl Connection {
         debug!(%addr, %fingerprint, "handshake done");
 
         let opened = timeout(options.request_timeout, open_control(&conn, options)).await;
-        let (send, recv, decoder, hello) = match opened {
+        let Control {
+            send,
+            recv,
+            decoder,
+            hello,
+        } = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(error)) => return Err(error),
             Err(_) => {
@@ -812,34 +817,31 @@ fn presented_fingerprint(
         .ok_or(ConnError::Protocol(ProtocolError::Tls("certificate")))
 }
 
+/// The control stream after the hello, with bytes the decoder may already
+/// hold beyond it.
+struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    hello: ServerHello,
+}
+
 /// Opens the control stream, writes the preface and reads the hello.
 async fn open_control(
     conn: &quinn::Connection,
     options: &ConnectOptions,
-) -> Result<
-    (
-        quinn::SendStream,
-        quinn::RecvStream,
-        FrameDecoder,
-        ServerHello,
-    ),
-    ConnError,
-> {
-    let lost = |conn: &quinn::Connection| {
-        let conn = conn.clone();
-        let wait = options.close_timeout;
-        async move {
-            ConnError::Closed {
-                reason: ended(&conn, wait).await,
-            }
-        }
-    };
+) -> Result<Control, ConnError> {
+    let wait = options.close_timeout;
     let Ok((mut send, mut recv)) = conn.open_bi().await else {
-        return Err(lost(conn).await);
+        return Err(ConnError::Closed {
+            reason: ended(conn, wait).await,
+        });
     };
     let preface = encode(&PROTOCOL_VERSION).map_err(ConnError::Encode)?;
     if send.write_all(&preface).await.is_err() {
-        return Err(lost(conn).await);
+        return Err(ConnError::Closed {
+            reason: ended(conn, wait).await,
+        });
     }
     let mut decoder = FrameDecoder::new();
     let body = loop {
@@ -852,7 +854,11 @@ async fn open_control(
                     return Err(bad_frame(conn, e));
                 }
             }
-            Ok(None) | Err(_) => return Err(lost(conn).await),
+            Ok(None) | Err(_) => {
+                return Err(ConnError::Closed {
+                    reason: ended(conn, wait).await,
+                });
+            }
         }
     };
     let hello = match decode::<ServerFrame>(&body) {
@@ -873,7 +879,12 @@ async fn open_control(
             client: PROTOCOL_VERSION,
         }));
     }
-    Ok((send, recv, decoder, hello))
+    Ok(Control {
+        send,
+        recv,
+        decoder,
+        hello,
+    })
 }
 
 fn bad_frame(conn: &quinn::Connection, error: FrameError) -> ConnError {
