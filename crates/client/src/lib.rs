@@ -33,6 +33,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conn;
 pub mod home;
 pub mod passphrase;
 

@@ -6,7 +6,8 @@
 //! - [`certificate_fingerprint`]: the `SHA256:` fingerprint of a server
 //!   certificate, which the server prints and clients pin;
 //! - [`pin`]: the client-side rustls verifier that accepts exactly the
-//!   pinned certificate, and only from a server that proves it holds the
+//!   pinned certificate (or, on first use, any certificate, reporting its
+//!   fingerprint), and only from a server that proves it holds the
 //!   certificate's key;
 //! - [`CHANNEL_BINDING_LABEL`]: the TLS exporter label whose output a login
 //!   signature covers, so a signature is bound to one connection.
