@@ -33,8 +33,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod engine;
 pub mod home;
 pub mod passphrase;
+pub mod store;
 
 pub use home::{Home, HomeError, Profile, Unlocked};
 pub use messenger_crypto::identity::Username;
