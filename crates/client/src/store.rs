@@ -140,7 +140,8 @@ pub enum Table {
     History,
     /// message id → [`OutboxEntry`].
     Outbox,
-    /// sender's blind index ‖ message id → empty.
+    /// sender's blind index ‖ message id (16 bytes) → empty, and sender's
+    /// blind index ‖ X3DH base key (32 bytes) → empty.
     Seen,
 }
 
@@ -800,6 +801,28 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Whether a session was already made from the X3DH base key `base_key`
+    /// sent by `from` (so a replayed prekey message, even under a new
+    /// message id and after its session was dropped, is not read twice).
+    pub fn is_base_key_seen(&self, from: &Username, base_key: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(self
+            .get_raw(Table::Seen, &base_key_key(&self.store.blind_index(from), base_key))?
+            .is_some())
+    }
+
+    /// Records that a session was made from `base_key` sent by `from`.
+    pub fn mark_base_key_seen(&mut self, from: &Username, base_key: &[u8; 32]) -> Result<(), StoreError> {
+        let key = base_key_key(&self.store.blind_index(from), base_key);
+        let mut table = self
+            .tx
+            .open_table(Table::Seen.def())
+            .map_err(db_error("open table"))?;
+        table
+            .insert(key.as_slice(), [].as_slice())
+            .map_err(db_error("insert"))?;
+        Ok(())
+    }
+
     fn decode_signed_prekey(&self, plain: &[u8]) -> Result<SignedPrekeyRecord, StoreError> {
         let corrupt = |reason| StoreError::Corrupt {
             table: Table::SignedPrekeys.name(),
@@ -942,6 +965,13 @@ fn seen_key(blind: &BlindIndex, id: &MessageId) -> [u8; BLIND_INDEX_LEN + 16] {
     let mut key = [0u8; BLIND_INDEX_LEN + 16];
     key[..BLIND_INDEX_LEN].copy_from_slice(blind);
     key[BLIND_INDEX_LEN..].copy_from_slice(id);
+    key
+}
+
+fn base_key_key(blind: &BlindIndex, base_key: &[u8; 32]) -> [u8; BLIND_INDEX_LEN + 32] {
+    let mut key = [0u8; BLIND_INDEX_LEN + 32];
+    key[..BLIND_INDEX_LEN].copy_from_slice(blind);
+    key[BLIND_INDEX_LEN..].copy_from_slice(base_key);
     key
 }
 
