@@ -33,9 +33,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod conn;
+pub mod engine;
 pub mod home;
 pub mod passphrase;
+pub mod store;
 
 pub use home::{Home, HomeError, Profile, ServerInfo, Unlocked};
 pub use messenger_crypto::identity::Username;
