@@ -252,7 +252,7 @@ pub struct NewSession {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
     /// A new message, now stored.
-    Message(ReceivedMessage),
+    Message(Box<ReceivedMessage>),
     /// Already stored (or a replay of a stored one): acknowledge it, show
     /// nothing.
     Duplicate,
@@ -416,12 +416,12 @@ impl Engine {
                     tx.remove_signed_prekey(old.pair.id())?;
                 }
             }
-            let current = tx
-                .signed_prekey(meta.current_signed_prekey)?
-                .ok_or(StoreError::Corrupt {
-                    table: "my_signed_prekeys/1",
-                    reason: "current signed prekey missing",
-                })?;
+            let current =
+                tx.signed_prekey(meta.current_signed_prekey)?
+                    .ok_or(StoreError::Corrupt {
+                        table: "my_signed_prekeys/1",
+                        reason: "current signed prekey missing",
+                    })?;
             if now.saturating_sub(current.created_at) < SIGNED_PREKEY_ROTATION_SECS {
                 return Ok((!meta.signed_prekey_published).then(|| SignedPrekeyUpload {
                     id: current.pair.id(),
@@ -499,9 +499,9 @@ impl Engine {
     /// changes nothing.
     pub fn verify(&self, user: &Username, digits: &str) -> Result<(), EngineError> {
         self.store.write(|tx| {
-            let mut contact = tx.contact(user)?.ok_or_else(|| EngineError::UnknownContact {
-                user: user.clone(),
-            })?;
+            let mut contact = tx
+                .contact(user)?
+                .ok_or_else(|| EngineError::UnknownContact { user: user.clone() })?;
             if !self.safety_number_of(&contact).matches(digits) {
                 return Err(EngineError::WrongSafetyNumber { user: user.clone() });
             }
@@ -517,9 +517,9 @@ impl Engine {
     /// contact stays blocked: only [`Self::verify`] lifts that.
     pub fn acknowledge_key_change(&self, user: &Username) -> Result<(), EngineError> {
         self.store.write(|tx| {
-            let mut contact = tx.contact(user)?.ok_or_else(|| EngineError::UnknownContact {
-                user: user.clone(),
-            })?;
+            let mut contact = tx
+                .contact(user)?
+                .ok_or_else(|| EngineError::UnknownContact { user: user.clone() })?;
             if contact.blocked {
                 return Err(EngineError::Blocked { user: user.clone() });
             }
@@ -583,15 +583,16 @@ impl Engine {
             self.observe_identity(user, bundle.identity(), now)?;
         }
         self.store.write(|tx| {
-            let contact = tx.contact(user)?.ok_or_else(|| EngineError::NeedBundle {
-                user: user.clone(),
-            })?;
+            let contact = tx
+                .contact(user)?
+                .ok_or_else(|| EngineError::NeedBundle { user: user.clone() })?;
             if contact.blocked {
                 return Err(EngineError::Blocked { user: user.clone() });
             }
             let mut sessions = load_sessions(tx, user, now)?;
             if !usable(&sessions, &contact) {
-                let bundle = bundle.ok_or_else(|| EngineError::NeedBundle { user: user.clone() })?;
+                let bundle =
+                    bundle.ok_or_else(|| EngineError::NeedBundle { user: user.clone() })?;
                 if bundle.identity() != &contact.identity {
                     return Err(EngineError::BundleMismatch { user: user.clone() });
                 }
@@ -651,7 +652,12 @@ impl Engine {
     /// The server accepted message `id` as `server_seq`: removes it from the
     /// outbox and marks its history row `Sent`, together. `false` if it was
     /// not in the outbox (already marked).
-    pub fn mark_sent(&self, id: &MessageId, server_seq: u64, now: u64) -> Result<bool, EngineError> {
+    pub fn mark_sent(
+        &self,
+        id: &MessageId,
+        server_seq: u64,
+        now: u64,
+    ) -> Result<bool, EngineError> {
         self.finish_outbox(id, DeliveryState::Sent, Some(server_seq), now)
     }
 
@@ -704,8 +710,7 @@ impl Engine {
                             let (session, plaintext) =
                                 self.respond(tx, &from, &info, body, rng, now)?;
                             tx.mark_base_key_seen(&from, base_key.as_bytes())?;
-                            let key_status =
-                                observe_in(tx, &from, session.remote_identity(), now)?;
+                            let key_status = observe_in(tx, &from, session.remote_identity(), now)?;
                             new_session = Some(NewSession {
                                 key_status,
                                 used_one_time_prekey: session.used_one_time_prekey(),
@@ -746,12 +751,12 @@ impl Engine {
                 table: "contacts/1",
                 reason: "session without contact",
             })?;
-            Ok(Received::Message(ReceivedMessage {
+            Ok(Received::Message(Box::new(ReceivedMessage {
                 from: from.clone(),
                 entry,
                 contact,
                 new_session,
-            }))
+            })))
         })
     }
 

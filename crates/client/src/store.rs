@@ -568,7 +568,11 @@ impl Tx<'_> {
         plain.push(u8::from(record.retired_at.is_some()));
         plain.extend_from_slice(&record.retired_at.unwrap_or(0).to_be_bytes());
         plain.extend_from_slice(&secret);
-        self.put_sealed(Table::SignedPrekeys, &record.pair.id().to_be_bytes(), &plain)
+        self.put_sealed(
+            Table::SignedPrekeys,
+            &record.pair.id().to_be_bytes(),
+            &plain,
+        )
     }
 
     /// Deletes a signed prekey.
@@ -729,7 +733,13 @@ impl Tx<'_> {
     /// The last `limit` rows with `user`, oldest first.
     pub fn history(&self, user: &Username, limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
         let blind = self.store.blind_index(user);
-        let rows = self.range_raw(Table::History, &blind, Some(&prefix_end(&blind)), true, limit)?;
+        let rows = self.range_raw(
+            Table::History,
+            &blind,
+            Some(&prefix_end(&blind)),
+            true,
+            limit,
+        )?;
         let mut out = Vec::with_capacity(rows.len());
         for (key, sealed) in rows.into_iter().rev() {
             let plain = self.store.unseal(Table::History, &key, &sealed)?;
@@ -804,14 +814,25 @@ impl Tx<'_> {
     /// Whether a session was already made from the X3DH base key `base_key`
     /// sent by `from` (so a replayed prekey message, even under a new
     /// message id and after its session was dropped, is not read twice).
-    pub fn is_base_key_seen(&self, from: &Username, base_key: &[u8; 32]) -> Result<bool, StoreError> {
+    pub fn is_base_key_seen(
+        &self,
+        from: &Username,
+        base_key: &[u8; 32],
+    ) -> Result<bool, StoreError> {
         Ok(self
-            .get_raw(Table::Seen, &base_key_key(&self.store.blind_index(from), base_key))?
+            .get_raw(
+                Table::Seen,
+                &base_key_key(&self.store.blind_index(from), base_key),
+            )?
             .is_some())
     }
 
     /// Records that a session was made from `base_key` sent by `from`.
-    pub fn mark_base_key_seen(&mut self, from: &Username, base_key: &[u8; 32]) -> Result<(), StoreError> {
+    pub fn mark_base_key_seen(
+        &mut self,
+        from: &Username,
+        base_key: &[u8; 32],
+    ) -> Result<(), StoreError> {
         let key = base_key_key(&self.store.blind_index(from), base_key);
         let mut table = self
             .tx
@@ -894,7 +915,7 @@ impl Tx<'_> {
         hi: Option<&[u8]>,
         reverse: bool,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Rows, StoreError> {
         let t = self
             .tx
             .open_table(table.def())
@@ -904,24 +925,22 @@ impl Tx<'_> {
             None => t.range::<&[u8]>(lo..),
         }
         .map_err(db_error("range"))?;
+        let items: Box<dyn Iterator<Item = _>> = if reverse {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
         let mut out = Vec::new();
-        let mut push = |item: Result<(redb::AccessGuard<'_, &[u8]>, redb::AccessGuard<'_, &[u8]>), redb::StorageError>| -> Result<(), StoreError> {
+        for item in items.take(limit) {
             let (k, v) = item.map_err(db_error("range"))?;
             out.push((k.value().to_vec(), v.value().to_vec()));
-            Ok(())
-        };
-        if reverse {
-            for item in range.rev().take(limit) {
-                push(item)?;
-            }
-        } else {
-            for item in range.take(limit) {
-                push(item)?;
-            }
         }
         Ok(out)
     }
 }
+
+/// Raw (key, sealed value) rows of a range read.
+type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// `HMAC-SHA256(index key, "contact" ‖ username)[..16]`.
 fn blind_index(index_key: &[u8; 32], user: &Username) -> BlindIndex {
@@ -1034,7 +1053,8 @@ fn decode_contact(plain: &[u8]) -> Result<Contact, StoreError> {
     };
     let wire: ContactWire = decode(Table::Contacts, plain)?;
     let username = Username::parse(&wire.username).map_err(|_| corrupt("bad username"))?;
-    let identity = PublicIdentity::from_bytes(&wire.identity).map_err(|_| corrupt("bad identity"))?;
+    let identity =
+        PublicIdentity::from_bytes(&wire.identity).map_err(|_| corrupt("bad identity"))?;
     let previous_identity = wire
         .previous_identity
         .map(|p| PublicIdentity::from_bytes(&p))
