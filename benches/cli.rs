@@ -119,16 +119,15 @@ fn measure(label: &str, kdf_mib: Option<&str>, server: &Rendezvous, root: &Path)
     for i in 0..RUNS {
         let text = format!("benchmark message {i} with a typical length of a chat line");
         times[0].1.push(ms(alice.run(&["whoami"])));
-        times[1].1.push(ms(alice.run(&["history", "bob", "--limit", "1"])));
+        times[1]
+            .1
+            .push(ms(alice.run(&["history", "bob", "--limit", "1"])));
         times[2].1.push(ms(alice.run(&["users"])));
         times[3].1.push(ms(alice.run(&["send", "bob", &text])));
         times[4].1.push(ms(bob.run(&["pull"])));
     }
     let s: Vec<Stats> = times.iter().map(|(_, t)| stats(t.clone())).collect();
-    println!(
-        "\n## key file cost: {label} ({} runs each, wall ms)",
-        RUNS
-    );
+    println!("\n## key file cost: {label} ({} runs each, wall ms)", RUNS);
     println!("| command | median | min | max |");
     println!("|---|---|---|---|");
     for ((name, _), st) in times.iter().zip(&s) {
@@ -144,8 +143,13 @@ fn measure(label: &str, kdf_mib: Option<&str>, server: &Rendezvous, root: &Path)
         s[3].median,
         s[4].median,
     );
-    println!("split (medians): process start {whoami:.1} ms; unlock {:.1} ms; connect+login {:.1} ms; send rest {:.1} ms; pull rest {:.1} ms",
-        history - whoami, users - history, send - users, pull - users);
+    println!(
+        "split (medians): process start {whoami:.1} ms; unlock {:.1} ms; connect+login {:.1} ms; send rest {:.1} ms; pull rest {:.1} ms",
+        history - whoami,
+        users - history,
+        send - users,
+        pull - users
+    );
     println!(
         "send total {send:.1} ms = start {whoami:.1} + unlock {:.1} + connect/login {:.1} + rest {:.1}",
         history - whoami,
@@ -174,6 +178,11 @@ fn main() {
     )
     .unwrap();
     println!("# messenger CLI wall time against a local rendezvous (127.0.0.1)");
-    measure("default (Argon2id 64 MiB, t=3, p=4)", None, &server, root.path());
+    measure(
+        "default (Argon2id 64 MiB, t=3, p=4)",
+        None,
+        &server,
+        root.path(),
+    );
     measure("--kdf-memory-mib 8", Some("8"), &server, root.path());
 }

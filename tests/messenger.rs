@@ -250,7 +250,9 @@ fn two_people_talk_and_nothing_readable_reaches_the_server_or_the_disk() {
 
     // bob is offline (no command runs): three messages wait on the server
     // and arrive in order, exactly once; the third from stdin.
-    let offline: Vec<String> = (0..3).map(|i| format!("offline {i} {}", marker())).collect();
+    let offline: Vec<String> = (0..3)
+        .map(|i| format!("offline {i} {}", marker()))
+        .collect();
     markers.extend(offline.iter().cloned());
     alice.ok(&["send", "bob", &offline[0]]);
     alice.ok(&["send", "bob", &offline[1]]);
@@ -324,8 +326,7 @@ fn chat_over_piped_stdin_shows_live_messages_and_presence() {
     let list: Value = serde_json::from_str(bob.ok(&["friend", "list", "--json"]).trim()).unwrap();
     assert_eq!(list["incoming"][0], "alice");
     bob.ok(&["friend", "accept", "alice"]);
-    let list: Value =
-        serde_json::from_str(alice.ok(&["friend", "list", "--json"]).trim()).unwrap();
+    let list: Value = serde_json::from_str(alice.ok(&["friend", "list", "--json"]).trim()).unwrap();
     assert_eq!(list["friends"][0]["name"], "bob");
 
     let mut cmd = bob.cmd(&["chat"]);
@@ -428,7 +429,8 @@ fn safety_numbers_match_and_a_changed_key_blocks_a_verified_contact() {
     assert!(out.status.success(), "{}", text(&out));
     let token = run_bounded({
         let mut c = Command::new(rendezvous_bin());
-        c.args(["invite", "--reset", "bob", "--data-dir"]).arg(&data);
+        c.args(["invite", "--reset", "bob", "--data-dir"])
+            .arg(&data);
         c
     });
     assert!(token.status.success(), "{}", text(&token));
@@ -607,5 +609,8 @@ fn a_send_killed_at_random_points_loses_nothing_and_sends_nothing_twice() {
         .map(|h| h["text"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(saved, got, "saved vs delivered");
-    assert!(history.iter().all(|h| h["state"] != "pending"), "{history:?}");
+    assert!(
+        history.iter().all(|h| h["state"] != "pending"),
+        "{history:?}"
+    );
 }

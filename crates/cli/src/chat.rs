@@ -16,7 +16,6 @@ use std::io::{self, BufRead as _, IsTerminal as _};
 
 use anyhow::Context as _;
 use messenger_client::client::{Client, Event};
-use rustyline::ExternalPrinter as _;
 use tokio::sync::mpsc;
 
 use crate::render;
@@ -199,9 +198,9 @@ async fn send(
     }
     let user = user.to_lowercase();
     match client.send(&user, text).await {
-        Ok(sent) => {
-            for w in &sent.warnings {
-                screen.show(out, &format!("warning: {}", one_line(&w.to_string())))?;
+        Ok(_) => {
+            for event in client.take_events() {
+                show_event(screen, out, &event)?;
             }
             screen.show(out, &format!("sent to {user}"))?;
             state.last = Some(user.clone());

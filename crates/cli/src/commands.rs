@@ -4,7 +4,7 @@ use std::io::{self, IsTerminal as _, Read as _};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, anyhow, bail};
-use messenger_client::client::{self, Client, ClientError, Event, FriendAction, Warning};
+use messenger_client::client::{self, Client, ClientError, Event, FriendAction};
 use messenger_client::conn::{ConnError, ConnectOptions};
 use messenger_client::{Home, HomeError};
 use messenger_proto::ErrorCode;
@@ -28,11 +28,9 @@ pub(crate) const CONNECT_TIMEOUT_ENV: &str = "MESSENGER_CONNECT_TIMEOUT_MS";
 fn connect_options() -> anyhow::Result<ConnectOptions> {
     let mut options = ConnectOptions::default();
     if let Ok(value) = std::env::var(CONNECT_TIMEOUT_ENV) {
-        let ms: u64 = value
-            .parse()
-            .ok()
-            .filter(|&ms| ms > 0)
-            .with_context(|| format!("{CONNECT_TIMEOUT_ENV} must be a positive number of milliseconds"))?;
+        let ms: u64 = value.parse().ok().filter(|&ms| ms > 0).with_context(|| {
+            format!("{CONNECT_TIMEOUT_ENV} must be a positive number of milliseconds")
+        })?;
         options.connect_timeout = std::time::Duration::from_millis(ms);
     }
     Ok(options)
@@ -51,7 +49,13 @@ pub(crate) fn run(
         .map_err(ClientError::Runtime)?;
     let mut passphrases = CliPassphrases::new(passphrase_file, None);
     if let Command::Register(args) = command {
-        return runtime.block_on(register(home, &mut passphrases, args, out, &connect_options()?));
+        return runtime.block_on(register(
+            home,
+            &mut passphrases,
+            args,
+            out,
+            &connect_options()?,
+        ));
     }
     // Read a message from stdin before anything else touches the terminal.
     let command = match command {
@@ -116,7 +120,10 @@ async fn register(
         profile.name(),
         server.address
     ))?;
-    out.line(&format!("server certificate {} (pinned)", server.fingerprint))
+    out.line(&format!(
+        "server certificate {} (pinned)",
+        server.fingerprint
+    ))
 }
 
 fn read_stdin_message() -> anyhow::Result<String> {
@@ -150,8 +157,8 @@ async fn send(client: &mut Client, args: SendArgs, out: &mut Output) -> anyhow::
             return Err(e.into());
         }
     };
-    for warning in &sent.warnings {
-        render::warning(warning);
+    for event in client.take_events() {
+        render::event_to_stderr(&event);
     }
     if sent.flushed > 0 {
         out.line(&format!(
@@ -390,9 +397,4 @@ fn conn_hint(error: &ConnError) -> Option<String> {
         ),
         _ => None,
     }
-}
-
-/// Prints warnings that came with an event stream to standard error.
-pub(crate) fn print_warning(warning: &Warning) {
-    render::warning(warning);
 }

@@ -51,8 +51,8 @@ impl<'a> JsonHistory<'a> {
             from: if outgoing { me } else { them },
             to: if outgoing { them } else { me },
             text: &entry.text,
-            id: hex(&entry.id),
-            sent_at: entry.sent_at,
+            id: hex(&entry.message_id),
+            sent_at: entry.sent_at.unwrap_or(entry.created_at),
             state: format!("{:?}", entry.state).to_lowercase(),
         }
     }
@@ -91,7 +91,12 @@ pub(crate) fn user_line(u: &UserInfo) -> String {
 
 /// `[2026-11-23 10:04] bob: hello`.
 pub(crate) fn message_line(m: &Message) -> String {
-    format!("[{}] {}: {}", utc(m.sent_at), m.from, one_line_text(&m.text))
+    format!(
+        "[{}] {}: {}",
+        utc(m.sent_at),
+        m.from,
+        one_line_text(&m.text)
+    )
 }
 
 /// `[2026-11-23 10:04] alice -> bob: hello (sent)`.
@@ -104,7 +109,7 @@ pub(crate) fn history_line(entry: &HistoryEntry, me: &str, them: &str) -> String
     let state = format!("{:?}", entry.state).to_lowercase();
     format!(
         "[{}] {from} -> {to}: {} ({state})",
-        utc(entry.sent_at),
+        utc(entry.sent_at.unwrap_or(entry.created_at)),
         one_line_text(&entry.text)
     )
 }

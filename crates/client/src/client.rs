@@ -26,18 +26,16 @@ use messenger_crypto::fingerprint::SafetyNumber;
 use messenger_crypto::identity::{PublicIdentity, Username};
 use messenger_crypto::prekey::{OneTimePrekey, SignedPrekey, VerifiedBundle};
 use messenger_proto::ErrorCode;
-use messenger_proto::msg::{
-    DEFAULT_DEVICE, Envelope, MAX_PULL, OutgoingEnvelope, Push, Register, Reply, Request,
-    UserInfo,
-};
+use messenger_proto::msg::{Envelope, MAX_PULL, Push, Register, Reply, Request, UserInfo};
 use tokio::sync::mpsc;
 
 use crate::conn::{ConnError, ConnectOptions, Connection, PinPolicy, resolve};
-use crate::engine::{Engine, EngineError, KeyStatus, OutboxEntry, Received};
-use crate::home::{Home, HomeError, Profile, ServerInfo, Unlocked};
+use crate::engine::{Engine, EngineError, KeyStatus, NewSession, Received};
+use crate::home::{Home, HomeError, Profile, ServerInfo};
 use crate::passphrase::PassphraseSource;
+use crate::store::OutboxEntry;
 
-pub use crate::engine::HistoryEntry;
+pub use crate::store::{Direction, HistoryEntry};
 
 /// One-time prekeys uploaded at registration and kept on the server: 100,
 /// enough for 100 first contacts while this client is offline.
@@ -100,6 +98,10 @@ pub enum ClientError {
     /// The server answered with something this operation does not expect.
     #[error("the server answered a {0} request with a reply of another kind")]
     UnexpectedReply(&'static str),
+    /// The directory's prekey bundle is malformed or its signatures do not
+    /// verify (a forged signed prekey, a weak key): nothing was sent.
+    #[error("the server's prekey bundle for this user does not verify; nothing was sent")]
+    BadBundle,
     /// A safety number that is not 60 digits.
     #[error("a safety number is 60 digits (spaces are ignored)")]
     BadSafetyNumber,
@@ -212,15 +214,14 @@ pub enum Event {
     },
 }
 
-/// The result of [`Client::send`].
+/// The result of [`Client::send`]. Warnings about the recipient are in
+/// [`Client::take_events`], whether the send succeeded or not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sent {
     /// The message id, as 32 hex digits.
     pub id: String,
     /// Earlier messages from the outbox that went out too.
     pub flushed: usize,
-    /// Warnings to show.
-    pub warnings: Vec<Warning>,
 }
 
 /// A safety number with the contact it is shared with.
@@ -240,7 +241,6 @@ pub struct Safety {
 
 /// A logged-in or offline client; see the [module](self) docs.
 pub struct Client {
-    unlocked: Unlocked,
     server: ServerInfo,
     engine: Engine,
     options: ConnectOptions,
@@ -254,7 +254,7 @@ pub struct Client {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("name", &self.unlocked.profile().name().as_str())
+            .field("name", &self.engine.me().as_str())
             .field("server", &self.server.address)
             .field("online", &self.conn.is_some())
             .finish_non_exhaustive()
@@ -307,8 +307,12 @@ pub async fn register(
     let conn = Connection::connect(addr, &pin, options)
         .await
         .map_err(connect_error)?;
-    let engine = Engine::open(&home.store_path(), &unlocked)?;
-    let material = engine.registration_material(&mut rand::rng(), now(), PREKEY_TARGET)?;
+    let engine = Engine::open(&home.store_path(), unlocked)?;
+    let unlocked = engine.unlocked();
+    let material = engine.registration_material(&mut rand::rng(), now())?;
+    let spk_id = SignedPrekey::from_bytes(&material.signed_prekey)
+        .map_err(|_| ClientError::UnexpectedReply("register"))?
+        .id();
     let request = Request::Register(Register {
         username: unlocked.profile().name().as_str().to_owned(),
         identity: material.identity,
@@ -334,6 +338,7 @@ pub async fn register(
         Reply::Ok => {}
         _ => return Err(ClientError::UnexpectedReply("register")),
     }
+    engine.confirm_signed_prekey(spk_id)?;
     Ok(home.set_server(ServerInfo {
         address: address.to_owned(),
         fingerprint: seen,
@@ -360,9 +365,8 @@ impl Client {
             });
         };
         let unlocked = home.unlock(passphrases)?;
-        let engine = Engine::open(&home.store_path(), &unlocked)?;
+        let engine = Engine::open(&home.store_path(), unlocked)?;
         Ok(Self {
-            unlocked,
             server,
             engine,
             options,
@@ -374,7 +378,7 @@ impl Client {
 
     /// The profile.
     pub fn profile(&self) -> &Profile {
-        self.unlocked.profile()
+        self.engine.unlocked().profile()
     }
 
     /// The server this client is registered with.
@@ -398,15 +402,14 @@ impl Client {
             server: self.server.address.clone(),
             source,
         };
-        let addr = resolve(&self.server.address)
-            .await
-            .map_err(connect_error)?;
+        let addr = resolve(&self.server.address).await.map_err(connect_error)?;
         let pin = PinPolicy::Pinned(self.server.fingerprint.clone());
         let conn = Connection::connect(addr, &pin, &self.options)
             .await
             .map_err(connect_error)?;
+        let unlocked = self.engine.unlocked();
         let logged_in = conn
-            .login(self.unlocked.profile().name(), self.unlocked.identity())
+            .login(unlocked.profile().name(), unlocked.identity())
             .await
             .map_err(connect_error)?;
         self.pushes = conn.take_pushes();
@@ -417,9 +420,11 @@ impl Client {
     }
 
     fn conn(&self) -> Result<&Connection, ClientError> {
-        self.conn.as_ref().ok_or(ClientError::Conn(ConnError::Closed {
-            reason: crate::conn::ClosedReason::Local,
-        }))
+        self.conn
+            .as_ref()
+            .ok_or(ClientError::Conn(ConnError::Closed {
+                reason: crate::conn::ClosedReason::Local,
+            }))
     }
 
     /// Sends every outbox entry, oldest first, each with its saved
@@ -436,12 +441,7 @@ impl Client {
     /// Writes one saved outbox entry to the server and, once accepted,
     /// marks it sent.
     async fn deliver(&mut self, entry: &OutboxEntry) -> Result<(), ClientError> {
-        let request = Request::Send(OutgoingEnvelope {
-            to: entry.to.clone(),
-            to_device: DEFAULT_DEVICE,
-            id: entry.id,
-            body: entry.body.clone(),
-        });
+        let request = Request::Send(entry.to_envelope());
         match self.conn()?.request(request).await {
             Ok(Reply::Accepted { seq, .. }) => {
                 self.engine.mark_sent(&entry.id, seq, now())?;
@@ -452,7 +452,7 @@ impl Client {
                 // The account is gone: the message can never be delivered.
                 self.engine.mark_failed(&entry.id, now())?;
                 Err(ClientError::UnknownUser {
-                    user: entry.to.clone(),
+                    user: entry.to.to_string(),
                     server: self.server.address.clone(),
                 })
             }
@@ -473,20 +473,23 @@ impl Client {
         if on_server < PREKEY_LOW_WATER {
             let publics = self
                 .engine
-                .one_time_prekeys(&mut rand::rng(), PREKEY_TARGET - on_server)?;
+                .one_time_prekeys(PREKEY_TARGET - on_server, &mut rand::rng())?;
             self.conn()?
                 .request(Request::UploadPrekeys {
                     one_time_prekeys: publics,
                 })
                 .await?;
         }
-        if let Some(signed_prekey) = self
+        if let Some(upload) = self
             .engine
             .rotate_signed_prekey_if_due(&mut rand::rng(), now())?
         {
             self.conn()?
-                .request(Request::RotateSignedPrekey { signed_prekey })
+                .request(Request::RotateSignedPrekey {
+                    signed_prekey: upload.signed_prekey,
+                })
                 .await?;
+            self.engine.confirm_signed_prekey(upload.id)?;
         }
         Ok(())
     }
@@ -505,15 +508,13 @@ impl Client {
         user: &Username,
         identity: &PublicIdentity,
     ) -> Result<Option<Warning>, EngineError> {
-        Ok(
-            match self.engine.observe_identity(user, identity, now())? {
-                KeyStatus::Changed { was_verified } => Some(Warning::KeyChanged {
-                    user: user.to_string(),
-                    was_verified,
-                }),
-                _ => None,
-            },
-        )
+        Ok(match self.engine.observe_identity(user, identity, now())? {
+            KeyStatus::Changed { was_verified } => Some(Warning::KeyChanged {
+                user: user.to_string(),
+                was_verified,
+            }),
+            _ => None,
+        })
     }
 
     async fn lookup(&mut self, user: &Username) -> Result<UserInfo, ClientError> {
@@ -534,6 +535,20 @@ impl Client {
         }
     }
 
+    /// Queues the standing warning about `user` (their key changed and has
+    /// not been verified since), if any.
+    fn warn_if_changed(&mut self, user: &Username) -> Result<(), ClientError> {
+        if let Some(contact) = self.engine.contact(user)?
+            && contact.key_changed
+        {
+            self.pending.push(Event::Warning(Warning::KeyChanged {
+                user: user.to_string(),
+                was_verified: contact.blocked,
+            }));
+        }
+        Ok(())
+    }
+
     /// Encrypts `text` for `to` and sends it; see the [module](self) docs
     /// for the order of saving and sending.
     ///
@@ -547,12 +562,14 @@ impl Client {
     /// needed, nothing is saved).
     pub async fn send(&mut self, to: &str, text: &str) -> Result<Sent, ClientError> {
         let to = username(to)?;
-        let mut warnings = Vec::new();
         let flushed = match self.connect().await {
             Ok(flushed) => flushed,
             Err(e) if !self.engine.needs_bundle(&to)? => {
                 // Offline, but a session exists: save it for the next run.
-                let entry = self.engine.prepare_send(&to, None, text, &mut rand::rng(), now())?;
+                self.warn_if_changed(&to)?;
+                let entry = self
+                    .engine
+                    .prepare_send(&to, None, text, &mut rand::rng(), now())?;
                 return Err(ClientError::Queued {
                     user: to.to_string(),
                     reason: format!("{}; id {}", one_line(&e), hex(&entry.id)),
@@ -560,17 +577,18 @@ impl Client {
             }
             Err(e) => return Err(e),
         };
-        if let Some(w) = self.check_identity(&to).await? {
-            warnings.push(w);
+        match self.check_identity(&to).await? {
+            Some(w) => self.pending.push(Event::Warning(w)),
+            None => self.warn_if_changed(&to)?,
         }
         let bundle = if self.engine.needs_bundle(&to)? {
-            Some(self.fetch_bundle(&to, &mut warnings).await?)
+            Some(self.fetch_bundle(&to).await?)
         } else {
             None
         };
-        let entry = self
-            .engine
-            .prepare_send(&to, bundle, text, &mut rand::rng(), now())?;
+        let entry =
+            self.engine
+                .prepare_send(&to, bundle.as_ref(), text, &mut rand::rng(), now())?;
         if let Err(e) = self.deliver(&entry).await {
             return Err(match e {
                 e @ ClientError::UnknownUser { .. } => e,
@@ -583,15 +601,10 @@ impl Client {
         Ok(Sent {
             id: hex(&entry.id),
             flushed,
-            warnings,
         })
     }
 
-    async fn fetch_bundle(
-        &mut self,
-        to: &Username,
-        warnings: &mut Vec<Warning>,
-    ) -> Result<VerifiedBundle, ClientError> {
+    async fn fetch_bundle(&mut self, to: &Username) -> Result<VerifiedBundle, ClientError> {
         let reply = self
             .conn()?
             .request(Request::FetchBundle {
@@ -615,7 +628,7 @@ impl Client {
         };
         let bundle = parse_bundle(&identity, &signed_prekey, one_time_prekey.as_deref())?;
         if let Some(w) = self.observe(to, bundle.identity())? {
-            warnings.push(w);
+            self.pending.push(Event::Warning(w));
         }
         Ok(bundle)
     }
@@ -667,8 +680,12 @@ impl Client {
     /// Decrypts and stores one envelope; `None` for a duplicate.
     fn receive(&mut self, envelope: &Envelope) -> Result<Option<Event>, ClientError> {
         match self.engine.receive(envelope, &mut rand::rng(), now()) {
-            Ok(Received::Message(entry)) => {
-                if let Some(KeyStatus::Changed { was_verified }) = entry.key_status {
+            Ok(Received::Message(received)) => {
+                if let Some(NewSession {
+                    key_status: KeyStatus::Changed { was_verified },
+                    ..
+                }) = received.new_session
+                {
                     self.pending.push(Event::Warning(Warning::KeyChanged {
                         user: envelope.from.clone(),
                         was_verified,
@@ -676,13 +693,13 @@ impl Client {
                 }
                 Ok(Some(Event::Message(Message {
                     from: envelope.from.clone(),
-                    text: entry.text,
+                    text: received.entry.text,
                     id: hex(&envelope.id),
                     sent_at: envelope.sent_at,
                 })))
             }
             Ok(Received::Duplicate) => Ok(None),
-            Err(e) if e.is_storage() => Err(e.into()),
+            Err(e @ EngineError::Store(_)) => Err(e.into()),
             Err(e) => Ok(Some(Event::Warning(Warning::Undecryptable {
                 from: envelope.from.clone(),
                 reason: one_line(&e),
@@ -781,8 +798,9 @@ impl Client {
     /// # Errors
     ///
     /// [`ClientError::Engine`] on a storage failure.
-    pub fn history(&self, user: &str, limit: usize) -> Result<Vec<HistoryEntry>, ClientError> {
+    pub fn history(&mut self, user: &str, limit: usize) -> Result<Vec<HistoryEntry>, ClientError> {
         let user = username(user)?;
+        self.warn_if_changed(&user)?;
         Ok(self.engine.history(&user, limit)?)
     }
 
@@ -857,11 +875,16 @@ impl Client {
         let name = username(user)?;
         let mut warnings = Vec::new();
         match self.connect().await {
-            Ok(_) => {
-                if let Some(w) = self.check_identity(&name).await? {
-                    warnings.push(w);
+            Ok(_) => match self.check_identity(&name).await? {
+                Some(w) => warnings.push(w),
+                None => {
+                    self.warn_if_changed(&name)?;
+                    warnings.extend(self.pending.drain(..).filter_map(|e| match e {
+                        Event::Warning(w) => Some(w),
+                        _ => None,
+                    }));
                 }
-            }
+            },
             Err(e) if self.engine.contact(&name)?.is_none() => return Err(e),
             Err(_) => {}
         }
@@ -889,7 +912,7 @@ impl Client {
         if digits.len() != 60 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(ClientError::BadSafetyNumber);
         }
-        Ok(self.engine.verify(&name, &digits, now())?)
+        Ok(self.engine.verify(&name, &digits)?)
     }
 
     /// Closes the connection, if any, letting the server see it end.
@@ -931,7 +954,7 @@ fn parse_bundle(
     signed_prekey: &[u8],
     one_time_prekey: Option<&[u8]>,
 ) -> Result<VerifiedBundle, ClientError> {
-    let bad = |_| ClientError::Engine(EngineError::BadBundle);
+    let bad = |_| ClientError::BadBundle;
     let identity = PublicIdentity::from_bytes(identity).map_err(bad)?;
     let spk = SignedPrekey::from_bytes(signed_prekey).map_err(bad)?;
     let opk = one_time_prekey
