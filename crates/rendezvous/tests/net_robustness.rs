@@ -654,9 +654,7 @@ async fn t30_mutated_frames_of_every_kind() {
 
     // Kind 0 is the preface; kinds 1.. are the request samples.
     let preface = encode(&PROTOCOL_VERSION).unwrap()[4..].to_vec();
-    let strings = [
-        "mallory", "bob", "carol", "team", "crew", "hello", "honest",
-    ];
+    let strings = ["mallory", "bob", "carol", "team", "crew", "hello", "honest"];
     let requests = samples(&mut mallory, &carol, &secret);
     let mut bodies = vec![(preface, usize::MAX)];
     for request in &requests {

@@ -196,8 +196,7 @@ fn record_workload(options: StoreOptions, steps: usize, seed: u64) -> (Vec<Op>, 
                             rng.random_range(100..2_000)
                         };
                         NewEnvelope {
-                            recipient: RECIPIENTS[rng.random_range(0..RECIPIENTS.len())]
-                                .to_owned(),
+                            recipient: RECIPIENTS[rng.random_range(0..RECIPIENTS.len())].to_owned(),
                             sender: "alice".to_owned(),
                             group: None,
                             message_id,
@@ -253,7 +252,9 @@ fn check_image(
         // Before the database was first created durably there is nothing
         // to recover, and redb refuses a half-created file (not as
         // corrupted): the server does not start and says which file.
-        Err(e @ StoreError::Storage { .. }) if lowest == 0 && highest == 0 && steps[0].syncs_after > 0 => {
+        Err(e @ StoreError::Storage { .. })
+            if lowest == 0 && highest == 0 && steps[0].syncs_after > 0 =>
+        {
             let text = format!("{e:?}");
             assert!(text.contains("Not a redb database"), "{what}: {text}");
             std::fs::remove_file(path).unwrap();
@@ -311,16 +312,10 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
         let epoch = &log[from..to];
         // Steps whose commit returned by sync k must be there; steps that
         // had started may be.
-        let lowest = steps
-            .iter()
-            .rposition(|s| s.syncs_after <= k)
-            .unwrap_or(0);
+        let lowest = steps.iter().rposition(|s| s.syncs_after <= k).unwrap_or(0);
         // Step 0 (the empty database) is only owed once its creation's
         // syncs are done.
-        let highest = steps
-            .iter()
-            .rposition(|s| s.syncs_before <= k)
-            .unwrap_or(0);
+        let highest = steps.iter().rposition(|s| s.syncs_before <= k).unwrap_or(0);
         if epoch.iter().any(|op| matches!(op, Op::SetLen(_))) {
             grew += 1;
         }
@@ -346,7 +341,12 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
                     }
                 }
                 if !image.is_empty() {
-                    check(&image, lowest, highest, format!("sync {k}, random subset {variant}"));
+                    check(
+                        &image,
+                        lowest,
+                        highest,
+                        format!("sync {k}, random subset {variant}"),
+                    );
                 }
             }
             // Written back in order up to a random point.
@@ -356,7 +356,12 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
                 apply_op(&mut image, op);
             }
             if !image.is_empty() {
-                check(&image, lowest, highest, format!("sync {k}, in order up to op {cut}"));
+                check(
+                    &image,
+                    lowest,
+                    highest,
+                    format!("sync {k}, in order up to op {cut}"),
+                );
             }
         }
         for op in epoch {
