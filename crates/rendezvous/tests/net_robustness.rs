@@ -35,6 +35,10 @@ use rand::{RngExt, SeedableRng};
 use support::{TestClient, client_endpoint, client_endpoint_with, connect_raw};
 use tempfile::TempDir;
 
+/// The tests here each load both cores (hundreds of handshakes); they take
+/// turns rather than starve each other's timers.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Mutations per frame kind in CI (T-30; 50,000 nightly).
 const MUTATIONS: usize = 2_000;
 
@@ -595,6 +599,7 @@ async fn send_answered(c: &mut TestClient, frames: Vec<(u32, Vec<u8>)>) -> (usiz
 /// smaller warm-up pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t30_mutated_frames_of_every_kind() {
+    let _turn = HEAVY.lock().await;
     let dir = temp_dir();
     let mut limits = Limits::default();
     limits.max_connections_per_ip = 10_000;
@@ -801,6 +806,7 @@ async fn slowloris(endpoint: quinn::Endpoint, addr: SocketAddr, how: Slow) -> (D
 /// honest client's requests keep succeeding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t37_slowloris_connections_are_closed_in_time() {
+    let _turn = HEAVY.lock().await;
     const CONNECTIONS: usize = 500;
     let dir = temp_dir();
     let mut limits = Limits::default();
@@ -824,7 +830,13 @@ async fn t37_slowloris_connections_are_closed_in_time() {
             _ => Slow::DripRequest,
         };
         let endpoint = endpoints[i % endpoints.len()].clone();
-        tasks.spawn(async move { (how, slowloris(endpoint, addr, how).await) });
+        // Spread over a second, so the handshakes do not delay the server's
+        // timers of the connections before them.
+        let delay = Duration::from_millis(2 * i as u64);
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            (how, slowloris(endpoint, addr, how).await)
+        });
     }
     // The honest client meanwhile.
     let mut honest_ok = 0;
@@ -923,6 +935,7 @@ async fn second_connection_0rtt(endpoint: &quinn::Endpoint, addr: SocketAddr) ->
 /// tell the two apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t45_zero_rtt_is_refused() {
+    let _turn = HEAVY.lock().await;
     let dir = temp_dir();
     let running = start_app(Limits::default(), &dir);
     let (addr, fp) = (
