@@ -707,3 +707,156 @@ fn full_disk_gives_storage_full_and_service_resumes() {
         accepted.len()
     );
 }
+
+/// Writes `request` as the next frame, or `None` if the connection is
+/// gone (the test client's own `send_request` panics then).
+async fn try_send(c: &mut TestClient, request: Request) -> Option<u32> {
+    let id = c.next_request_id();
+    let bytes = messenger_proto::encode(&messenger_proto::msg::ClientFrame { id, request }).ok()?;
+    match tokio::time::timeout(Duration::from_secs(2), c.send.write_all(&bytes)).await {
+        Ok(Ok(())) => Some(id),
+        _ => None,
+    }
+}
+
+/// One pipelined sender for T-57: keeps up to 16 sends to `to` in flight
+/// until its connection ends; returns the ids answered `Accepted`.
+async fn pipelined_sender(
+    mut c: TestClient,
+    to: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<[u8; 16]>, usize) {
+    use messenger_proto::msg::ServerFrame;
+    use std::sync::atomic::Ordering;
+    const IN_FLIGHT: usize = 16;
+    let mut waiting: std::collections::HashMap<u32, [u8; 16]> = std::collections::HashMap::new();
+    let mut accepted = Vec::new();
+    let mut answered = 0;
+    loop {
+        while waiting.len() < IN_FLIGHT && !stop.load(Ordering::SeqCst) {
+            let id: [u8; 16] = rand::rng().random();
+            let request = Request::Send(OutgoingEnvelope {
+                to: to.clone(),
+                to_device: 1,
+                id,
+                body: vec![0x5A; 1024],
+            });
+            // The server may be closing: a failed write ends the sender.
+            let Some(rid) = try_send(&mut c, request).await else {
+                return (accepted, answered);
+            };
+            waiting.insert(rid, id);
+        }
+        if waiting.is_empty() {
+            return (accepted, answered);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), c.frame()).await {
+            Ok(Ok(ServerFrame::Reply { id: rid, result })) => {
+                answered += 1;
+                if let Some(id) = waiting.remove(&rid)
+                    && matches!(result, Ok(Reply::Accepted { .. }))
+                {
+                    accepted.push(id);
+                }
+            }
+            Ok(Ok(_)) => {}
+            // The server closed the connection (shutdown) or went silent.
+            _ => return (accepted, answered),
+        }
+    }
+}
+
+/// T-57: the real server under a sustained send load from pipelined
+/// clients gets SIGTERM: it exits 0 within 5 s, and after a restart every
+/// envelope it answered `Accepted` is delivered (exactly once).
+#[test]
+fn sigterm_under_load_exits_cleanly_and_keeps_every_accepted_message() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const USERS: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let people: Vec<Person> = (0..USERS).map(|i| person(&format!("user{i}"))).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let pid = server.child.id();
+    let mut server = server;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (results, exit_after) = runtime.block_on(async {
+        let mut clients = Vec::new();
+        for p in &people {
+            clients.push(connect_as(p, addr, &fp, true).await);
+        }
+        let mut senders = Vec::new();
+        for (i, c) in clients.into_iter().enumerate() {
+            let to = people[(i + 1) % USERS].name.to_string();
+            senders.push(tokio::spawn(pipelined_sender(c, to, stop.clone())));
+        }
+        // Load flows, then SIGTERM while it still does.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let signalled = std::time::Instant::now();
+        let exit = loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                signalled.elapsed() < Duration::from_secs(10),
+                "rendezvous still running 10 s after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let exit_after = signalled.elapsed();
+        assert!(exit.success(), "rendezvous exited with {exit}");
+        stop.store(true, Ordering::SeqCst);
+        let mut results = Vec::new();
+        for s in senders {
+            results.push(
+                tokio::time::timeout(Duration::from_secs(20), s)
+                    .await
+                    .expect("sender ended")
+                    .unwrap(),
+            );
+        }
+        (results, exit_after)
+    });
+    drop(server);
+    let answered: usize = results.iter().map(|(_, n)| n).sum();
+    let accepted: usize = results.iter().map(|(ids, _)| ids.len()).sum();
+    eprintln!(
+        "T-57: {answered} sends answered, {accepted} accepted; exit {exit_after:?} after SIGTERM"
+    );
+    assert!(
+        exit_after < Duration::from_secs(5),
+        "exit took {exit_after:?}"
+    );
+    assert!(accepted > 0, "no load reached the server");
+
+    let (server, fp, addr) = start(dir.path(), &[]);
+    for (i, (ids, _)) in results.iter().enumerate() {
+        let recipient = &people[(i + 1) % USERS];
+        let delivered = runtime.block_on(pull_all_ids(recipient, addr, &fp));
+        let set: std::collections::HashSet<_> = delivered.iter().collect();
+        assert_eq!(
+            set.len(),
+            delivered.len(),
+            "an envelope was delivered twice"
+        );
+        let lost = ids.iter().filter(|id| !set.contains(id)).count();
+        assert_eq!(
+            lost,
+            0,
+            "{lost} of {} accepted envelopes to {} lost",
+            ids.len(),
+            recipient.name
+        );
+    }
+    terminate(server);
+}

@@ -132,6 +132,9 @@ pub enum CloseReason {
     TooSlow,
     /// A newer login of the same user replaced this connection (703).
     Replaced,
+    /// A frame was started but not completed within
+    /// [`crate::limits::Limits::frame_timeout`] (704): a slow-drip peer.
+    SlowFrame,
 }
 
 impl CloseReason {
@@ -146,6 +149,7 @@ impl CloseReason {
         Self::NoControlStream,
         Self::TooSlow,
         Self::Replaced,
+        Self::SlowFrame,
     ];
 
     /// The QUIC application error code.
@@ -160,6 +164,7 @@ impl CloseReason {
             Self::NoControlStream => 701,
             Self::TooSlow => 702,
             Self::Replaced => 703,
+            Self::SlowFrame => 704,
         }
     }
 
@@ -175,6 +180,7 @@ impl CloseReason {
             Self::NoControlStream => "no control stream",
             Self::TooSlow => "push queue full",
             Self::Replaced => "replaced by a newer login",
+            Self::SlowFrame => "frame not completed in time",
         }
     }
 

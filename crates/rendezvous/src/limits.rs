@@ -48,6 +48,16 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// is holding a slot for nothing (slowloris, T-37).
 pub const CONTROL_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Time a frame may take to arrive once its first byte has: 30 s (the
+/// [`IDLE_TIMEOUT`]).
+///
+/// QUIC keep-alives keep a connection that drips one byte a second from
+/// ever going idle, so without this a peer could hold a connection slot and
+/// a partly filled frame buffer indefinitely (slowloris, T-37). A maximum
+/// frame (256 KiB) in 30 s needs about 70 kbit/s, below any link the
+/// protocol is usable on; an idle client between frames is not affected.
+pub const FRAME_TIMEOUT: Duration = IDLE_TIMEOUT;
+
 /// Bidirectional streams a client may have open at once: 4.
 ///
 /// The protocol uses one control stream; a few more allow for a later
@@ -139,6 +149,8 @@ pub struct Limits {
     pub keep_alive: Duration,
     /// [`CONTROL_STREAM_TIMEOUT`].
     pub control_stream_timeout: Duration,
+    /// [`FRAME_TIMEOUT`].
+    pub frame_timeout: Duration,
     /// [`MAX_BIDI_STREAMS`].
     pub max_bidi_streams: u32,
     /// [`MAX_UNI_STREAMS`].
@@ -169,6 +181,7 @@ impl Default for Limits {
             idle_timeout: IDLE_TIMEOUT,
             keep_alive: KEEP_ALIVE,
             control_stream_timeout: CONTROL_STREAM_TIMEOUT,
+            frame_timeout: FRAME_TIMEOUT,
             max_bidi_streams: MAX_BIDI_STREAMS,
             max_uni_streams: MAX_UNI_STREAMS,
             stream_receive_window: STREAM_RECEIVE_WINDOW,

@@ -28,7 +28,10 @@
 //!    frame closes that connection with `bad_request` / `too_large`
 //!    (T-30, T-31); nothing panics, and other connections are unaffected.
 //!    Requests beyond the connection's token bucket are answered
-//!    `rate_limited` without reaching the handler.
+//!    `rate_limited` without reaching the handler. A frame whose first
+//!    byte has arrived must be complete within [`Limits::frame_timeout`],
+//!    or the connection is closed with [`CloseReason::SlowFrame`] (T-37:
+//!    keep-alives stop a one-byte-a-second peer from ever going idle).
 //! 6. **Other streams** are refused with [`STREAM_REFUSED`] (T-36); QUIC
 //!    flow control caps how many may be open at once.
 //!
@@ -438,6 +441,7 @@ async fn read_loop<H: Handler>(
         shared.limits.requests_per_second,
         shared.limits.request_burst,
     );
+    let mut frame_deadline: Option<Instant> = None;
     loop {
         // Frames already buffered (e.g. pipelined after the preface) first.
         while let Some(body) = decoder.next_frame() {
@@ -472,8 +476,16 @@ async fn read_loop<H: Handler>(
                 return Ended::Lost;
             }
         }
+        // A partly received frame must be completed within the frame
+        // timeout, counted from its first byte (slowloris, T-37).
+        if decoder.buffered() == 0 {
+            frame_deadline = None;
+        } else if frame_deadline.is_none() {
+            frame_deadline = Some(Instant::now() + shared.limits.frame_timeout);
+        }
         let chunk = tokio::select! {
             chunk = recv.read_chunk(READ_CHUNK, true) => chunk,
+            () = sleep_until_some(frame_deadline) => return Ended::Close(CloseReason::SlowFrame),
             _ = stop.wait_for(|stopped| *stopped) => return Ended::Close(CloseReason::ShuttingDown),
         };
         match chunk {
@@ -497,6 +509,14 @@ async fn read_loop<H: Handler>(
                 };
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

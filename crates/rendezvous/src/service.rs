@@ -592,7 +592,10 @@ impl<P: PushTarget> Service<P> {
                     && rec.owner == u
                 {
                     for who in store.join_requests(&g)? {
-                        owned.push((g.clone(), who));
+                        owned.push((g.clone(), who, true));
+                    }
+                    for who in store.leave_requests(&g)? {
+                        owned.push((g.clone(), who, false));
                     }
                 }
             }
@@ -607,8 +610,12 @@ impl<P: PushTarget> Service<P> {
                 s.push.push(Push::Announcement(signed));
             }
         }
-        for (group, username) in owned_requests {
-            s.push.push(Push::GroupJoinRequest { group, username });
+        for (group, username, join) in owned_requests {
+            s.push.push(if join {
+                Push::GroupJoinRequest { group, username }
+            } else {
+                Push::GroupLeaveRequest { group, username }
+            });
         }
         if prekeys < PREKEY_LOW_WATER {
             s.push.push(Push::PrekeysLow { remaining: prekeys });
@@ -1164,10 +1171,19 @@ impl<P: PushTarget> Service<P> {
             .filter(|m| !current.members.contains(m))
             .cloned()
             .collect();
+        let removed: Vec<String> = current
+            .members
+            .iter()
+            .filter(|m| !roster.members.contains(m))
+            .cloned()
+            .collect();
         blocking(move || {
             store.update_group(&g, expected, record)?;
             for m in &added {
                 store.remove_join_request(&g, m)?;
+            }
+            for m in &removed {
+                store.remove_leave_request(&g, m)?;
             }
             Ok(())
         })
@@ -1204,9 +1220,15 @@ impl<P: PushTarget> Service<P> {
         }
         if record.owner == me {
             // The owner signs the roster; leaving would orphan the group.
+            // Refused: the owner can publish a roster of only themself.
             return Err(ErrorCode::NotPermitted);
         }
-        // Only the owner can sign a roster without me: ask the owner's client.
+        // Only the owner can sign a roster without me: ask the owner's
+        // client now if it is online, and at each of its logins until it
+        // publishes a roster without me (the request is stored).
+        let store = self.store.clone();
+        let (g, m) = (record.name.clone(), me.to_owned());
+        blocking(move || store.add_leave_request(&g, &m)).await?;
         self.push_to(
             &record.owner,
             Push::GroupLeaveRequest {

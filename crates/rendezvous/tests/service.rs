@@ -1066,3 +1066,89 @@ async fn a_reset_token_replaces_one_accounts_keys_once() {
     };
     assert_eq!(identity, new_bob.id.public().to_bytes());
 }
+
+/// Leaving a group. A member's leave request reaches the owner at once if
+/// online, and is kept and repeated at each of the owner's logins until the
+/// owner publishes a roster without that member. The owner cannot leave
+/// (`not_permitted`): the signed roster always names its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_a_group_reaches_an_offline_owner_and_the_owner_cannot_leave() {
+    let w = World::new(fast_config());
+    let (alice, bob, carol) = (
+        user("alice", 31, 0),
+        user("bob", 32, 0),
+        user("carol", 33, 0),
+    );
+    for u in [&alice, &bob, &carol] {
+        w.registered(u).await;
+    }
+    let leave = |g: &str| named(|group| Request::GroupLeave { group }, g);
+    let leave_requests = |pushes: &[Push]| -> Vec<String> {
+        pushes
+            .iter()
+            .filter_map(|p| match p {
+                Push::GroupLeaveRequest { group, username } if group == "club" => {
+                    Some(username.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut a = w.login(&alice).await;
+    let r = w
+        .ask(
+            &mut a,
+            Request::GroupCreate(roster(&alice, "club", 1, &["alice", "bob", "carol"])),
+        )
+        .await;
+    assert_eq!(r, Ok(Reply::Ok));
+    // The owner cannot leave, and nothing changes.
+    assert_eq!(
+        w.ask(&mut a, leave("club")).await,
+        Err(ErrorCode::NotPermitted)
+    );
+    // The owner goes offline; bob leaves meanwhile.
+    w.service.disconnect(&a.session);
+    drop(a);
+    let mut b = w.login(&bob).await;
+    assert_eq!(w.ask(&mut b, leave("club")).await, Ok(Reply::Ok));
+    // Leaving twice is harmless; a non-member cannot.
+    assert_eq!(w.ask(&mut b, leave("club")).await, Ok(Reply::Ok));
+    assert_eq!(
+        w.ask(&mut b, leave("nope")).await,
+        Err(ErrorCode::GroupNotExist)
+    );
+    // At login the owner hears of it (once, however often bob asked).
+    let mut a = w.login(&alice).await;
+    assert_eq!(leave_requests(&drain(&mut a)), vec!["bob"]);
+    // Still pending at the next login while the roster keeps bob.
+    w.service.disconnect(&a.session);
+    let mut a = w.login(&alice).await;
+    assert_eq!(leave_requests(&drain(&mut a)), vec!["bob"]);
+    // The owner publishes a roster without bob: the request is done.
+    let r = w
+        .ask(
+            &mut a,
+            Request::GroupUpdate(roster(&alice, "club", 2, &["alice", "carol"])),
+        )
+        .await;
+    assert_eq!(r, Ok(Reply::Ok));
+    w.service.disconnect(&a.session);
+    let mut a = w.login(&alice).await;
+    assert!(leave_requests(&drain(&mut a)).is_empty());
+    // Bob, no longer a member, is told so.
+    assert_eq!(
+        w.ask(&mut b, leave("club")).await,
+        Err(ErrorCode::NotInGroup)
+    );
+    let members = w
+        .ask(
+            &mut a,
+            named(|group| Request::GroupMembers { group }, "club"),
+        )
+        .await;
+    assert!(
+        matches!(&members, Ok(Reply::Roster(r)) if r.members == ["alice", "carol"]),
+        "{members:?}"
+    );
+}

@@ -4,7 +4,8 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::tables::{
     ACCOUNTS, ANNOUNCEMENT_CURSORS, ANNOUNCEMENTS, COUNTERS, FRIEND_REQUESTS_IN,
-    FRIEND_REQUESTS_OUT, FRIENDS, GROUPS, JOIN_REQUESTS, MEMBER_OF, NEXT_ANNOUNCEMENT,
+    FRIEND_REQUESTS_OUT, FRIENDS, GROUPS, JOIN_REQUESTS, LEAVE_REQUESTS, MEMBER_OF,
+    NEXT_ANNOUNCEMENT,
 };
 use super::{
     AnnouncementRecord, FriendRequestOutcome, GroupRecord, MAX_ANNOUNCEMENTS_PER_CALL, OpResult,
@@ -166,7 +167,8 @@ impl Store {
         })
     }
 
-    /// Deletes a group, its membership index and its join requests.
+    /// Deletes a group, its membership index and its join and leave
+    /// requests.
     /// [`StoreError::UnknownGroup`] if there is none.
     pub fn delete_group(&self, name: &str) -> Result<(), StoreError> {
         const OP: &str = "delete group";
@@ -180,9 +182,11 @@ impl Store {
             for member in &old.members {
                 member_of.remove((member.as_str(), name)).op(OP)?;
             }
-            let mut requests = tx.open_table(JOIN_REQUESTS).op(OP)?;
-            for user in second_of_pairs(&requests, OP, name)? {
-                requests.remove((name, user.as_str())).op(OP)?;
+            for table in [JOIN_REQUESTS, LEAVE_REQUESTS] {
+                let mut requests = tx.open_table(table).op(OP)?;
+                for user in second_of_pairs(&requests, OP, name)? {
+                    requests.remove((name, user.as_str())).op(OP)?;
+                }
             }
             Ok(())
         })
@@ -225,6 +229,45 @@ impl Store {
         const OP: &str = "remove join request";
         self.write(OP, |tx| {
             let mut requests = tx.open_table(JOIN_REQUESTS).op(OP)?;
+            let removed = requests.remove((name, user)).op(OP)?.is_some();
+            Ok(removed)
+        })
+    }
+
+    /// Records that member `user` asks to leave the group (harmless if
+    /// repeated). [`StoreError::UnknownGroup`] if there is no such group,
+    /// [`StoreError::UnknownUser`] if `user` is not a member.
+    pub fn add_leave_request(&self, name: &str, user: &str) -> Result<(), StoreError> {
+        const OP: &str = "add leave request";
+        self.write(OP, |tx| {
+            let groups = tx.open_table(GROUPS).op(OP)?;
+            let Some(group) = group_in(&groups, OP, name)? else {
+                return Err(StoreError::UnknownGroup);
+            };
+            if !group.members.iter().any(|m| m == user) {
+                return Err(StoreError::UnknownUser);
+            }
+            tx.open_table(LEAVE_REQUESTS)
+                .op(OP)?
+                .insert((name, user), ())
+                .op(OP)?;
+            Ok(())
+        })
+    }
+
+    /// Members waiting to be taken off the group's roster, sorted.
+    pub fn leave_requests(&self, name: &str) -> Result<Vec<String>, StoreError> {
+        const OP: &str = "list leave requests";
+        self.read(OP, |tx| {
+            second_of_pairs(&tx.open_table(LEAVE_REQUESTS).op(OP)?, OP, name)
+        })
+    }
+
+    /// Removes a leave request; `true` if there was one.
+    pub fn remove_leave_request(&self, name: &str, user: &str) -> Result<bool, StoreError> {
+        const OP: &str = "remove leave request";
+        self.write(OP, |tx| {
+            let mut requests = tx.open_table(LEAVE_REQUESTS).op(OP)?;
             let removed = requests.remove((name, user)).op(OP)?.is_some();
             Ok(removed)
         })

@@ -76,6 +76,11 @@ pub(super) const MEMBER_OF: TableDefinition<(&str, &str), ()> = TableDefinition:
 pub(super) const JOIN_REQUESTS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("join_requests/1");
 
+/// (group, member) -> (): members who asked to leave, until the owner
+/// publishes a roster without them.
+pub(super) const LEAVE_REQUESTS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("leave_requests/1");
+
 /// id -> (issued_at, signed bytes)
 pub(super) const ANNOUNCEMENTS: TableDefinition<u64, (u64, &[u8])> =
     TableDefinition::new("announcements/1");
@@ -104,6 +109,7 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(GROUPS).op(OP)?;
     tx.open_table(MEMBER_OF).op(OP)?;
     tx.open_table(JOIN_REQUESTS).op(OP)?;
+    tx.open_table(LEAVE_REQUESTS).op(OP)?;
     tx.open_table(ANNOUNCEMENTS).op(OP)?;
     tx.open_table(ANNOUNCEMENT_CURSORS).op(OP)?;
     Ok(())

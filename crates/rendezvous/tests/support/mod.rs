@@ -246,9 +246,15 @@ impl TestClient {
         }
     }
 
-    pub async fn send_request(&mut self, request: Request) -> u32 {
+    /// Takes the next request id (for a caller that writes the frame itself).
+    pub fn next_request_id(&mut self) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
+        id
+    }
+
+    pub async fn send_request(&mut self, request: Request) -> u32 {
+        let id = self.next_request_id();
         let bytes = encode(&ClientFrame { id, request }).unwrap();
         self.send.write_all(&bytes).await.unwrap();
         id

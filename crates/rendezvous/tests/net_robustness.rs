@@ -1,0 +1,987 @@
+//! The real server (`app::start`: the service and store behind the QUIC
+//! layer) under hostile input on 127.0.0.1: mutated frames of every kind
+//! (T-30), slow-drip and silent connections (T-37), and 0-RTT (T-45).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
+use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
+use messenger_proto::msg::{
+    ClientFrame, Login, OutgoingEnvelope, Register, Reply, Request, ServerFrame, SignedRoster,
+    roster_signed_bytes,
+};
+use messenger_proto::{ALPN, MAX_FRAME_LEN, PROTOCOL_VERSION, decode, encode};
+use messenger_rendezvous::app::{
+    self, Running, load_or_create_server_secret, server_key_pair, sign_announcement,
+};
+use messenger_rendezvous::handler::CloseReason;
+use messenger_rendezvous::limits::Limits;
+use messenger_rendezvous::pin::pinned_client_config;
+use messenger_rendezvous::rate::Rate;
+use messenger_rendezvous::server::ServerConfig;
+use messenger_rendezvous::service::ServiceConfig;
+use messenger_rendezvous::store::StoreOptions;
+use messenger_rendezvous::tls::ServerIdentity;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use support::{TestClient, client_endpoint, client_endpoint_with, connect_raw};
+use tempfile::TempDir;
+
+/// The tests here each load both cores (hundreds of handshakes); they take
+/// turns rather than starve each other's timers.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Mutations per frame kind in CI (T-30; 50,000 nightly).
+const MUTATIONS: usize = 2_000;
+
+/// Of the mutations of one kind that do not decode (the server closes
+/// their connection, so each needs a connection of its own), how many are
+/// sent in CI: an even spread over all of them. Every one of them is
+/// checked to fail the same `decode` the server runs; sending all of them
+/// (about 39,000 handshakes, ~50 s on 2 cores) is `T30_CLOSING_PER_KIND=all`.
+const CLOSING_PER_KIND: usize = 250;
+
+/// A count from the environment (`all` for no limit), else `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) if v == "all" => usize::MAX,
+        Ok(v) => v.parse().unwrap_or(default),
+        Err(_) => default,
+    }
+}
+
+/// A bad frame must be answered or its connection closed within this.
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
+/// Connections used at once for frames that close their connection.
+const CLOSING_WORKERS: usize = 32;
+
+/// Frames sent before their replies are read, on the batch connection.
+const WINDOW: usize = 32;
+
+/// Service rates high enough that mutations reach the handlers instead of
+/// the rate limiter.
+fn fast_service() -> ServiceConfig {
+    ServiceConfig {
+        send_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
+        bundle_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
+        request_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
+        ..ServiceConfig::default()
+    }
+}
+
+/// A temporary directory in memory when the system has one: the mutated
+/// sends that are still valid commit to disk, and tmpfs keeps that fast.
+fn temp_dir() -> TempDir {
+    if std::path::Path::new("/dev/shm").is_dir()
+        && let Ok(dir) = tempfile::tempdir_in("/dev/shm")
+    {
+        return dir;
+    }
+    tempfile::tempdir().unwrap()
+}
+
+fn start_app(limits: Limits, dir: &TempDir) -> Running {
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
+    config.limits = limits;
+    app::start(config, fast_service(), StoreOptions::default()).unwrap()
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+struct Person {
+    name: String,
+    id: IdentityKeyPair,
+    spk: SignedPrekeyPair,
+    opks: Vec<OneTimePrekeyPair>,
+    counter: PrekeyIdCounter,
+}
+
+fn person(name: &str, seed: u64) -> Person {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let id = IdentityKeyPair::generate(&mut rng);
+    let mut counter = PrekeyIdCounter::new();
+    let spk = SignedPrekeyPair::generate(&id, &mut counter, &mut rng).unwrap();
+    let opks = OneTimePrekeyPair::generate_batch(&mut counter, 5, &mut rng).unwrap();
+    Person {
+        name: name.to_owned(),
+        id,
+        spk,
+        opks,
+        counter,
+    }
+}
+
+fn register(p: &Person) -> Request {
+    Request::Register(Register {
+        username: p.name.clone(),
+        identity: p.id.public().to_bytes(),
+        signed_prekey: p.spk.public().to_bytes(),
+        one_time_prekeys: p.opks.iter().map(|k| k.public().to_bytes()).collect(),
+        invite: None,
+    })
+}
+
+async fn login(c: &mut TestClient, p: &Person) {
+    let sig = p.id.sign_login(&c.hello.nonce, &c.exporter());
+    let r = c
+        .request(Request::Login(Login {
+            username: p.name.clone(),
+            signature: sig.to_vec(),
+        }))
+        .await;
+    assert!(matches!(r, Ok(Reply::LoggedIn { .. })), "{r:?}");
+}
+
+async fn registered_and_logged_in(addr: SocketAddr, fp: &str, p: &Person) -> TestClient {
+    let mut c = TestClient::connect(addr, fp).await;
+    assert_eq!(c.request(register(p)).await, Ok(Reply::Ok));
+    login(&mut c, p).await;
+    c
+}
+
+fn roster(owner: &Person, group: &str, version: u64, members: &[&str]) -> SignedRoster {
+    let mut members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+    members.sort();
+    let bytes = roster_signed_bytes(group, version, &owner.name, &members).unwrap();
+    SignedRoster {
+        group: group.into(),
+        version,
+        owner: owner.name.clone(),
+        members,
+        signature: owner.id.sign(SigningContext::GroupRoster, &bytes).to_vec(),
+    }
+}
+
+/// One well-formed sample of every request kind, with plausible contents
+/// (real keys and signatures where the server checks them), as `mallory`.
+fn samples(mallory: &mut Person, carol: &Person, server_secret: &[u8; 64]) -> Vec<Request> {
+    let mut rng = StdRng::seed_from_u64(77);
+    let fresh = OneTimePrekeyPair::generate_batch(&mut mallory.counter, 5, &mut rng).unwrap();
+    let spk = SignedPrekeyPair::generate(&mallory.id, &mut mallory.counter, &mut rng).unwrap();
+    let announcement = sign_announcement(&server_key_pair(server_secret), 1_700_000_000, "hello");
+    let requests = vec![
+        register(carol),
+        Request::Login(Login {
+            username: "mallory".into(),
+            signature: vec![0x11; 64],
+        }),
+        Request::FetchBundle {
+            username: "bob".into(),
+        },
+        Request::PrekeyStatus,
+        Request::UploadPrekeys {
+            one_time_prekeys: fresh.iter().map(|k| k.public().to_bytes()).collect(),
+        },
+        Request::RotateSignedPrekey {
+            signed_prekey: spk.public().to_bytes(),
+        },
+        Request::Send(OutgoingEnvelope {
+            to: "bob".into(),
+            to_device: 1,
+            id: [3; 16],
+            body: vec![0xC5; 48],
+        }),
+        Request::GroupSend {
+            group: "team".into(),
+            id: [4; 16],
+            body: vec![0x5C; 48],
+        },
+        Request::Pull { after: 0, max: 16 },
+        Request::Ack {
+            seqs: vec![1, 2, 300, 70_000],
+        },
+        Request::Users,
+        Request::FriendRequest {
+            username: "bob".into(),
+        },
+        Request::FriendAccept {
+            username: "bob".into(),
+        },
+        Request::FriendDecline {
+            username: "bob".into(),
+        },
+        Request::FriendRemove {
+            username: "bob".into(),
+        },
+        Request::FriendList,
+        Request::GroupCreate(roster(mallory, "crew", 1, &["mallory", "bob"])),
+        Request::GroupJoin {
+            group: "team".into(),
+        },
+        Request::GroupUpdate(roster(mallory, "team", 2, &["mallory", "bob"])),
+        Request::GroupLeave {
+            group: "team".into(),
+        },
+        Request::GroupMembers {
+            group: "team".into(),
+        },
+        Request::MyGroups,
+        Request::Announce(announcement),
+    ];
+    // Every variant once: the compiler checks this list stays complete.
+    for r in &requests {
+        match r {
+            Request::Register(_)
+            | Request::Login(_)
+            | Request::FetchBundle { .. }
+            | Request::PrekeyStatus
+            | Request::UploadPrekeys { .. }
+            | Request::RotateSignedPrekey { .. }
+            | Request::Send(_)
+            | Request::GroupSend { .. }
+            | Request::Pull { .. }
+            | Request::Ack { .. }
+            | Request::Users
+            | Request::FriendRequest { .. }
+            | Request::FriendAccept { .. }
+            | Request::FriendDecline { .. }
+            | Request::FriendRemove { .. }
+            | Request::FriendList
+            | Request::GroupCreate(_)
+            | Request::GroupJoin { .. }
+            | Request::GroupUpdate(_)
+            | Request::GroupLeave { .. }
+            | Request::GroupMembers { .. }
+            | Request::MyGroups
+            | Request::Announce(_) => {}
+            _ => panic!("a request kind without a sample: {r:?}"),
+        }
+    }
+    requests
+}
+
+/// Puts the length prefix before `body`.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+/// `count` mutated bodies of `body`: truncation at every length first,
+/// then bit flips, trailing bytes, unknown enum tags (at `tag_at`), invalid
+/// UTF-8 inside the `strings` found in the body, and huge length varints.
+fn mutations(
+    body: &[u8],
+    tag_at: usize,
+    strings: &[&str],
+    count: usize,
+    seed: u64,
+) -> Vec<Vec<u8>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out: Vec<Vec<u8>> = (0..body.len().min(count))
+        .map(|len| body[..len].to_vec())
+        .collect();
+    let string_spans: Vec<(usize, usize)> = strings
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            body.windows(s.len())
+                .position(|w| w == s.as_bytes())
+                .map(|at| (at, s.len()))
+        })
+        .collect();
+    let mut kind = 0usize;
+    while out.len() < count {
+        let mut m = body.to_vec();
+        match kind % 5 {
+            0 => {
+                for _ in 0..rng.random_range(1..=3) {
+                    let bit = rng.random_range(0..m.len() * 8);
+                    m[bit / 8] ^= 1 << (bit % 8);
+                }
+            }
+            1 => {
+                for _ in 0..rng.random_range(1..=16) {
+                    m.push(rng.random());
+                }
+            }
+            2 => {
+                if tag_at < m.len() {
+                    // Request has 23 variants; anything above is unknown
+                    // (values of 128 and more also start a longer varint).
+                    m[tag_at] = rng.random_range(23..=255);
+                }
+            }
+            3 => {
+                let bad = [0xFF, 0xFE, 0xC0, 0xC1, 0x80, 0xED, 0xF8];
+                let (at, len) = if string_spans.is_empty() {
+                    (0, m.len())
+                } else {
+                    string_spans[rng.random_range(0..string_spans.len())]
+                };
+                let i = at + rng.random_range(0..len);
+                m[i] = bad[rng.random_range(0..bad.len())];
+            }
+            _ => {
+                let huge: &[u8] = match rng.random_range(0..3) {
+                    // u32::MAX
+                    0 => &[0xFF, 0xFF, 0xFF, 0xFF, 0x0F],
+                    // 2^28: more elements than any frame holds
+                    1 => &[0x80, 0x80, 0x80, 0x80, 0x01],
+                    // u64::MAX
+                    _ => &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+                };
+                let at = rng.random_range(0..=m.len());
+                if rng.random_bool(0.5) {
+                    m.splice(at..at, huge.iter().copied());
+                } else {
+                    let end = (at + huge.len()).min(m.len());
+                    m.splice(at..end, huge.iter().copied());
+                }
+            }
+        }
+        kind += 1;
+        out.push(m);
+    }
+    out
+}
+
+/// One pass of T-30 over every frame kind.
+struct MutationPass {
+    mutations: usize,
+    closing_per_kind: usize,
+    seed: u64,
+}
+
+impl MutationPass {
+    /// Returns (mutations made, answered, error answers, closing frames sent).
+    async fn run(
+        &self,
+        bodies: &[(Vec<u8>, usize)],
+        strings: &[&str],
+        batch: &mut TestClient,
+        addr: SocketAddr,
+        fp: &str,
+        closing: &Arc<Closing>,
+    ) -> (usize, usize, usize, usize) {
+        let (mut total, mut answered, mut errors, mut closing_sent) = (0, 0, 0, 0);
+        for (kind, (body, tag_at)) in bodies.iter().enumerate() {
+            let mutated = mutations(
+                body,
+                *tag_at,
+                strings,
+                self.mutations,
+                self.seed + kind as u64,
+            );
+            assert_eq!(mutated.len(), self.mutations);
+            total += mutated.len();
+            let mut decodable = Vec::new();
+            let mut closing_frames = Vec::new();
+            for m in mutated {
+                if kind == 0 {
+                    // The preface kind: a fresh connection for each.
+                    closing_frames.push(framed(&m));
+                } else if let Ok(frame) = decode::<ClientFrame>(&m) {
+                    decodable.push((frame.id, framed(&m)));
+                } else {
+                    closing_frames.push(framed(&m));
+                }
+            }
+            if kind == 0 {
+                // A one-byte body has few distinct mutations.
+                closing_frames.sort();
+                closing_frames.dedup();
+            }
+            let (r, e) = send_answered(batch, decodable).await;
+            answered += r;
+            errors += e;
+            let sample = spread(closing_frames, self.closing_per_kind);
+            closing_sent += sample.len();
+            send_closing(addr, fp, sample, kind == 0, closing).await;
+        }
+        (total, answered, errors, closing_sent)
+    }
+}
+
+/// At most `n` of `items`, evenly spread over them.
+fn spread<T>(items: Vec<T>, n: usize) -> Vec<T> {
+    if items.len() <= n {
+        return items;
+    }
+    let step = items.len() as f64 / n as f64;
+    let mut keep: HashSet<usize> = (0..n).map(|i| (i as f64 * step) as usize).collect();
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| keep.remove(&i).then_some(item))
+        .collect()
+}
+
+/// Vectors that decode but exceed a limit: the server must answer them with
+/// an error, not store them.
+fn oversized_but_well_formed() -> Vec<Request> {
+    vec![
+        Request::UploadPrekeys {
+            one_time_prekeys: vec![vec![0x42; 36]; 5_000],
+        },
+        Request::Ack {
+            seqs: (0..40_000).collect(),
+        },
+        Request::Send(OutgoingEnvelope {
+            to: "bob".into(),
+            to_device: 1,
+            id: [9; 16],
+            body: vec![0xAA; MAX_FRAME_LEN - 100],
+        }),
+        Request::GroupCreate(SignedRoster {
+            group: "huge".into(),
+            version: 1,
+            owner: "mallory".into(),
+            members: (0..20_000).map(|i| format!("m{i:05}")).collect(),
+            signature: vec![0; 64],
+        }),
+    ]
+}
+
+/// The outcome of sending frames that should close their connection.
+#[derive(Default)]
+struct Closing {
+    closed: AtomicUsize,
+    /// Preface mutations that were still a valid preface.
+    hello: AtomicUsize,
+}
+
+/// Sends each of `frames` on a connection of its own (as the preface when
+/// `as_preface`, else after the hello) and checks the close: a frame-error
+/// code within [`ANSWER_WITHIN`].
+async fn send_closing(
+    addr: SocketAddr,
+    fp: &str,
+    frames: Vec<Vec<u8>>,
+    as_preface: bool,
+    outcome: &Arc<Closing>,
+) {
+    let queue = Arc::new(std::sync::Mutex::new(frames));
+    let endpoints: Vec<quinn::Endpoint> = (0..4).map(|_| client_endpoint(fp)).collect();
+    let mut workers = Vec::new();
+    for i in 0..CLOSING_WORKERS {
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        let (queue, outcome) = (queue.clone(), outcome.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let Some(frame) = queue.lock().unwrap().pop() else {
+                    return;
+                };
+                let conn = connect_raw(&endpoint, addr).await.unwrap();
+                let (mut send, mut recv) = conn.open_bi().await.unwrap();
+                if !as_preface {
+                    send.write_all(&encode(&PROTOCOL_VERSION).unwrap())
+                        .await
+                        .unwrap();
+                }
+                let sent = Instant::now();
+                send.write_all(&frame).await.unwrap();
+                let closed = tokio::time::timeout(ANSWER_WITHIN, conn.closed()).await;
+                match closed {
+                    Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+                        let code = close.error_code.into_inner();
+                        let expected = [
+                            CloseReason::BadRequest,
+                            CloseReason::TooLarge,
+                            CloseReason::UnsupportedVersion,
+                        ];
+                        assert!(
+                            expected.iter().any(|r| u64::from(r.code()) == code),
+                            "frame {frame:02x?} closed with {code}"
+                        );
+                        outcome.closed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(other) => panic!("frame {frame:02x?}: connection lost: {other}"),
+                    Err(_) if as_preface => {
+                        // Still a valid preface: the hello must have come.
+                        let mut prefix = [0u8; 4];
+                        tokio::time::timeout(ANSWER_WITHIN, recv.read_exact(&mut prefix))
+                            .await
+                            .expect("hello in time")
+                            .expect("hello read");
+                        outcome.hello.fetch_add(1, Ordering::SeqCst);
+                        conn.close(0u32.into(), b"");
+                    }
+                    Err(_) => panic!(
+                        "frame {frame:02x?}: not closed within {ANSWER_WITHIN:?} ({:?})",
+                        sent.elapsed()
+                    ),
+                }
+            }
+        }));
+    }
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(120), w)
+            .await
+            .expect("closing frames done in time")
+            .unwrap();
+    }
+    for endpoint in endpoints {
+        endpoint.close(0u32.into(), b"");
+    }
+}
+
+/// Sends frames that decode on one logged-in connection, `WINDOW` at a time,
+/// and checks each gets its reply within [`ANSWER_WITHIN`] of its window.
+/// Returns (replies, error replies).
+async fn send_answered(c: &mut TestClient, frames: Vec<(u32, Vec<u8>)>) -> (usize, usize) {
+    let (mut replies, mut errors) = (0, 0);
+    let mut pending: Vec<(u32, Vec<u8>)> = frames;
+    pending.reverse();
+    while !pending.is_empty() {
+        // A window of frames with distinct request ids.
+        let mut ids = HashSet::new();
+        let mut window = Vec::new();
+        let mut later = Vec::new();
+        while window.len() < WINDOW
+            && let Some((id, frame)) = pending.pop()
+        {
+            if ids.insert(id) {
+                window.push(frame);
+            } else {
+                later.push((id, frame));
+            }
+        }
+        pending.extend(later.into_iter().rev());
+        let sent = Instant::now();
+        for frame in &window {
+            c.send.write_all(frame).await.unwrap();
+        }
+        while !ids.is_empty() {
+            let frame = tokio::time::timeout(ANSWER_WITHIN, c.frame())
+                .await
+                .unwrap_or_else(|_| panic!("no reply within {ANSWER_WITHIN:?}: {ids:?}"))
+                .unwrap_or_else(|e| panic!("the batch connection failed: {e}"));
+            match frame {
+                ServerFrame::Reply { id, result } => {
+                    assert!(ids.remove(&id), "reply to an unknown id {id}");
+                    replies += 1;
+                    if result.is_err() {
+                        errors += 1;
+                    }
+                }
+                ServerFrame::Push(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            sent.elapsed() < ANSWER_WITHIN,
+            "window answered in {:?}",
+            sent.elapsed()
+        );
+    }
+    (replies, errors)
+}
+
+/// T-30: for the preface and each of the 23 request kinds, 2,000 mutations
+/// (truncation at every length, bit flips, trailing bytes, unknown tags,
+/// invalid UTF-8, huge lengths) of a plausible frame are made. Every one
+/// that still decodes (checked with the same `decode` the server uses) goes
+/// to the real server, 32 at a time on one logged-in connection, and must be
+/// answered. The ones that do not decode close their connection, so each
+/// needs a connection of its own: [`CLOSING_PER_KIND`] of them per kind,
+/// evenly spread, are sent in CI (all with `T30_CLOSING_PER_KIND=all`), and
+/// each must be closed with a frame-error code. Every answer or close
+/// within 1 s; well-formed but oversized vectors are answered with an error;
+/// an honest client meanwhile sees no failed request; the process's RSS
+/// (server and test client) grows < 10 % over the pass, measured after a
+/// smaller warm-up pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_mutated_frames_of_every_kind() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.max_connections_per_ip = 10_000;
+    limits.requests_per_second = 1_000_000;
+    limits.request_burst = 1_000_000;
+    let running = start_app(limits, &dir);
+    let (addr, fp) = (
+        running.handle.local_addr(),
+        running.handle.fingerprint().to_owned(),
+    );
+    let secret = load_or_create_server_secret(&dir.path().join("data")).unwrap();
+
+    let mut mallory = person("mallory", 1);
+    let (bob, honest, carol) = (person("bob", 2), person("honest", 3), person("carol", 4));
+    let mut batch = registered_and_logged_in(addr, &fp, &mallory).await;
+    let b = registered_and_logged_in(addr, &fp, &bob).await;
+    assert_eq!(
+        batch
+            .request(Request::GroupCreate(roster(
+                &mallory,
+                "team",
+                1,
+                &["mallory", "bob"]
+            )))
+            .await,
+        Ok(Reply::Ok)
+    );
+    b.conn.close(0u32.into(), b"");
+
+    // The honest client: requests every 20 ms, each must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let honest_ok = Arc::new(AtomicUsize::new(0));
+    let honest_task = {
+        let (stop, ok, fp) = (stop.clone(), honest_ok.clone(), fp.clone());
+        tokio::spawn(async move {
+            let mut c = registered_and_logged_in(addr, &fp, &honest).await;
+            let mut n = 0u8;
+            while !stop.load(Ordering::SeqCst) {
+                let request = match n % 3 {
+                    0 => Request::Users,
+                    1 => Request::FriendList,
+                    _ => Request::Send(OutgoingEnvelope {
+                        to: "bob".into(),
+                        to_device: 1,
+                        id: [n; 16],
+                        body: vec![n; 32],
+                    }),
+                };
+                let r = c.request(request).await;
+                assert!(r.is_ok(), "an honest request failed: {r:?}");
+                ok.fetch_add(1, Ordering::SeqCst);
+                n = n.wrapping_add(1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // Kind 0 is the preface; kinds 1.. are the request samples.
+    let preface = encode(&PROTOCOL_VERSION).unwrap()[4..].to_vec();
+    let strings = ["mallory", "bob", "carol", "team", "crew", "hello", "honest"];
+    let requests = samples(&mut mallory, &carol, &secret);
+    let mut bodies = vec![(preface, usize::MAX)];
+    for request in &requests {
+        let frame = encode(&ClientFrame {
+            id: 1,
+            request: request.clone(),
+        })
+        .unwrap();
+        // id 1 is one varint byte: the request tag follows it.
+        bodies.push((frame[4..].to_vec(), 1));
+    }
+    let closing = Arc::new(Closing::default());
+    // Warm-up pass (connection handling, allocator arenas, store cache),
+    // then the RSS baseline, then the measured pass. RSS rises during the
+    // warm-up (to ~120 MiB here) and then stays flat: memory that is reused,
+    // not leaked.
+    let warm = MutationPass {
+        mutations: 200,
+        closing_per_kind: 100,
+        seed: 1_000,
+    };
+    warm.run(&bodies, &strings, &mut batch, addr, &fp, &closing)
+        .await;
+    let rss_start = vm_rss_kib();
+    let started = Instant::now();
+    let pass = MutationPass {
+        mutations: env_count("T30_MUTATIONS", MUTATIONS),
+        closing_per_kind: env_count("T30_CLOSING_PER_KIND", CLOSING_PER_KIND),
+        seed: 0,
+    };
+    let (total, answered, error_answers, closed_sent) = pass
+        .run(&bodies, &strings, &mut batch, addr, &fp, &closing)
+        .await;
+    let rss_end = vm_rss_kib();
+    // Well-formed but oversized vectors: answered with an error.
+    let oversized: Vec<(u32, Vec<u8>)> = oversized_but_well_formed()
+        .into_iter()
+        .enumerate()
+        .map(|(i, request)| {
+            let id = 1_000 + u32::try_from(i).unwrap();
+            (id, encode(&ClientFrame { id, request }).unwrap())
+        })
+        .collect();
+    let n_oversized = oversized.len();
+    let (r, e) = send_answered(&mut batch, oversized).await;
+    assert_eq!((r, e), (n_oversized, n_oversized), "oversized accepted");
+
+    // The server still serves: a fresh login works.
+    let mut again = TestClient::connect(addr, &fp).await;
+    login(&mut again, &mallory).await;
+
+    stop.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), honest_task)
+        .await
+        .unwrap()
+        .unwrap();
+    let closed = closing.closed.load(Ordering::SeqCst);
+    let hello = closing.hello.load(Ordering::SeqCst);
+    eprintln!(
+        "T-30: {total} mutations in {:?}: {answered} answered ({error_answers} errors), \
+         {closed_sent} sent of those that close ({closed} closed in both passes, \
+         {hello} valid prefaces); honest requests {}; RSS {rss_start} -> {rss_end} KiB",
+        started.elapsed(),
+        honest_ok.load(Ordering::SeqCst)
+    );
+    assert!(honest_ok.load(Ordering::SeqCst) > 0);
+    assert!(closed > 0 && answered > 0);
+    assert!(
+        rss_end * 10 < rss_start * 11,
+        "RSS grew from {rss_start} to {rss_end} KiB"
+    );
+    running.handle.shutdown().await;
+}
+
+/// How a slowloris connection of T-37 behaves.
+#[derive(Clone, Copy, Debug)]
+enum Slow {
+    /// Handshakes, then sends nothing.
+    Silent,
+    /// Opens the control stream and sends the preface one byte a second.
+    DripPreface,
+    /// Sends the preface, then a request one byte a second.
+    DripRequest,
+}
+
+/// One slowloris connection; returns how long after its last on-time step
+/// (the handshake, or the first byte of the dripped request) it was closed,
+/// and the close code.
+async fn slowloris(endpoint: quinn::Endpoint, addr: SocketAddr, how: Slow) -> (Duration, u64) {
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
+    let mut since = Instant::now();
+    let mut drip: Vec<u8> = Vec::new();
+    let mut streams = None;
+    match how {
+        Slow::Silent => {}
+        Slow::DripPreface => drip = encode(&PROTOCOL_VERSION).unwrap(),
+        Slow::DripRequest => {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            send.write_all(&encode(&PROTOCOL_VERSION).unwrap())
+                .await
+                .unwrap();
+            streams = Some((send, recv));
+            drip = encode(&ClientFrame {
+                id: 1,
+                request: Request::Send(OutgoingEnvelope {
+                    to: "bob".into(),
+                    to_device: 1,
+                    id: [1; 16],
+                    body: vec![0; 64],
+                }),
+            })
+            .unwrap();
+        }
+    }
+    if !drip.is_empty() {
+        if streams.is_none() {
+            streams = Some(conn.open_bi().await.unwrap());
+        }
+        let (send, _recv) = streams.as_mut().unwrap();
+        since = Instant::now();
+        for byte in drip {
+            if send.write_all(&[byte]).await.is_err() {
+                break;
+            }
+            let closed = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+            if closed.is_ok() {
+                break;
+            }
+        }
+    }
+    let error = tokio::time::timeout(Duration::from_secs(60), conn.closed())
+        .await
+        .expect("closed within 60 s");
+    let code = match error {
+        quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
+        other => panic!("{how:?}: closed without a code: {other}"),
+    };
+    (since.elapsed(), code)
+}
+
+/// T-37: 500 connections that stay silent after the handshake, drip their
+/// preface, or drip a request one byte a second are all closed within
+/// their timeout (control stream 1 s, frame 2 s here) + 2 s, while an
+/// honest client's requests keep succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t37_slowloris_connections_are_closed_in_time() {
+    let _turn = HEAVY.lock().await;
+    const CONNECTIONS: usize = 500;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.max_connections_per_ip = 10_000;
+    limits.control_stream_timeout = Duration::from_secs(1);
+    limits.frame_timeout = Duration::from_secs(2);
+    let running = start_app(limits.clone(), &dir);
+    let (addr, fp) = (
+        running.handle.local_addr(),
+        running.handle.fingerprint().to_owned(),
+    );
+    let honest = person("honest", 3);
+    let mut c = registered_and_logged_in(addr, &fp, &honest).await;
+
+    let endpoints: Vec<quinn::Endpoint> = (0..4).map(|_| client_endpoint(&fp)).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CONNECTIONS {
+        let how = match i % 3 {
+            0 => Slow::Silent,
+            1 => Slow::DripPreface,
+            _ => Slow::DripRequest,
+        };
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        // Spread over a second, so the handshakes do not delay the server's
+        // timers of the connections before them.
+        let delay = Duration::from_millis(2 * i as u64);
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            (how, slowloris(endpoint, addr, how).await)
+        });
+    }
+    // The honest client meanwhile.
+    let mut honest_ok = 0;
+    let mut results = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !tasks.is_empty() {
+        assert!(Instant::now() < deadline, "slowloris test overran");
+        let r = c.request(Request::Users).await;
+        assert!(r.is_ok(), "an honest request failed: {r:?}");
+        honest_ok += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Some(done) = tasks.try_join_next() {
+            results.push(done.unwrap());
+        }
+    }
+    assert_eq!(results.len(), CONNECTIONS);
+    let mut worst = Duration::ZERO;
+    for (how, (took, code)) in &results {
+        let (limit, reason) = match how {
+            Slow::Silent | Slow::DripPreface => {
+                (limits.control_stream_timeout, CloseReason::NoControlStream)
+            }
+            Slow::DripRequest => (limits.frame_timeout, CloseReason::SlowFrame),
+        };
+        assert_eq!(*code, u64::from(reason.code()), "{how:?}");
+        assert!(
+            *took < limit + Duration::from_secs(2),
+            "{how:?} closed after {took:?}"
+        );
+        worst = worst.max(*took);
+    }
+    eprintln!("T-37: {CONNECTIONS} closed, slowest after {worst:?}; {honest_ok} honest requests");
+    assert!(honest_ok > 0);
+    // Still serving new clients.
+    let mut again = TestClient::connect(addr, &fp).await;
+    login(&mut again, &honest).await;
+    running.handle.shutdown().await;
+}
+
+/// Serves each connection's first stream: reads a preface, answers "ok". A stand-in server for the 0-RTT control case.
+async fn echo_server(endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let mut preface = [0u8; 5];
+                let _ = recv.read_exact(&mut preface).await;
+                let _ = send.write_all(b"ok").await;
+                let _ = send.finish();
+                let _ = conn.closed().await;
+            }
+        });
+    }
+}
+
+/// Whether a second connection from `endpoint` (whose first connection got
+/// the server's session tickets) can start in 0-RTT.
+async fn second_connection_0rtt(endpoint: &quinn::Endpoint, addr: SocketAddr) -> bool {
+    let first = connect_raw(endpoint, addr).await.unwrap();
+    let (mut send, mut recv) = first.open_bi().await.unwrap();
+    send.write_all(&encode(&PROTOCOL_VERSION).unwrap())
+        .await
+        .unwrap();
+    // A reply means the handshake is done and the tickets were sent.
+    let mut buf = [0u8; 2];
+    let read = tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(()))),
+        "no answer from {addr}: {read:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.close(0u32.into(), b"");
+    let connecting = endpoint.connect(addr, "localhost").unwrap();
+    match connecting.into_0rtt() {
+        Ok((conn, _accepted)) => {
+            conn.close(0u32.into(), b"");
+            true
+        }
+        Err(connecting) => {
+            // The full handshake still works.
+            let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+                .await
+                .unwrap()
+                .unwrap();
+            conn.close(0u32.into(), b"");
+            false
+        }
+    }
+}
+
+/// T-45: a client with early data enabled and a resumption ticket cannot
+/// start in 0-RTT against the server (its TLS configuration allows no
+/// early data), so nothing reaches the server before the handshake is
+/// done. Control: the same client against a stand-in server with the same
+/// certificate that allows early data does start in 0-RTT, so the test can
+/// tell the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t45_zero_rtt_is_refused() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let running = start_app(Limits::default(), &dir);
+    let (addr, fp) = (
+        running.handle.local_addr(),
+        running.handle.fingerprint().to_owned(),
+    );
+    let client = || {
+        let mut tls = pinned_client_config(&fp).unwrap();
+        tls.enable_early_data = true;
+        client_endpoint_with(tls)
+    };
+
+    // The server's own TLS configuration.
+    let identity = ServerIdentity::load_or_create(&dir.path().join("data")).unwrap();
+    let chain = vec![identity.cert_der().clone()];
+    let tls = messenger_rendezvous::net::tls_config(chain.clone(), identity.key_der().to_rustls())
+        .unwrap();
+    assert_eq!(tls.max_early_data_size, 0);
+    assert_eq!(tls.alpn_protocols, vec![ALPN.to_vec()]);
+
+    let endpoint = client();
+    assert!(
+        !second_connection_0rtt(&endpoint, addr).await,
+        "the server accepted a 0-RTT connection"
+    );
+    endpoint.close(0u32.into(), b"");
+
+    // Control: the same certificate with early data allowed.
+    let mut permissive =
+        messenger_rendezvous::net::tls_config(chain, identity.key_der().to_rustls()).unwrap();
+    permissive.max_early_data_size = u32::MAX;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(permissive).unwrap();
+    let control = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(quic)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let control_addr = control.local_addr().unwrap();
+    let serving = tokio::spawn(echo_server(control.clone()));
+    let endpoint = client();
+    assert!(
+        second_connection_0rtt(&endpoint, control_addr).await,
+        "control: the client did not even try 0-RTT"
+    );
+    endpoint.close(0u32.into(), b"");
+    control.close(0u32.into(), b"");
+    serving.abort();
+    running.handle.shutdown().await;
+}
