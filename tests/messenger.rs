@@ -100,7 +100,17 @@ impl User {
             self.name,
             text(&out)
         );
-        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("error: ")).count(),
+            1,
+            "{stderr}"
+        );
+        assert!(
+            stderr.lines().all(|l| l.starts_with("error: ")
+                || l.starts_with("warning: ")
+                || l.starts_with("hint: ")),
+            "{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(!stderr.contains("RUST_BACKTRACE"), "{stderr}");
         stderr
