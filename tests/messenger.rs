@@ -249,14 +249,14 @@ fn two_people_talk_and_nothing_readable_reaches_the_server_or_the_disk() {
     markers.push(first.clone());
     assert!(alice.ok(&["send", "bob", &first]).contains("sent to bob"));
     let got = bob.pull_json();
-    assert_eq!(texts(&got), [first.clone()]);
+    assert_eq!(texts(&got), std::slice::from_ref(&first));
     assert_eq!(got[0]["from"], "alice");
     assert_eq!(got[0]["id"].as_str().unwrap().len(), 32);
     assert!(got[0]["sent_at"].as_u64().unwrap() > 1_700_000_000);
     let reply = format!("hi alice {}", marker());
     markers.push(reply.clone());
     bob.ok(&["send", "alice", &reply]);
-    assert_eq!(texts(&alice.pull_json()), [reply.clone()]);
+    assert_eq!(texts(&alice.pull_json()), std::slice::from_ref(&reply));
 
     // bob is offline (no command runs): three messages wait on the server
     // and arrive in order, exactly once; the third from stdin.
@@ -316,7 +316,7 @@ fn two_people_talk_and_nothing_readable_reaches_the_server_or_the_disk() {
             assert_no_marker_in(
                 &file.display().to_string(),
                 &bytes,
-                &[user.passphrase.clone()],
+                std::slice::from_ref(&user.passphrase),
             );
         }
     }

@@ -253,16 +253,11 @@ fn spawn_editor(
         .context("cannot print above the input line")?;
     let prompt = format!("{name}> ");
     std::thread::spawn(move || {
-        loop {
-            match editor.readline(&prompt) {
-                Ok(line) => {
-                    let _ = editor.add_history_entry(line.as_str());
-                    if tx.blocking_send(line).is_err() {
-                        break;
-                    }
-                }
-                // Ctrl-C, Ctrl-D, or a terminal error: leave.
-                Err(_) => break,
+        // Ctrl-C, Ctrl-D or a terminal error ends the input.
+        while let Ok(line) = editor.readline(&prompt) {
+            let _ = editor.add_history_entry(line.as_str());
+            if tx.blocking_send(line).is_err() {
+                break;
             }
         }
     });

@@ -66,15 +66,14 @@ pub(crate) fn run(
         other => other,
     };
     let mut client = Client::open(home, &mut passphrases, connect_options()?)?;
-    let result = runtime.block_on(async {
+    runtime.block_on(async {
         let result = dispatch(&mut client, command, out).await;
         for event in client.take_events() {
             render::event_to_stderr(&event);
         }
         client.close().await;
         result
-    });
-    result
+    })
 }
 
 async fn dispatch(client: &mut Client, command: Command, out: &mut Output) -> anyhow::Result<()> {
