@@ -311,10 +311,13 @@ async fn safety_number(
     {
         out.line(&qr)?;
     }
-    out.line(if safety.verified {
-        "verified"
+    out.line(&if safety.verified {
+        "verified".to_owned()
     } else {
-        "not verified: compare it with them in person or on a call, then `messenger verify USER NUMBER`"
+        format!(
+            "not verified: compare it with {0} in person or on a call, then `messenger verify {0} NUMBER`",
+            safety.user
+        )
     })
 }
 

@@ -774,6 +774,11 @@ impl Client {
     pub async fn handle_push(&mut self, push: Push) -> Result<Vec<Event>, ClientError> {
         let seq = match &push {
             Push::Envelope(e) => Some(e.seq),
+            Push::PrekeysLow { remaining } => {
+                // Others took one-time prekeys while I am online.
+                self.upkeep(*remaining).await;
+                None
+            }
             _ => None,
         };
         let event = self.on_push(push)?;

@@ -1,16 +1,31 @@
 //! # messenger-client
 //!
-//! The messenger's client library. Today it owns the profile directory (the
-//! "home"): a passphrase-sealed identity key file and a small profile with
-//! the username. The connection to a rendezvous server, sessions and the
-//! local store will live here too.
+//! The messenger's client library: everything the `messenger` command does,
+//! without printing.
+//!
+//! - [`home`]: the profile directory: the passphrase-sealed identity key
+//!   file, `profile.toml` (name, registered server and its pinned
+//!   certificate fingerprint).
+//! - [`store`]: the local redb store, every record sealed under the storage
+//!   key from the key file (`docs/client-storage.md`).
+//! - [`engine`]: the messaging core over the store, with no network and no
+//!   clock: prekeys, contacts and key changes, X3DH and the Double Ratchet,
+//!   the outbox and history, each change in one transaction.
+//! - [`conn`]: one QUIC connection to a rendezvous server: pinning (or trust
+//!   on first use), the preface and hello, channel-bound login, requests
+//!   and pushes.
+//! - [`client`]: the two together, one method per command: register, send,
+//!   pull, history, users, friends, safety numbers, verification, and the
+//!   push stream for `chat`.
 //!
 //! ## What it does not do
 //!
 //! It never prints, never prompts and never reads the environment: the
 //! caller decides where a home is and supplies passphrases through a
-//! [`PassphraseSource`]. Errors are typed ([`HomeError`]) and never carry a
-//! passphrase or key bytes.
+//! [`PassphraseSource`]. Errors are typed ([`HomeError`],
+//! [`client::ClientError`], ...) and never carry a passphrase, key bytes or
+//! message text. Groups, the lobby and file transfer are not built in the
+//! client yet (the server and the crypto crate have them).
 //!
 //! ## Example
 //!
