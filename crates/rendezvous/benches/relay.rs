@@ -24,6 +24,10 @@
 //!   500 publishers on their own TCP connections, `PUBLISH` of the same
 //!   bodies, spoken in RESP by a small client here.
 //!
+//! Diagnostics (environment): `BENCH_RUNS=<n>` runs per system instead of
+//! 3; `BENCH_DEBUG=1` lists pairs with messages still in flight after the
+//! drain; `BENCH_NO_ACK=1` makes our recipients never ack.
+//!
 //! The server (or redis) runs pinned to CPU 1, this load generator (one
 //! tokio current-thread runtime) to CPU 0; server CPU seconds come from
 //! `/proc/<pid>/stat`.

@@ -85,8 +85,8 @@ impl Store {
     /// deletion, so the envelopes are delivered again and the client drops
     /// them as duplicates by `(from, id)`; nothing acknowledged is lost. An
     /// `fsync` per ack made every recipient's ack a commit of its own that
-    /// held up the group commit: live relay ran at a quarter of the
-    /// throughput (docs/benchmarks.md §3).
+    /// held up the group commit: live relay ran at 37 % of the throughput
+    /// (docs/benchmarks.md §3).
     pub fn ack(&self, recipient: &str, seqs: &[u64]) -> Result<u32, StoreError> {
         const OP: &str = "ack";
         if seqs.is_empty() {
