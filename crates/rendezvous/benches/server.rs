@@ -23,6 +23,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -31,6 +33,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{
+    cpu_seconds, has_taskset, median, percentile, pin_self, print_machine, rss_bytes, spread,
+};
 use messenger_crypto::identity::IdentityKeyPair;
 use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
 use messenger_proto::msg::{
@@ -88,72 +93,6 @@ fn main() {
     if want("idle") {
         rt.block_on(idle_scenario());
     }
-}
-
-// ---------------------------------------------------------------- machine
-
-fn has_taskset() -> bool {
-    Command::new("taskset")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn pin_self() {
-    if has_taskset() {
-        let ok = Command::new("taskset")
-            .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        println!(
-            "load generator pinned to CPU 0: {ok}; server child pinned to CPU 1 (taskset -c 1)"
-        );
-    } else {
-        println!("taskset not found: nothing pinned");
-    }
-}
-
-fn print_machine() {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    println!("machine: {cpus} CPU(s) available to this pinned process, {model}");
-}
-
-fn clk_tck() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid` in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / clk_tck()
-}
-
-/// Resident set of `pid` in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb * 1024
 }
 
 // ---------------------------------------------------------- server child
@@ -369,28 +308,6 @@ where
         out[i] = Some(v);
     }
     out.into_iter().map(Option::unwrap).collect()
-}
-
-// ------------------------------------------------------------- statistics
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    f64::from(sorted[i])
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
-
-fn spread(v: &[f64]) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.0}–{max:.0}")
 }
 
 // ---------------------------------------------------------------- store

@@ -16,6 +16,31 @@ use crate::limits::Limits;
 use crate::net::{self, Shared};
 use crate::tls::{ServerIdentity, TlsError, certificate_fingerprint};
 
+/// Send and receive buffer asked for the server's UDP socket: 4 MiB.
+///
+/// Linux's default (208 KiB on the bench machine) overflowed under relay
+/// load: 1,000 clients with a few KiB in flight each arrive in bursts of
+/// megabytes, a full buffer drops datagrams, and QUIC resends them only
+/// after a loss timeout (docs/benchmarks.md §3: tens of thousands of drops
+/// per run, p99 of seconds). The kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max`; a smaller grant is not an error.
+pub const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Binds the server's UDP socket at `addr`, asking for
+/// [`UDP_SOCKET_BUFFER`] bytes of receive and send buffer.
+///
+/// # Errors
+///
+/// The bind's error.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Capped by the kernel's maximum; whatever is granted is used.
+    let _ = state.set_recv_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
+    let _ = state.set_send_buffer_size((&socket).into(), UDP_SOCKET_BUFFER);
+    Ok(socket)
+}
+
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -116,12 +141,19 @@ impl Server {
         let quinn_config = net::quinn_config(tls, &config.limits)?;
         let endpoint = {
             let _guard = runtime.enter();
-            quinn::Endpoint::server(quinn_config, config.listen).map_err(|source| {
-                ServerError::Bind {
+            bind_udp(config.listen)
+                .and_then(|socket| {
+                    quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        Some(quinn_config),
+                        socket,
+                        Arc::new(quinn::TokioRuntime),
+                    )
+                })
+                .map_err(|source| ServerError::Bind {
                     addr: config.listen,
                     source,
-                }
-            })?
+                })?
         };
         let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
             addr: config.listen,

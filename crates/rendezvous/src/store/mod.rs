@@ -6,8 +6,8 @@
 //! through [`Store`]. Each method is one redb transaction, so each is atomic;
 //! every write transaction commits with [`redb::Durability::Immediate`] and
 //! two-phase commit (the server writes bytes that attackers choose, which is
-//! the case redb recommends it for). A method that returns `Ok` has been
-//! durably committed; one that returns `Err` may, after an I/O error in the
+//! the case redb recommends it for), except [`Store::ack`] (see there). A
+//! method that returns `Ok` has been durably committed; one that returns `Err` may, after an I/O error in the
 //! final `fsync`, still have been committed, which is why [`Store::append`] is
 //! idempotent: a sender that retries gets [`AppendOutcome::Duplicate`].
 //!
@@ -513,6 +513,26 @@ impl Store {
             tx.set_durability(Durability::Immediate)
                 .map_err(|e| classify(op, e.into()))?;
             tx.set_two_phase_commit(self.inner.options.two_phase_commit);
+            let value = f(&tx)?;
+            tx.commit().map_err(|e| classify(op, e.into()))?;
+            Ok(value)
+        })
+    }
+
+    /// One write transaction that its own commit does not make durable
+    /// ([`Durability::None`]: no `fsync`): it becomes durable with the next
+    /// durable commit (the group commit, continuous under load) or when the
+    /// database closes; a crash before then rolls it back whole. Only for
+    /// changes whose loss is harmless.
+    fn write_relaxed<T>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&WriteTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.run(|db| {
+            let mut tx = db.begin_write().map_err(|e| classify(op, e.into()))?;
+            tx.set_durability(Durability::None)
+                .map_err(|e| classify(op, e.into()))?;
             let value = f(&tx)?;
             tx.commit().map_err(|e| classify(op, e.into()))?;
             Ok(value)

@@ -252,6 +252,34 @@ fn ack_only_removes_own_envelopes() {
 }
 
 #[test]
+fn ack_without_its_own_fsync_is_kept_by_close_and_later_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let s = Store::open(&path, StoreOptions::default()).unwrap();
+    users(&s, &["bob"]);
+    let seqs: Vec<u64> = s
+        .append((0..3).map(|i| env("bob", "alice", i, 1, b"m")).collect())
+        .iter()
+        .map(stored)
+        .collect();
+    // One ack followed by a durable commit, one ack with nothing after it.
+    assert_eq!(s.ack("bob", &[seqs[0]]).unwrap(), 1);
+    s.append(vec![env("bob", "carol", 9, 1, b"later")]);
+    assert_eq!(s.ack("bob", &[seqs[1]]).unwrap(), 1);
+    drop(s);
+    let s = Store::open(&path, StoreOptions::default()).unwrap();
+    let left: Vec<u64> = s
+        .pending("bob", 0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left.len(), 2);
+    assert_eq!(left[0], seqs[2]);
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (2, 1 + 5));
+}
+
+#[test]
 fn count_quota_at_the_edge_and_one_past() {
     let (_d, s) = store_with(StoreOptions {
         mailbox_max_messages: 3,
