@@ -203,9 +203,9 @@ pub fn spawn_purger(store: Store) {
                 let mut total = 0u64;
                 loop {
                     match store.purge_expired(now) {
-                        Ok(n) => {
-                            total += u64::from(n);
-                            if (n as usize) < crate::store::PURGE_BATCH {
+                        Ok(purged) => {
+                            total += u64::from(purged.envelopes);
+                            if !purged.more {
                                 return Ok(total);
                             }
                         }
