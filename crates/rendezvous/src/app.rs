@@ -13,7 +13,7 @@ use messenger_proto::ErrorCode;
 use messenger_proto::msg::{Push, Reply, Request};
 use zeroize::Zeroizing;
 
-use crate::handler::{CloseReason, ConnectionContext, Handler, PushSender};
+use crate::handler::{CloseReason, ConnectionContext, Handler, PendingReply, PushSender};
 use crate::server::{Server, ServerConfig, ServerError, ServerHandle};
 use crate::service::{PushTarget, Service, ServiceConfig, Session, system_clock};
 use crate::store::{Store, StoreError, StoreOptions};
@@ -72,6 +72,21 @@ impl Handler for App {
         let reply = self.service.handle(session, request).await;
         ctx.user = session.user().map(str::to_owned);
         reply
+    }
+
+    fn pipelines(&self, request: &Request) -> bool {
+        Service::<PushSender>::pipelines(request)
+    }
+
+    async fn begin(
+        &self,
+        ctx: &mut ConnectionContext,
+        session: &mut Self::Session,
+        request: Request,
+    ) -> PendingReply {
+        let reply = self.service.begin(session, request).await;
+        ctx.user = session.user().map(str::to_owned);
+        Box::pin(reply)
     }
 
     async fn on_disconnect(&self, _ctx: &ConnectionContext, session: Self::Session) {
@@ -188,9 +203,9 @@ pub fn spawn_purger(store: Store) {
                 let mut total = 0u64;
                 loop {
                     match store.purge_expired(now) {
-                        Ok(n) => {
-                            total += u64::from(n);
-                            if (n as usize) < crate::store::PURGE_BATCH {
+                        Ok(purged) => {
+                            total += u64::from(purged.envelopes);
+                            if !purged.more {
                                 return Ok(total);
                             }
                         }

@@ -18,17 +18,29 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use messenger_proto::msg::{Push, Reply, Request};
 use messenger_proto::{ErrorCode, FrameError};
 use tokio::sync::{Notify, mpsc};
 
+/// The rest of a pipelined request (see [`Handler::begin`]): a future that
+/// borrows nothing from the connection and yields the reply.
+pub type PendingReply = Pin<Box<dyn Future<Output = Result<Reply, ErrorCode>> + Send + 'static>>;
+
 /// What the service does with the requests of every connection.
 ///
 /// One connection's requests are handled one at a time, in the order they
 /// arrived (the next request is read only after the previous reply is
 /// queued); different connections are handled concurrently.
+///
+/// The exception is *pipelined* requests ([`Handler::pipelines`]): a run of
+/// them is started one at a time, in order, with [`Handler::begin`], but
+/// the network layer goes on reading while their [`PendingReply`] futures
+/// complete, and writes their replies in request order. Before any request
+/// that is not pipelined, every pending reply is written first, so that
+/// request sees the effects of all earlier ones.
 pub trait Handler: Send + Sync + 'static {
     /// Per-connection state the service keeps, e.g. who logged in.
     type Session: Send + 'static;
@@ -49,6 +61,30 @@ pub trait Handler: Send + Sync + 'static {
         session: &mut Self::Session,
         request: Request,
     ) -> impl Future<Output = Result<Reply, ErrorCode>> + Send;
+
+    /// Whether `request` is pipelined: started with [`Handler::begin`]
+    /// while earlier pipelined requests of the connection are still
+    /// pending. None is by default.
+    fn pipelines(&self, request: &Request) -> bool {
+        let _ = request;
+        false
+    }
+
+    /// Starts a pipelined request: does, before returning, everything that
+    /// must happen in request order (checks, queuing work), and returns the
+    /// rest as a [`PendingReply`]. The default handles the whole request at
+    /// once with [`Handler::handle`].
+    fn begin(
+        &self,
+        ctx: &mut ConnectionContext,
+        session: &mut Self::Session,
+        request: Request,
+    ) -> impl Future<Output = PendingReply> + Send {
+        async move {
+            let result = self.handle(ctx, session, request).await;
+            Box::pin(std::future::ready(result)) as PendingReply
+        }
+    }
 
     /// Called once when the connection ends, for whatever reason (client
     /// left, timeout, bad frame, shutdown), after its last request was

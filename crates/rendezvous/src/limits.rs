@@ -125,6 +125,19 @@ pub const REQUESTS_PER_SECOND: u32 = 200;
 /// throttled.
 pub const REQUEST_BURST: u32 = 400;
 
+/// Pipelined requests ([`crate::handler::Handler::pipelines`], i.e. `Send`s) one connection
+/// may have pending at once: 16.
+///
+/// A `Send` is answered only after the group commit that stores it, which
+/// waits for an fsync; letting a connection's sends wait together lets them
+/// share a commit instead of taking one commit each (docs/benchmarks.md §1).
+/// Each pending request holds its envelope (up to 66 KiB) until its commit,
+/// so 16 bounds what one connection makes the server hold to about 1 MiB,
+/// like its receive window; a client typically keeps a few in flight (the
+/// benchmark 8). At the bound the connection is not read until the oldest
+/// reply is out (backpressure).
+pub const MAX_PIPELINED: usize = 16;
+
 /// Time [`crate::server::ServerHandle::shutdown`] lets connections finish the
 /// request they are handling: 5 s.
 ///

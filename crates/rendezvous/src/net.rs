@@ -21,7 +21,10 @@
 //!    random nonce, and takes this connection's RFC 9266 exporter value;
 //!    both go to the handler in the [`ConnectionContext`] for login.
 //! 5. **Requests.** Each [`ClientFrame`] is handed to the handler in order
-//!    and its [`ServerFrame::Reply`] written back. Pushes from the handler are
+//!    and its [`ServerFrame::Reply`] written back, in request order. Requests
+//!    the handler pipelines (`Send`) are begun in order without waiting for
+//!    the previous reply, at most `MAX_PIPELINED` pending per connection;
+//!    any other request waits until those replies are out. Pushes from the handler are
 //!    written by the same task that writes replies, so frames never
 //!    interleave. A frame that does not decode, an oversized length prefix
 //!    (refused when its four bytes arrive), or a stream that ends inside a
@@ -39,14 +42,16 @@
 //! handler sets it, the user; never a request or reply body, a signature or
 //! a key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::ready;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use messenger_proto::msg::{ClientFrame, ServerFrame, ServerHello};
+use messenger_proto::msg::{ClientFrame, Reply, ServerFrame, ServerHello};
 use messenger_proto::{ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
@@ -58,8 +63,10 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
-use crate::handler::{CloseReason, ConnectionContext, Handler, PushQueue, PushSender};
-use crate::limits::Limits;
+use crate::handler::{
+    CloseReason, ConnectionContext, Handler, PendingReply, PushQueue, PushSender,
+};
+use crate::limits::{Limits, MAX_PIPELINED};
 use crate::server::ServerError;
 
 pub use messenger_transport::CHANNEL_BINDING_LABEL;
@@ -430,13 +437,71 @@ async fn open_control(
 async fn read_loop<H: Handler>(
     shared: &Shared<H>,
     conn: &quinn::Connection,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    replies: &mpsc::Sender<Vec<u8>>,
+    ctx: &mut ConnectionContext,
+    session: &mut H::Session,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let mut pending = VecDeque::new();
+    let run = read_requests(
+        shared,
+        conn,
+        recv,
+        decoder,
+        replies,
+        ctx,
+        session,
+        stop,
+        &mut pending,
+    );
+    let ended = match run.await {
+        Ok(never) => match never {},
+        Err(ended) => ended,
+    };
+    if matches!(
+        ended,
+        Ended::Close(CloseReason::Done | CloseReason::ShuttingDown)
+    ) {
+        // A graceful end still answers what was pipelined: that work is
+        // already queued (a send is committed whether or not its reply is
+        // written), so the client should learn of it.
+        if let Err(lost) = drain(&mut pending, replies, ctx.id).await {
+            return lost;
+        }
+    }
+    ended
+}
+
+/// What woke the request loop.
+enum Event {
+    /// The oldest pending reply is done.
+    Done(Option<(u32, Result<Reply, ErrorCode>)>),
+    /// The control stream gave data, ended or failed.
+    Read(Result<Option<quinn::Chunk>, quinn::ReadError>),
+    /// A partly received frame was not completed in time.
+    SlowFrame,
+    /// The server is shutting down.
+    Stop,
+}
+
+/// Replies still being worked on, oldest first, with their request ids.
+type Pending = VecDeque<(u32, PendingReply)>;
+
+#[allow(clippy::too_many_arguments)]
+async fn read_requests<H: Handler>(
+    shared: &Shared<H>,
+    conn: &quinn::Connection,
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
     replies: &mpsc::Sender<Vec<u8>>,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
-) -> Ended {
+    pending: &mut Pending,
+) -> Result<Infallible, Ended> {
+    let handler = &*shared.handler;
     let mut bucket = TokenBucket::new(
         shared.limits.requests_per_second,
         shared.limits.request_burst,
@@ -445,35 +510,28 @@ async fn read_loop<H: Handler>(
     loop {
         // Frames already buffered (e.g. pipelined after the preface) first.
         while let Some(body) = decoder.next_frame() {
-            let frame = match decode::<ClientFrame>(&body) {
-                Ok(frame) => frame,
-                Err(e) => return Ended::Close(CloseReason::for_frame_error(&e)),
-            };
-            let result = if bucket.take() {
-                shared.handler.handle(ctx, session, frame.request).await
-            } else {
-                Err(ErrorCode::RateLimited)
-            };
-            let reply = ServerFrame::Reply {
-                id: frame.id,
-                result,
-            };
-            let bytes = match encode(&reply) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    warn!(id = ctx.id, %error, "reply could not be encoded");
-                    let fallback = ServerFrame::Reply {
-                        id: frame.id,
-                        result: Err(ErrorCode::Internal),
-                    };
-                    match encode(&fallback) {
-                        Ok(bytes) => bytes,
-                        Err(_) => return Ended::Close(CloseReason::Internal),
-                    }
+            let frame = decode::<ClientFrame>(&body)
+                .map_err(|e| Ended::Close(CloseReason::for_frame_error(&e)))?;
+            if !bucket.take() {
+                let result = Err(ErrorCode::RateLimited);
+                if pending.is_empty() {
+                    write_reply(replies, frame.id, result, ctx.id).await?;
+                } else {
+                    make_room(pending, replies, ctx.id).await?;
+                    pending.push_back((frame.id, Box::pin(ready(result))));
                 }
-            };
-            if replies.send(bytes).await.is_err() {
-                return Ended::Lost;
+            } else if handler.pipelines(&frame.request) {
+                // Room first, so a request is begun only when its reply can
+                // be queued.
+                make_room(pending, replies, ctx.id).await?;
+                let reply = handler.begin(ctx, session, frame.request).await;
+                pending.push_back((frame.id, reply));
+            } else {
+                // Earlier pipelined requests complete first, so this one
+                // sees their effects (a `Pull` after a `Send`).
+                drain(pending, replies, ctx.id).await?;
+                let result = handler.handle(ctx, session, frame.request).await;
+                write_reply(replies, frame.id, result, ctx.id).await?;
             }
         }
         // A partly received frame must be completed within the frame
@@ -483,30 +541,41 @@ async fn read_loop<H: Handler>(
         } else if frame_deadline.is_none() {
             frame_deadline = Some(Instant::now() + shared.limits.frame_timeout);
         }
-        let chunk = tokio::select! {
-            chunk = recv.read_chunk(READ_CHUNK, true) => chunk,
-            () = sleep_until_some(frame_deadline) => return Ended::Close(CloseReason::SlowFrame),
-            _ = stop.wait_for(|stopped| *stopped) => return Ended::Close(CloseReason::ShuttingDown),
+        let event = tokio::select! {
+            done = next_reply(pending), if !pending.is_empty() => Event::Done(done),
+            chunk = recv.read_chunk(READ_CHUNK, true) => Event::Read(chunk),
+            () = sleep_until_some(frame_deadline) => Event::SlowFrame,
+            _ = stop.wait_for(|stopped| *stopped) => Event::Stop,
+        };
+        let chunk = match event {
+            Event::Done(Some((id, result))) => {
+                write_reply(replies, id, result, ctx.id).await?;
+                continue;
+            }
+            Event::Done(None) => continue,
+            Event::Read(chunk) => chunk,
+            Event::SlowFrame => return Err(Ended::Close(CloseReason::SlowFrame)),
+            Event::Stop => return Err(Ended::Close(CloseReason::ShuttingDown)),
         };
         match chunk {
             Ok(Some(chunk)) => {
-                if let Err(e) = decoder.push(&chunk.bytes) {
-                    return Ended::Close(CloseReason::for_frame_error(&e));
-                }
+                decoder
+                    .push(&chunk.bytes)
+                    .map_err(|e| Ended::Close(CloseReason::for_frame_error(&e)))?;
             }
             Ok(None) => {
-                return match decoder.finish() {
+                return Err(match decoder.finish() {
                     Ok(()) => Ended::Close(CloseReason::Done),
                     Err(_) => Ended::Close(CloseReason::BadRequest),
-                };
+                });
             }
             Err(_) => {
-                return if conn.close_reason().is_some() {
+                return Err(if conn.close_reason().is_some() {
                     Ended::Lost
                 } else {
                     // The client reset its control stream.
                     Ended::Close(CloseReason::BadRequest)
-                };
+                });
             }
         }
     }
@@ -518,6 +587,63 @@ async fn sleep_until_some(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// Writes the oldest replies, waiting for them, while [`MAX_PIPELINED`]
+/// are pending.
+async fn make_room(
+    pending: &mut Pending,
+    replies: &mpsc::Sender<Vec<u8>>,
+    conn: u64,
+) -> Result<(), Ended> {
+    while pending.len() >= MAX_PIPELINED {
+        if let Some((id, result)) = next_reply(pending).await {
+            write_reply(replies, id, result, conn).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits for every pending reply, writing each in order.
+async fn drain(
+    pending: &mut Pending,
+    replies: &mpsc::Sender<Vec<u8>>,
+    conn: u64,
+) -> Result<(), Ended> {
+    while let Some((id, result)) = next_reply(pending).await {
+        write_reply(replies, id, result, conn).await?;
+    }
+    Ok(())
+}
+
+/// The oldest pending reply once it is done (None when nothing is
+/// pending). Cancel-safe: the future stays queued until it completes.
+async fn next_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCode>)> {
+    let (_, reply) = pending.front_mut()?;
+    let result = reply.await;
+    let (id, _) = pending.pop_front()?;
+    Some((id, result))
+}
+
+/// Encodes the reply to request `id` and hands it to the writer.
+async fn write_reply(
+    replies: &mpsc::Sender<Vec<u8>>,
+    id: u32,
+    result: Result<Reply, ErrorCode>,
+    conn: u64,
+) -> Result<(), Ended> {
+    let bytes = match encode(&ServerFrame::Reply { id, result }) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            warn!(id = conn, %error, "reply could not be encoded");
+            let fallback = ServerFrame::Reply {
+                id,
+                result: Err(ErrorCode::Internal),
+            };
+            encode(&fallback).map_err(|_| Ended::Close(CloseReason::Internal))?
+        }
+    };
+    replies.send(bytes).await.map_err(|_| Ended::Lost)
 }
 
 /// Owns the send half: writes replies and pushes, refuses extra streams,

@@ -9,6 +9,7 @@
 //! commit, and many share one fsync under load.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::Duration;
@@ -148,6 +149,19 @@ type CommitJob = (
     Vec<NewEnvelope>,
     oneshot::Sender<Vec<Result<AppendOutcome, StoreError>>>,
 );
+
+/// Where a queued commit job's outcomes arrive.
+type CommitReceiver = oneshot::Receiver<Vec<Result<AppendOutcome, StoreError>>>;
+
+/// A `Send` whose envelope is queued for the group commit.
+struct QueuedSend {
+    committed: CommitReceiver,
+    from: String,
+    to: String,
+    id: MessageId,
+    sent_at: u64,
+    body_for_push: Option<Vec<u8>>,
+}
 
 /// The service. Cheap to share: hold it in an `Arc`.
 pub struct Service<P: PushTarget> {
@@ -357,12 +371,25 @@ impl<P: PushTarget> Service<P> {
         }
     }
 
+    /// Takes one token of the per-user (or, before login, per-connection)
+    /// request rate.
+    fn take_request_token(&self, s: &Session<P>) -> Result<(), ErrorCode> {
+        let now = self.now_ms();
+        let mut buckets = lock(&self.request_buckets);
+        let taken = match &s.user {
+            Some(user) => buckets.take(user, now),
+            None => buckets.take(&format!("conn:{}", s.conn), now),
+        };
+        if taken {
+            Ok(())
+        } else {
+            Err(ErrorCode::RateLimited)
+        }
+    }
+
     /// Answers one request.
     pub async fn handle(&self, s: &mut Session<P>, request: Request) -> Result<Reply, ErrorCode> {
-        let key = s.user.clone().unwrap_or_else(|| format!("conn:{}", s.conn));
-        if !lock(&self.request_buckets).take(&key, self.now_ms()) {
-            return Err(ErrorCode::RateLimited);
-        }
+        self.take_request_token(s)?;
         match request {
             Request::Register(r) => self.register(r).await,
             Request::Login(l) => self.login(s, &l.username, &l.signature).await,
@@ -685,6 +712,15 @@ impl<P: PushTarget> Service<P> {
         &self,
         envelopes: Vec<NewEnvelope>,
     ) -> Result<Vec<Result<AppendOutcome, StoreError>>, ErrorCode> {
+        let committed = self.enqueue(envelopes).await?;
+        committed.await.map_err(|_| ErrorCode::Internal)
+    }
+
+    /// Queues `envelopes` for the group commit and returns where their
+    /// outcomes will arrive. Jobs are committed in the order they are
+    /// queued, so a caller that queues in request order gets sequence
+    /// numbers in request order.
+    async fn enqueue(&self, envelopes: Vec<NewEnvelope>) -> Result<CommitReceiver, ErrorCode> {
         let (tx, rx) = oneshot::channel();
         // Enqueue without leaving the async worker when there is room (the
         // common case); a blocking-pool hop per envelope cost more CPU than
@@ -702,10 +738,55 @@ impl<P: PushTarget> Service<P> {
             }
             Err(mpsc::TrySendError::Disconnected(_)) => return Err(ErrorCode::Internal),
         }
-        rx.await.map_err(|_| ErrorCode::Internal)
+        Ok(rx)
+    }
+
+    /// Whether `request` may be pipelined with [`Service::begin`]: a
+    /// `Send`, whose work after queuing is waiting for its commit.
+    pub fn pipelines(request: &Request) -> bool {
+        matches!(request, Request::Send(_))
+    }
+
+    /// Starts `request` for a pipelined connection: the checks, the rate
+    /// limits and (for a `Send`) queuing the envelope into the group commit
+    /// happen now, in the caller's order; the returned future waits for the
+    /// commit and yields the reply, `Accepted` only once the envelope is
+    /// durable. A request that is not a `Send` is handled in full now.
+    pub async fn begin(
+        self: &Arc<Self>,
+        s: &mut Session<P>,
+        request: Request,
+    ) -> impl Future<Output = Result<Reply, ErrorCode>> + Send + use<P> {
+        let started = match request {
+            Request::Send(envelope) => self.start_send(s, envelope).await,
+            other => Err(self.handle(s, other).await),
+        };
+        let service = Arc::clone(self);
+        async move {
+            match started {
+                Ok(queued) => service.finish_send(queued).await,
+                Err(done) => done,
+            }
+        }
+    }
+
+    async fn start_send(
+        &self,
+        s: &Session<P>,
+        e: OutgoingEnvelope,
+    ) -> Result<QueuedSend, Result<Reply, ErrorCode>> {
+        self.take_request_token(s).map_err(Err)?;
+        let me = s.user.clone().ok_or(Err(ErrorCode::NotAuthenticated))?;
+        self.queue_send(&me, e).await.map_err(Err)
     }
 
     async fn send(&self, me: &str, e: OutgoingEnvelope) -> Result<Reply, ErrorCode> {
+        let queued = self.queue_send(me, e).await?;
+        self.finish_send(queued).await
+    }
+
+    /// A `Send`'s checks, and its envelope queued for the group commit.
+    async fn queue_send(&self, me: &str, e: OutgoingEnvelope) -> Result<QueuedSend, ErrorCode> {
         if e.body.len() > MAX_BODY_LEN {
             return Err(ErrorCode::TooLarge);
         }
@@ -729,23 +810,37 @@ impl<P: PushTarget> Service<P> {
             body: e.body,
         };
         let body_for_push = self.is_online(&to).then(|| new.body.clone());
-        let mut results = self.commit(vec![new]).await?;
+        let committed = self.enqueue(vec![new]).await?;
+        Ok(QueuedSend {
+            committed,
+            from: me.to_owned(),
+            to,
+            id: e.id,
+            sent_at,
+            body_for_push,
+        })
+    }
+
+    /// Waits for a queued `Send`'s commit, pushes the envelope to its
+    /// recipient if they were online, and answers.
+    async fn finish_send(&self, q: QueuedSend) -> Result<Reply, ErrorCode> {
+        let mut results = q.committed.await.map_err(|_| ErrorCode::Internal)?;
         let outcome = results
             .pop()
             .ok_or(ErrorCode::Internal)?
             .map_err(store_error)?;
         match outcome {
             AppendOutcome::Stored { seq } => {
-                if let Some(body) = body_for_push {
+                if let Some(body) = q.body_for_push {
                     self.push_to(
-                        &to,
+                        &q.to,
                         Push::Envelope(Envelope {
                             seq,
-                            from: me.to_owned(),
+                            from: q.from,
                             from_device: DEFAULT_DEVICE,
                             group: None,
-                            id: e.id,
-                            sent_at,
+                            id: q.id,
+                            sent_at: q.sent_at,
                             body,
                         }),
                     );

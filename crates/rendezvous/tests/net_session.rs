@@ -5,14 +5,15 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use messenger_crypto::identity::IdentityKeyPair;
-use messenger_proto::msg::{Login, Push, Reply, Request};
+use messenger_proto::msg::{Login, OutgoingEnvelope, Push, Reply, Request, ServerFrame};
 use messenger_proto::{ErrorCode, PROTOCOL_VERSION};
 use messenger_rendezvous::handler::CloseReason;
-use messenger_rendezvous::limits::Limits;
+use messenger_rendezvous::limits::{Limits, MAX_PIPELINED};
 use messenger_rendezvous::pin::pinned_client_config;
 use support::*;
 
@@ -144,6 +145,54 @@ async fn requests_beyond_the_rate_are_answered_rate_limited() {
     }
     assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
     assert_eq!(results[4], Err(ErrorCode::RateLimited));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_overlap_and_reply_in_order_before_the_next_request() {
+    let handler = TestHandler::default();
+    let stats = Arc::clone(&handler.pipeline);
+    let server = start(handler, Limits::default());
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+    let sends = 3 * MAX_PIPELINED;
+    let mut ids = Vec::new();
+    for i in 0..sends {
+        // Later sends finish sooner: replies in completion order would be
+        // out of request order.
+        let delay = u8::try_from(sends - i).unwrap();
+        ids.push(
+            client
+                .send_request(Request::Send(OutgoingEnvelope {
+                    to: "bob".to_owned(),
+                    to_device: 0,
+                    id: [0; 16],
+                    body: vec![delay],
+                }))
+                .await,
+        );
+    }
+    ids.push(client.send_request(Request::Users).await);
+    for (n, want) in ids.iter().enumerate() {
+        let ServerFrame::Reply { id, result } = client.frame().await.unwrap() else {
+            panic!("expected a reply");
+        };
+        assert_eq!(id, *want);
+        if n < sends {
+            let want_seq = u64::try_from(n).unwrap();
+            assert_eq!(
+                result,
+                Ok(Reply::Accepted {
+                    seq: want_seq,
+                    duplicate: false
+                })
+            );
+        } else {
+            // Handled only once every send before it was complete.
+            assert_eq!(result, Ok(Reply::Users { users: Vec::new() }));
+        }
+    }
+    let most = stats.max_pending.load(Ordering::SeqCst);
+    assert!(most > 1, "sends did not overlap");
+    assert!(most <= MAX_PIPELINED, "{most} pending at once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

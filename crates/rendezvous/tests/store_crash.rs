@@ -310,9 +310,14 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
         let from = if k == 0 { 0 } else { sync_at[k - 1] + 1 };
         let to = sync_at.get(k).copied().unwrap_or(log.len());
         let epoch = &log[from..to];
-        // Steps whose commit returned by sync k must be there; steps that
-        // had started may be.
-        let lowest = steps.iter().rposition(|s| s.syncs_after <= k).unwrap_or(0);
+        // Steps whose durable commit returned by sync k must be there, with
+        // every step before them; steps that had started may be. An ack is
+        // not durable on its own (`Store::ack` commits without a sync): it
+        // is owed only once a later durable commit has returned.
+        let lowest = steps
+            .iter()
+            .rposition(|s| s.syncs_after <= k && s.syncs_after > s.syncs_before)
+            .unwrap_or(0);
         // Step 0 (the empty database) is only owed once its creation's
         // syncs are done.
         let highest = steps.iter().rposition(|s| s.syncs_before <= k).unwrap_or(0);

@@ -4,11 +4,9 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::tables::{
-    ACCOUNTS, COUNTERS, DEDUPE, DEDUPE_EXPIRY, MAILBOX, MAILBOX_EXPIRY, MAILBOX_USAGE, NEXT_SEQ,
-};
+use super::tables::{ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, MAILBOX, MAILBOX_USAGE, NEXT_SEQ};
 use super::{
-    AppendOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, QuotaKind, Store,
+    AppendOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, Purged, QuotaKind, Store,
     StoreError, StoreOptions,
 };
 
@@ -78,7 +76,8 @@ impl Store {
 
     /// Deletes the recipient's own envelopes with these sequence numbers
     /// and returns how many were removed. Sequence numbers of other users'
-    /// envelopes, or already removed ones, are ignored. Dedupe records stay.
+    /// envelopes, or already removed ones, are ignored. Dedupe records (and
+    /// the expiry row that purges them) stay.
     ///
     /// Not durable on its own (no `fsync`): it becomes durable with the next
     /// group commit or at close. A crash before then only undoes the
@@ -94,17 +93,13 @@ impl Store {
         }
         self.write_relaxed(OP, |tx| {
             let mut mailbox = tx.open_table(MAILBOX).op(OP)?;
-            let mut expiry = tx.open_table(MAILBOX_EXPIRY).op(OP)?;
             let mut removed = 0u32;
             let mut removed_bytes = 0u64;
             for &seq in seqs {
                 let Some(old) = mailbox.remove((recipient, seq)).op(OP)? else {
                     continue;
                 };
-                let (_, _, _, _, expires_at, body) = old.value();
-                removed_bytes += body.len() as u64;
-                drop(old);
-                expiry.remove((expires_at, seq)).op(OP)?;
+                removed_bytes += old.value().5.len() as u64;
                 removed += 1;
             }
             if removed > 0 {
@@ -115,25 +110,37 @@ impl Store {
         })
     }
 
-    /// Deletes envelopes whose expiry time (`sent_at` plus the TTL) is at or
-    /// before `now`, and dedupe records likewise; returns how many envelopes
-    /// were removed. At most [`PURGE_BATCH`] of each per call: call again
-    /// while it returns `PURGE_BATCH`.
-    pub fn purge_expired(&self, now: u64) -> Result<u32, StoreError> {
+    /// Deletes what expired at or before `now` (expiry time = `sent_at`
+    /// plus the TTL): each such envelope if it still waits, and its dedupe
+    /// record. At most [`PURGE_BATCH`] expiry rows per call: call again
+    /// while [`Purged::more`].
+    pub fn purge_expired(&self, now: u64) -> Result<Purged, StoreError> {
         const OP: &str = "purge expired";
         self.write(OP, |tx| {
-            let mut expiry = tx.open_table(MAILBOX_EXPIRY).op(OP)?;
-            let mut due: Vec<(u64, u64, String)> = Vec::new();
+            let mut expiry = tx.open_table(EXPIRY).op(OP)?;
+            let mut due: Vec<(u64, u64, String, String, [u8; 16])> = Vec::new();
             for entry in expiry.range(..=(now, u64::MAX)).op(OP)?.take(PURGE_BATCH) {
-                let (key, recipient) = entry.op(OP)?;
+                let (key, value) = entry.op(OP)?;
                 let (expires_at, seq) = key.value();
-                due.push((expires_at, seq, recipient.value().to_owned()));
+                let (recipient, sender, id) = value.value();
+                due.push((
+                    expires_at,
+                    seq,
+                    recipient.to_owned(),
+                    sender.to_owned(),
+                    *id,
+                ));
             }
             let mut mailbox = tx.open_table(MAILBOX).op(OP)?;
+            let mut dedupe = tx.open_table(DEDUPE).op(OP)?;
             let mut freed: HashMap<&str, (u32, u64)> = HashMap::new();
-            for (expires_at, seq, recipient) in &due {
+            for (expires_at, seq, recipient, sender, id) in &due {
                 expiry.remove((*expires_at, *seq)).op(OP)?;
+                dedupe
+                    .remove((recipient.as_str(), sender.as_str(), id))
+                    .op(OP)?;
                 let Some(old) = mailbox.remove((recipient.as_str(), *seq)).op(OP)? else {
+                    // Acked before it expired.
                     continue;
                 };
                 let len = old.value().5.len() as u64;
@@ -142,38 +149,15 @@ impl Store {
                 slot.1 += len;
             }
             let mut usage = tx.open_table(MAILBOX_USAGE).op(OP)?;
-            let mut removed = 0u32;
+            let mut envelopes = 0u32;
             for (recipient, (count, bytes)) in freed {
                 release(&mut usage, OP, recipient, count, bytes)?;
-                removed += count;
+                envelopes += count;
             }
-
-            let mut dedupe_expiry = tx.open_table(DEDUPE_EXPIRY).op(OP)?;
-            let mut stale: Vec<(u64, u64, String, String, [u8; 16])> = Vec::new();
-            for entry in dedupe_expiry
-                .range(..=(now, u64::MAX))
-                .op(OP)?
-                .take(PURGE_BATCH)
-            {
-                let (key, value) = entry.op(OP)?;
-                let (expires_at, seq) = key.value();
-                let (recipient, sender, id) = value.value();
-                stale.push((
-                    expires_at,
-                    seq,
-                    recipient.to_owned(),
-                    sender.to_owned(),
-                    *id,
-                ));
-            }
-            let mut dedupe = tx.open_table(DEDUPE).op(OP)?;
-            for (expires_at, seq, recipient, sender, id) in &stale {
-                dedupe_expiry.remove((*expires_at, *seq)).op(OP)?;
-                dedupe
-                    .remove((recipient.as_str(), sender.as_str(), id))
-                    .op(OP)?;
-            }
-            Ok(removed)
+            Ok(Purged {
+                envelopes,
+                more: due.len() == PURGE_BATCH,
+            })
         })
     }
 
@@ -187,7 +171,21 @@ impl Store {
     }
 }
 
+/// What [`append_in`] knows of one recipient during a batch.
+struct Recipient {
+    /// The account exists.
+    exists: bool,
+    /// (waiting envelopes, waiting body bytes), as it will be written.
+    usage: (u32, u64),
+    /// `usage` changed and must be written back.
+    dirty: bool,
+}
+
 /// The body of [`Store::append`]'s transaction.
+///
+/// A batch usually holds several envelopes per recipient, so each
+/// recipient's account and usage are read once and the usage written once
+/// (docs/benchmarks.md §1: fewer B-tree operations per envelope).
 fn append_in(
     tx: &WriteTransaction,
     op: &'static str,
@@ -197,12 +195,12 @@ fn append_in(
     let accounts = tx.open_table(ACCOUNTS).op(op)?;
     let mut mailbox = tx.open_table(MAILBOX).op(op)?;
     let mut usage = tx.open_table(MAILBOX_USAGE).op(op)?;
-    let mut expiry = tx.open_table(MAILBOX_EXPIRY).op(op)?;
+    let mut expiry = tx.open_table(EXPIRY).op(op)?;
     let mut dedupe = tx.open_table(DEDUPE).op(op)?;
-    let mut dedupe_expiry = tx.open_table(DEDUPE_EXPIRY).op(op)?;
     let mut counters = tx.open_table(COUNTERS).op(op)?;
     let first_seq = counters.get(NEXT_SEQ).op(op)?.map_or(1, |g| g.value());
     let mut next_seq = first_seq;
+    let mut recipients: HashMap<&str, Recipient> = HashMap::new();
 
     let mut results = Vec::with_capacity(batch.len());
     for env in batch {
@@ -214,11 +212,27 @@ fn append_in(
             }));
             continue;
         }
-        if accounts.get(recipient).op(op)?.is_none() {
+        let state = match recipients.entry(recipient) {
+            std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let exists = accounts.get(recipient).op(op)?.is_some();
+                let current = if exists {
+                    usage.get(recipient).op(op)?.map_or((0, 0), |g| g.value())
+                } else {
+                    (0, 0)
+                };
+                slot.insert(Recipient {
+                    exists,
+                    usage: current,
+                    dirty: false,
+                })
+            }
+        };
+        if !state.exists {
             results.push(Err(StoreError::UnknownUser));
             continue;
         }
-        let (count, bytes) = usage.get(recipient).op(op)?.map_or((0, 0), |g| g.value());
+        let (count, bytes) = state.usage;
         let len = env.body.len() as u64;
         if count >= options.mailbox_max_messages {
             results.push(Err(StoreError::QuotaExceeded {
@@ -250,11 +264,16 @@ fn append_in(
                 ),
             )
             .op(op)?;
-        usage.insert(recipient, (count + 1, bytes + len)).op(op)?;
-        expiry.insert((expires_at, seq), recipient).op(op)?;
+        state.usage = (count + 1, bytes + len);
+        state.dirty = true;
         dedupe.insert(dedupe_key, (seq, expires_at)).op(op)?;
-        dedupe_expiry.insert((expires_at, seq), dedupe_key).op(op)?;
+        expiry.insert((expires_at, seq), dedupe_key).op(op)?;
         results.push(Ok(AppendOutcome::Stored { seq }));
+    }
+    for (recipient, state) in recipients {
+        if state.dirty {
+            usage.insert(recipient, state.usage).op(op)?;
+        }
     }
     if next_seq != first_seq {
         counters.insert(NEXT_SEQ, next_seq).op(op)?;

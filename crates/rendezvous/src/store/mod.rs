@@ -93,10 +93,10 @@ pub const DEFAULT_ENVELOPE_TTL_SECS: u64 = 30 * 24 * 60 * 60;
 /// an endless pool (each costs about 60 bytes).
 pub const MAX_ONE_TIME_PREKEYS: u32 = 1_000;
 
-/// Most expired envelopes (and, separately, dedupe entries) one
-/// [`Store::purge_expired`] call removes, so that one purge transaction stays
-/// short (well under 100 ms) and does not hold up appends; the caller repeats
-/// while it returns a full count.
+/// Most expiry rows (an envelope's dedupe record and, unless it was acked,
+/// the envelope) one [`Store::purge_expired`] call removes, so that one
+/// purge transaction stays short (well under 100 ms) and does not hold up
+/// appends; the caller repeats while [`Purged::more`] is true.
 pub const PURGE_BATCH: usize = 10_000;
 
 /// Most announcements one [`Store::announcements_after`] call returns, so a
@@ -187,6 +187,16 @@ pub struct EnvelopeRecord {
     pub sent_at: u64,
     /// Ciphertext.
     pub body: Vec<u8>,
+}
+
+/// What one [`Store::purge_expired`] call removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Purged {
+    /// Expired envelopes removed that were still waiting (not acked).
+    pub envelopes: u32,
+    /// Whether the call stopped at [`PURGE_BATCH`] rows: more may be due.
+    pub more: bool,
 }
 
 /// What became of one envelope of an [`Store::append`] batch.

@@ -3,7 +3,7 @@
 //! use redb's own encodings (integers little-endian, tuples with varint
 //! lengths of their variable-width elements); `docs/storage.md` lists them.
 
-use redb::{TableDefinition, WriteTransaction};
+use redb::{TableDefinition, TableHandle as _, WriteTransaction};
 
 use super::{OpResult, StoreError};
 
@@ -41,17 +41,24 @@ pub(super) const MAILBOX: TableDefinition<(&str, u64), EnvelopeValue<'static>> =
 pub(super) const MAILBOX_USAGE: TableDefinition<&str, (u32, u64)> =
     TableDefinition::new("mailbox_usage/1");
 
-/// (expires_at, seq) -> recipient
-pub(super) const MAILBOX_EXPIRY: TableDefinition<(u64, u64), &str> =
-    TableDefinition::new("mailbox_expiry/1");
-
 /// (recipient, sender, message id) -> (seq, expires_at)
 pub(super) const DEDUPE: TableDefinition<(&str, &str, &[u8; 16]), (u64, u64)> =
     TableDefinition::new("dedupe/1");
 
-/// (expires_at, seq) -> (recipient, sender, message id)
-pub(super) const DEDUPE_EXPIRY: TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
+/// (expires_at, seq) -> (recipient, sender, message id): one row per
+/// stored envelope, for purging both its `mailbox` row (if not yet acked)
+/// and its `dedupe` row, which expire together.
+pub(super) const EXPIRY: TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
+    TableDefinition::new("expiry/1");
+
+/// Before `expiry/1`: the same rows as `expiry/1` (renamed at open).
+const OLD_DEDUPE_EXPIRY: TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
     TableDefinition::new("dedupe_expiry/1");
+
+/// Before `expiry/1`: (expires_at, seq) -> recipient, a subset of
+/// `dedupe_expiry/1` (deleted at open).
+const OLD_MAILBOX_EXPIRY: TableDefinition<(u64, u64), &str> =
+    TableDefinition::new("mailbox_expiry/1");
 
 /// (user, friend) -> (), both directions
 pub(super) const FRIENDS: TableDefinition<(&str, &str), ()> = TableDefinition::new("friends/1");
@@ -89,9 +96,11 @@ pub(super) const ANNOUNCEMENTS: TableDefinition<u64, (u64, &[u8])> =
 pub(super) const ANNOUNCEMENT_CURSORS: TableDefinition<&str, u64> =
     TableDefinition::new("announcement_cursors/1");
 
-/// Opens every table once so that read transactions find them.
+/// Opens every table once so that read transactions find them, after
+/// moving an older layout to the current one.
 pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     const OP: &str = "create tables";
+    migrate_expiry(tx)?;
     tx.open_table(ACCOUNTS).op(OP)?;
     tx.open_table(OPKS).op(OP)?;
     tx.open_table(OPK_META).op(OP)?;
@@ -100,9 +109,8 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(COUNTERS).op(OP)?;
     tx.open_table(MAILBOX).op(OP)?;
     tx.open_table(MAILBOX_USAGE).op(OP)?;
-    tx.open_table(MAILBOX_EXPIRY).op(OP)?;
     tx.open_table(DEDUPE).op(OP)?;
-    tx.open_table(DEDUPE_EXPIRY).op(OP)?;
+    tx.open_table(EXPIRY).op(OP)?;
     tx.open_table(FRIENDS).op(OP)?;
     tx.open_table(FRIEND_REQUESTS_OUT).op(OP)?;
     tx.open_table(FRIEND_REQUESTS_IN).op(OP)?;
@@ -112,5 +120,26 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(LEAVE_REQUESTS).op(OP)?;
     tx.open_table(ANNOUNCEMENTS).op(OP)?;
     tx.open_table(ANNOUNCEMENT_CURSORS).op(OP)?;
+    Ok(())
+}
+
+/// Layouts before `expiry/1` kept two expiry indexes. Every envelope wrote a
+/// row to both with the same key, and a `dedupe_expiry/1` row lives at least
+/// as long as its `mailbox_expiry/1` row (acks removed only the latter), so
+/// `dedupe_expiry/1` holds every row the merged index needs: it is renamed,
+/// and `mailbox_expiry/1` deleted. Both steps are in the opening
+/// transaction, so a crash leaves the old layout or the new one.
+fn migrate_expiry(tx: &WriteTransaction) -> Result<(), StoreError> {
+    const OP: &str = "migrate expiry indexes";
+    let mut old_dedupe = false;
+    let mut new = false;
+    for table in tx.list_tables().op(OP)? {
+        old_dedupe |= table.name() == OLD_DEDUPE_EXPIRY.name();
+        new |= table.name() == EXPIRY.name();
+    }
+    if old_dedupe && !new {
+        tx.rename_table(OLD_DEDUPE_EXPIRY, EXPIRY).op(OP)?;
+    }
+    tx.delete_table(OLD_MAILBOX_EXPIRY).op(OP)?;
     Ok(())
 }

@@ -359,9 +359,9 @@ fn expiry_with_injected_clock() {
         env("bob", "alice", 2, 500, b"new"),
     ]);
     let new_seq = stored(&r[2]);
-    assert_eq!(s.purge_expired(100 + ttl - 1).unwrap(), 0);
+    assert_eq!(s.purge_expired(100 + ttl - 1).unwrap().envelopes, 0);
     assert_eq!(s.pending("bob", 0, 10).unwrap().len(), 2);
-    assert_eq!(s.purge_expired(100 + ttl).unwrap(), 2);
+    assert_eq!(s.purge_expired(100 + ttl).unwrap().envelopes, 2);
     let bob = s.pending("bob", 0, 10).unwrap();
     assert_eq!(bob.len(), 1);
     assert_eq!(bob[0].seq, new_seq);
@@ -378,7 +378,131 @@ fn expiry_with_injected_clock() {
         s.append(vec![env("bob", "alice", 2, 600, b"new")])[0],
         Ok(AppendOutcome::Duplicate { seq }) if seq == new_seq
     ));
-    assert_eq!(s.purge_expired(500 + ttl).unwrap(), 1);
+    assert_eq!(s.purge_expired(500 + ttl).unwrap().envelopes, 1);
+}
+
+#[test]
+fn expiry_after_ack_drops_the_dedupe_record_and_counts_no_envelope() {
+    let ttl = 1000;
+    let (_d, s) = store_with(StoreOptions {
+        envelope_ttl_secs: ttl,
+        ..StoreOptions::default()
+    });
+    users(&s, &["bob"]);
+    let r = s.append(vec![
+        env("bob", "alice", 1, 100, b"acked"),
+        env("bob", "alice", 2, 100, b"waiting"),
+        env("bob", "carol", 1, 100, b"also waiting"),
+    ]);
+    s.ack("bob", &[stored(&r[0])]).unwrap();
+    // Acked, but its dedupe record stays until it expires.
+    assert!(matches!(
+        s.append(vec![env("bob", "alice", 1, 150, b"acked")])[0],
+        Ok(AppendOutcome::Duplicate { .. })
+    ));
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (2, 19));
+    let purged = s.purge_expired(100 + ttl).unwrap();
+    assert_eq!(purged.envelopes, 2);
+    assert!(!purged.more);
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (0, 0));
+    assert!(s.pending("bob", 0, 10).unwrap().is_empty());
+    for (from, id) in [("alice", 1), ("alice", 2), ("carol", 1)] {
+        assert!(matches!(
+            s.append(vec![env("bob", from, id, 2000, b"new")])[0],
+            Ok(AppendOutcome::Stored { .. })
+        ));
+    }
+}
+
+#[test]
+fn one_batch_per_recipient_usage_and_quota() {
+    let (_d, s) = store_with(StoreOptions {
+        mailbox_max_messages: 3,
+        ..StoreOptions::default()
+    });
+    users(&s, &["bob", "carol"]);
+    let r = s.append(vec![
+        env("bob", "alice", 1, 1, b"a"),
+        env("carol", "alice", 1, 1, b"bb"),
+        env("bob", "alice", 2, 1, b"ccc"),
+        env("nobody", "alice", 1, 1, b"x"),
+        env("bob", "alice", 3, 1, b"dddd"),
+        env("bob", "alice", 4, 1, b"over"),
+        env("bob", "alice", 1, 1, b"a"),
+    ]);
+    let seqs: Vec<u64> = [0, 1, 2, 4].iter().map(|&i| stored(&r[i])).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(matches!(r[3], Err(StoreError::UnknownUser)));
+    assert!(matches!(
+        r[5],
+        Err(StoreError::QuotaExceeded {
+            kind: QuotaKind::Count,
+            ..
+        })
+    ));
+    assert!(matches!(r[6], Ok(AppendOutcome::Duplicate { seq }) if seq == seqs[0]));
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (3, 8));
+    assert_eq!(s.mailbox_usage("carol").unwrap(), (1, 2));
+}
+
+#[test]
+fn the_two_old_expiry_indexes_become_one_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let ttl = 1000;
+    let options = StoreOptions {
+        envelope_ttl_secs: ttl,
+        ..StoreOptions::default()
+    };
+    let waiting = {
+        let s = Store::open(&path, options).unwrap();
+        users(&s, &["bob"]);
+        let r = s.append(vec![
+            env("bob", "alice", 1, 100, b"waiting"),
+            env("bob", "alice", 2, 100, b"acked"),
+        ]);
+        s.ack("bob", &[stored(&r[1])]).unwrap();
+        stored(&r[0])
+    };
+    // Rewrite it to the old layout: `dedupe_expiry/1` with every row, and
+    // `mailbox_expiry/1` with the rows of waiting envelopes.
+    const OLD_DEDUPE: redb::TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
+        redb::TableDefinition::new("dedupe_expiry/1");
+    const OLD_MAILBOX: redb::TableDefinition<(u64, u64), &str> =
+        redb::TableDefinition::new("mailbox_expiry/1");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.rename_table(tables::EXPIRY, OLD_DEDUPE).unwrap();
+        tx.open_table(OLD_MAILBOX)
+            .unwrap()
+            .insert((100 + ttl, waiting), "bob")
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let s = Store::open(&path, options).unwrap();
+    // Both rows survived the migration: the waiting envelope is purged with
+    // its dedupe record, the acked one's dedupe record too.
+    assert_eq!(s.pending("bob", 0, 10).unwrap()[0].seq, waiting);
+    let purged = s.purge_expired(100 + ttl).unwrap();
+    assert_eq!(purged.envelopes, 1);
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (0, 0));
+    for id in [1, 2] {
+        assert!(matches!(
+            s.append(vec![env("bob", "alice", id, 2000, b"new")])[0],
+            Ok(AppendOutcome::Stored { .. })
+        ));
+    }
+    drop(s);
+    let db = redb::Database::create(&path).unwrap();
+    let tx = db.begin_write().unwrap();
+    let names: Vec<String> = tx
+        .list_tables()
+        .unwrap()
+        .map(|t| redb::TableHandle::name(&t).to_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "expiry/1"), "{names:?}");
+    assert!(!names.iter().any(|n| n.ends_with("_expiry/1")), "{names:?}");
 }
 
 #[test]

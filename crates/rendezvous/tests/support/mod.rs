@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use messenger_crypto::identity::{IdentityKey, verify_login};
@@ -21,7 +21,7 @@ use messenger_proto::msg::{
     ClientFrame, Login, Push, Reply, Request, ServerFrame, ServerHello, SignedAnnouncement,
 };
 use messenger_proto::{ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode};
-use messenger_rendezvous::handler::{ConnectionContext, Handler, PushError};
+use messenger_rendezvous::handler::{ConnectionContext, Handler, PendingReply, PushError};
 use messenger_rendezvous::limits::Limits;
 use messenger_rendezvous::net::CHANNEL_BINDING_LABEL;
 use messenger_rendezvous::pin::pinned_client_config;
@@ -41,6 +41,18 @@ pub struct TestHandler {
     pub keys: HashMap<String, IdentityKey>,
     pub disconnects: Arc<AtomicUsize>,
     pub push_full: Arc<AtomicUsize>,
+    pub pipeline: Arc<PipelineStats>,
+}
+
+/// What the handler saw of pipelined `Send`s.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    /// `Send`s begun so far; each one's reply carries its number as `seq`.
+    pub begun: AtomicU64,
+    /// Begun and not yet complete.
+    pub pending: AtomicUsize,
+    /// The most ever pending at once.
+    pub max_pending: AtomicUsize,
 }
 
 impl Handler for TestHandler {
@@ -79,8 +91,14 @@ impl Handler for TestHandler {
                     prekeys: 0,
                 })
             }
-            // A ping.
-            Request::Users => Ok(Reply::Users { users: Vec::new() }),
+            // A ping; refused while a pipelined `Send` is still pending,
+            // which the network layer must never let happen.
+            Request::Users => {
+                if self.pipeline.pending.load(Ordering::SeqCst) != 0 {
+                    return Err(ErrorCode::Internal);
+                }
+                Ok(Reply::Users { users: Vec::new() })
+            }
             // `max` small pushes numbered 0.., then the reply.
             Request::Pull { max, .. } => {
                 for remaining in 0..max {
@@ -107,6 +125,36 @@ impl Handler for TestHandler {
             }
             _ => Err(ErrorCode::BadRequest),
         }
+    }
+
+    fn pipelines(&self, request: &Request) -> bool {
+        matches!(request, Request::Send(_))
+    }
+
+    /// A `Send` completes after `body[0]` milliseconds.
+    async fn begin(
+        &self,
+        ctx: &mut ConnectionContext,
+        session: &mut Self::Session,
+        request: Request,
+    ) -> PendingReply {
+        let Request::Send(envelope) = request else {
+            let result = self.handle(ctx, session, request).await;
+            return Box::pin(std::future::ready(result));
+        };
+        let stats = Arc::clone(&self.pipeline);
+        let seq = stats.begun.fetch_add(1, Ordering::SeqCst);
+        let now = stats.pending.fetch_add(1, Ordering::SeqCst) + 1;
+        stats.max_pending.fetch_max(now, Ordering::SeqCst);
+        let delay = Duration::from_millis(envelope.body.first().copied().unwrap_or(0).into());
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            stats.pending.fetch_sub(1, Ordering::SeqCst);
+            Ok(Reply::Accepted {
+                seq,
+                duplicate: false,
+            })
+        })
     }
 
     async fn on_disconnect(&self, _ctx: &ConnectionContext, _session: Self::Session) {
