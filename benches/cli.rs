@@ -104,12 +104,15 @@ fn ms(d: Duration) -> f64 {
 fn measure(label: &str, kdf_mib: Option<&str>, server: &Rendezvous, root: &Path) {
     let dir = root.join(kdf_mib.unwrap_or("default"));
     std::fs::create_dir_all(&dir).unwrap();
-    let alice = person(&dir, "alice", kdf_mib, server);
-    let bob = person(&dir, "bob", kdf_mib, server);
+    // Names unique per round: every round registers on the same server.
+    let suffix = kdf_mib.unwrap_or("default");
+    let (a, b) = (format!("alice{suffix}"), format!("bob{suffix}"));
+    let alice = person(&dir, &a, kdf_mib, server);
+    let bob = person(&dir, &b, kdf_mib, server);
     // A session both ways, so send measures the steady state.
-    alice.run(&["send", "bob", "warm-up"]);
+    alice.run(&["send", &b, "warm-up"]);
     bob.run(&["pull"]);
-    bob.run(&["send", "alice", "warm-up"]);
+    bob.run(&["send", &a, "warm-up"]);
     alice.run(&["pull"]);
 
     let mut times: Vec<(&str, Vec<f64>)> = ["whoami", "history", "users", "send", "pull"]

@@ -624,3 +624,49 @@ fn a_send_killed_at_random_points_loses_nothing_and_sends_nothing_twice() {
         "{history:?}"
     );
 }
+
+/// T-70: the operator swaps bob's directory entry for mallory's keys before
+/// alice's first contact. alice's safety number then differs from the one
+/// the real bob computes, and verifying with bob's number fails.
+#[test]
+fn a_substituted_key_shows_in_the_safety_number() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("server");
+    let server = start_server(&data);
+    let alice = User::new(root.path(), "alice");
+    let bob = User::new(root.path(), "bob");
+    alice.register(&server, true);
+    bob.register(&server, true);
+    let bob_sees = bob.safety_number("alice");
+    // The operator (who holds the data directory) re-keys "bob" to mallory.
+    let token = run_bounded({
+        let mut c = Command::new(rendezvous_bin());
+        c.args(["invite", "--reset", "bob", "--data-dir"])
+            .arg(&data);
+        c
+    });
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let mallory_root = root.path().join("mallory");
+    std::fs::create_dir(&mallory_root).unwrap();
+    let mallory = User::new(&mallory_root, "bob");
+    let addr = server.addr.to_string();
+    mallory.ok(&[
+        "register",
+        "--server",
+        &addr,
+        "--server-fingerprint",
+        &server.fingerprint,
+        "--invite",
+        &token,
+    ]);
+    let alice_sees = alice.safety_number("bob");
+    assert_ne!(alice_sees, bob_sees);
+    let err = alice.fails(&["verify", "bob", &bob_sees]);
+    assert!(err.contains("does not match"), "{err}");
+    // What alice would send goes to mallory's key, and the real bob cannot
+    // read it: his pull shows no such message.
+    let secret = format!("for bob only {}", marker());
+    alice.ok(&["send", "bob", &secret]);
+    let out = bob.run(&["pull", "--json"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&secret));
+}

@@ -88,7 +88,8 @@ pub(crate) struct RegisterArgs {
     pub(crate) server_fingerprint: Option<String>,
 
     /// A registration token from the operator (`rendezvous invite`)
-    #[arg(long, value_name = "TOKEN")]
+    // Tokens are base64url and may start with '-'.
+    #[arg(long, value_name = "TOKEN", allow_hyphen_values = true)]
     pub(crate) invite: Option<String>,
 }
 
@@ -239,6 +240,23 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["messenger", "passwd", "--passphrase-file", "/p"]).unwrap();
         assert_eq!(cli.passphrase_file, Some(PathBuf::from("/p")));
+    }
+
+    #[test]
+    fn an_invite_token_may_start_with_a_hyphen() {
+        let cli = Cli::try_parse_from([
+            "messenger",
+            "register",
+            "--server",
+            "h:1",
+            "--invite",
+            "-189vj9fn",
+        ])
+        .unwrap();
+        let Command::Register(args) = cli.command else {
+            panic!("not register")
+        };
+        assert_eq!(args.invite.as_deref(), Some("-189vj9fn"));
     }
 
     #[test]

@@ -23,10 +23,13 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use messenger_crypto::fingerprint::SafetyNumber;
-use messenger_crypto::identity::{PublicIdentity, Username};
+use messenger_crypto::identity::{IdentityKey, PublicIdentity, SigningContext, Username};
 use messenger_crypto::prekey::{OneTimePrekey, SignedPrekey, VerifiedBundle};
 use messenger_proto::ErrorCode;
-use messenger_proto::msg::{Envelope, MAX_PULL, Push, Register, Reply, Request, UserInfo};
+use messenger_proto::msg::{
+    Envelope, MAX_PULL, Push, Register, Reply, Request, SignedAnnouncement, UserInfo,
+    announcement_signed_bytes,
+};
 use tokio::sync::mpsc;
 
 use crate::conn::{ConnError, ConnectOptions, Connection, PinPolicy, resolve};
@@ -133,6 +136,9 @@ pub enum Warning {
     },
     /// One-time prekeys could not be topped up or the signed prekey rotated.
     Upkeep(String),
+    /// An announcement not signed by the key the server showed at the
+    /// start of this connection; dropped (T-77).
+    BadAnnouncement,
 }
 
 impl fmt::Display for Warning {
@@ -153,6 +159,9 @@ impl fmt::Display for Warning {
                 write!(f, "a message from {from} could not be decrypted ({reason})")
             }
             Self::Upkeep(what) => write!(f, "key upkeep failed: {what}"),
+            Self::BadAnnouncement => {
+                f.write_str("dropped an announcement that the server's key did not sign")
+            }
         }
     }
 }
@@ -737,7 +746,15 @@ impl Client {
             Push::FriendRequest { from } => Some(Event::FriendRequest { from }),
             Push::FriendAnswer { from, accepted } => Some(Event::FriendAnswer { from, accepted }),
             Push::FriendRemoved { from } => Some(Event::FriendRemoved { from }),
-            Push::Announcement(a) => Some(Event::Announcement { text: a.text }),
+            Push::Announcement(a) => {
+                let key = self.conn.as_ref().map(Connection::server_key);
+                Some(match key {
+                    Some(key) if announcement_is_genuine(&key, &a) => {
+                        Event::Announcement { text: a.text }
+                    }
+                    _ => Event::Warning(Warning::BadAnnouncement),
+                })
+            }
             Push::Replaced => Some(Event::Disconnected {
                 reason: "this user logged in elsewhere".to_owned(),
             }),
@@ -969,6 +986,24 @@ fn parse_bundle(
     VerifiedBundle::verify(identity, spk, opk).map_err(bad)
 }
 
+/// Whether `a` is signed by `server_key` (the key from the connection's
+/// hello, learned over the pinned TLS connection), as
+/// `announcement_signed_bytes` under the announcement signing context.
+fn announcement_is_genuine(server_key: &[u8; 32], a: &SignedAnnouncement) -> bool {
+    let Ok(key) = IdentityKey::from_bytes(server_key) else {
+        return false;
+    };
+    let Ok(signature) = <[u8; 64]>::try_from(a.signature.as_slice()) else {
+        return false;
+    };
+    key.verify(
+        SigningContext::Announcement,
+        &announcement_signed_bytes(a.issued_at, &a.text),
+        &signature,
+    )
+    .is_ok()
+}
+
 /// An error and its causes on one line.
 fn one_line(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -982,4 +1017,51 @@ fn one_line(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use messenger_crypto::identity::IdentityKeyPair;
+    use rand::SeedableRng as _;
+
+    use super::*;
+
+    /// T-77: only the server's key, over exactly these bytes, passes.
+    #[test]
+    fn announcements_must_carry_the_server_signature() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+        let server = IdentityKeyPair::generate(&mut rng);
+        let other = IdentityKeyPair::generate(&mut rng);
+        let key = server.identity_key().to_bytes();
+        let signed = |by: &IdentityKeyPair, text: &str| SignedAnnouncement {
+            issued_at: 5,
+            text: text.to_owned(),
+            signature: by
+                .sign(
+                    SigningContext::Announcement,
+                    &announcement_signed_bytes(5, text),
+                )
+                .to_vec(),
+        };
+        let good = signed(&server, "maintenance at noon");
+        assert!(announcement_is_genuine(&key, &good));
+        assert!(!announcement_is_genuine(
+            &key,
+            &signed(&other, "maintenance at noon")
+        ));
+        let mut changed = good.clone();
+        changed.text.push('!');
+        assert!(!announcement_is_genuine(&key, &changed));
+        let mut later = good.clone();
+        later.issued_at += 1;
+        assert!(!announcement_is_genuine(&key, &later));
+        for i in 0..good.signature.len() * 8 {
+            let mut flipped = good.clone();
+            flipped.signature[i / 8] ^= 1 << (i % 8);
+            assert!(!announcement_is_genuine(&key, &flipped), "bit {i}");
+        }
+        let mut short = good;
+        short.signature.pop();
+        assert!(!announcement_is_genuine(&key, &short));
+    }
 }

@@ -403,6 +403,24 @@ impl Engine {
         rng: &mut R,
         now: u64,
     ) -> Result<Option<SignedPrekeyUpload>, EngineError> {
+        // Most logins have nothing to do: find that out without a write
+        // transaction (each durable commit costs an fsync).
+        let idle = self.store.read(|tx| -> Result<bool, StoreError> {
+            let meta = tx.meta()?;
+            let Some(current) = tx.signed_prekey(meta.current_signed_prekey)? else {
+                return Ok(false);
+            };
+            let expired = tx.signed_prekeys()?.iter().any(|old| {
+                old.retired_at
+                    .is_some_and(|r| now.saturating_sub(r) >= SIGNED_PREKEY_GRACE_SECS)
+            });
+            Ok(meta.signed_prekey_published
+                && !expired
+                && now.saturating_sub(current.created_at) < SIGNED_PREKEY_ROTATION_SECS)
+        })?;
+        if idle {
+            return Ok(None);
+        }
         let identity = self.unlocked.identity();
         self.store.write(|tx| {
             let mut meta = tx.meta()?;
