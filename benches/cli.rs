@@ -124,9 +124,9 @@ fn measure(label: &str, kdf_mib: Option<&str>, server: &Rendezvous, root: &Path)
         times[0].1.push(ms(alice.run(&["whoami"])));
         times[1]
             .1
-            .push(ms(alice.run(&["history", "bob", "--limit", "1"])));
+            .push(ms(alice.run(&["history", &b, "--limit", "1"])));
         times[2].1.push(ms(alice.run(&["users"])));
-        times[3].1.push(ms(alice.run(&["send", "bob", &text])));
+        times[3].1.push(ms(alice.run(&["send", &b, &text])));
         times[4].1.push(ms(bob.run(&["pull"])));
     }
     let s: Vec<Stats> = times.iter().map(|(_, t)| stats(t.clone())).collect();

@@ -833,10 +833,25 @@ impl Client {
     /// Connection and request errors.
     pub async fn users(&mut self) -> Result<Vec<UserInfo>, ClientError> {
         self.connect().await?;
-        match self.conn()?.request(Request::Users).await? {
-            Reply::Users { users } => Ok(users),
-            _ => Err(ClientError::UnexpectedReply("users")),
+        let Reply::Users { users } = self.conn()?.request(Request::Users).await? else {
+            return Err(ClientError::UnexpectedReply("users"));
+        };
+        // The listing carries identity keys: compare those of contacts.
+        for user in &users {
+            let (Ok(name), Ok(identity)) = (
+                Username::parse(&user.username),
+                PublicIdentity::from_bytes(&user.identity),
+            ) else {
+                continue;
+            };
+            if name != *self.engine.me()
+                && self.engine.contact(&name)?.is_some()
+                && let Some(w) = self.observe(&name, &identity)?
+            {
+                self.pending.push(Event::Warning(w));
+            }
         }
+        Ok(users)
     }
 
     /// A friend request, answer or removal.
