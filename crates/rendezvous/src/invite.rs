@@ -48,14 +48,7 @@ fn mac(key: &Secret32) -> Option<Hmac<Sha256>> {
 
 /// Mints a token.
 pub fn make_token(key: &Secret32) -> Option<String> {
-    let id: [u8; INVITE_ID_LEN] = rand::random();
-    let mut m = mac(key)?;
-    m.update(&id);
-    let tag = m.finalize().into_bytes();
-    let mut raw = Vec::with_capacity(INVITE_ID_LEN + TAG_LEN);
-    raw.extend_from_slice(&id);
-    raw.extend_from_slice(&tag);
-    Some(URL_SAFE_NO_PAD.encode(raw))
+    mint(key, |_| {})
 }
 
 /// Prefix of a reset token's MAC input.
@@ -68,15 +61,7 @@ pub fn check_token(key: &Secret32, token: &str) -> Option<[u8; INVITE_ID_LEN]> {
 
 /// Mints a reset token for `username` (already validated and lowercased).
 pub fn make_reset_token(key: &Secret32, username: &str) -> Option<String> {
-    let id: [u8; INVITE_ID_LEN] = rand::random();
-    let mut m = mac(key)?;
-    reset_input(&mut m, username);
-    m.update(&id);
-    let tag = m.finalize().into_bytes();
-    let mut raw = Vec::with_capacity(INVITE_ID_LEN + TAG_LEN);
-    raw.extend_from_slice(&id);
-    raw.extend_from_slice(&tag);
-    Some(URL_SAFE_NO_PAD.encode(raw))
+    mint(key, |m| reset_input(m, username))
 }
 
 /// Checks a reset token for `username`; returns its id when genuine.
@@ -93,6 +78,19 @@ fn reset_input(m: &mut Hmac<Sha256>, username: &str) {
     m.update(&[0]);
     m.update(username.as_bytes());
     m.update(&[0]);
+}
+
+/// A random id and its tag over `prefix ‖ id`, as unpadded base64url.
+fn mint(key: &Secret32, prefix: impl FnOnce(&mut Hmac<Sha256>)) -> Option<String> {
+    let id: [u8; INVITE_ID_LEN] = rand::random();
+    let mut m = mac(key)?;
+    prefix(&mut m);
+    m.update(&id);
+    let tag = m.finalize().into_bytes();
+    let mut raw = Vec::with_capacity(INVITE_ID_LEN + TAG_LEN);
+    raw.extend_from_slice(&id);
+    raw.extend_from_slice(&tag);
+    Some(URL_SAFE_NO_PAD.encode(raw))
 }
 
 fn check(

@@ -20,16 +20,7 @@ impl Store {
             if accounts.get(account.username.as_str()).op(OP)?.is_some() {
                 return Err(StoreError::UserExists);
             }
-            accounts
-                .insert(
-                    account.username.as_str(),
-                    (
-                        account.identity.as_slice(),
-                        account.signed_prekey.as_slice(),
-                        account.registered_at,
-                    ),
-                )
-                .op(OP)?;
+            put_account(&mut accounts, OP, &account)?;
             insert_prekeys(tx, OP, &account.username, &one_time_prekeys)?;
             Ok(())
         })
@@ -51,16 +42,7 @@ impl Store {
             if accounts.get(account.username.as_str()).op(OP)?.is_none() {
                 return Err(StoreError::UnknownUser);
             }
-            accounts
-                .insert(
-                    account.username.as_str(),
-                    (
-                        account.identity.as_slice(),
-                        account.signed_prekey.as_slice(),
-                        account.registered_at,
-                    ),
-                )
-                .op(OP)?;
+            put_account(&mut accounts, OP, &account)?;
             let name = account.username.as_str();
             let mut opks = tx.open_table(OPKS).op(OP)?;
             let old: Vec<u32> = opks
@@ -232,6 +214,25 @@ impl Store {
             Ok(meta_of(&meta, OP, username)?.0)
         })
     }
+}
+
+/// Writes one account row.
+fn put_account(
+    accounts: &mut Table<&'static str, (&'static [u8], &'static [u8], u64)>,
+    op: &'static str,
+    account: &AccountRecord,
+) -> Result<(), StoreError> {
+    accounts
+        .insert(
+            account.username.as_str(),
+            (
+                account.identity.as_slice(),
+                account.signed_prekey.as_slice(),
+                account.registered_at,
+            ),
+        )
+        .op(op)?;
+    Ok(())
 }
 
 /// Reads one account from an open accounts table.
