@@ -194,9 +194,18 @@ impl ServerChild {
     fn spawn_with(mode: &str, two_phase: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let exe = std::env::current_exe().unwrap();
+        // `BENCH_SERVER_WRAP="heaptrack -o /tmp/h"` runs the child under a
+        // profiler (its RSS figures are then not comparable).
+        let wrap: Vec<String> = std::env::var("BENCH_SERVER_WRAP")
+            .map(|w| w.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
         let mut cmd = if has_taskset() {
             let mut c = Command::new("taskset");
-            c.args(["-c", "1"]).arg(exe);
+            c.args(["-c", "1"]).args(&wrap).arg(exe);
+            c
+        } else if let Some((first, rest)) = wrap.split_first() {
+            let mut c = Command::new(first);
+            c.args(rest).arg(exe);
             c
         } else {
             Command::new(exe)
@@ -211,8 +220,15 @@ impl ServerChild {
         let mut child = cmd.spawn().unwrap();
         let pid = child.id();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = lines.next().unwrap().unwrap();
-        let cert = lines.next().unwrap().unwrap();
+        // A wrapper (profiler) may print lines of its own first.
+        let mut wanted = |prefix: &str| loop {
+            let line = lines.next().unwrap().unwrap();
+            if line.starts_with(prefix) {
+                break line;
+            }
+        };
+        let addr = wanted("listening on ");
+        let cert = wanted("certificate ");
         // Keep draining stdout so the child never blocks on it.
         std::thread::spawn(move || for _ in lines {});
         Self {

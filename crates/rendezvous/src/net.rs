@@ -51,7 +51,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use messenger_proto::msg::{ClientFrame, Reply, ServerFrame, ServerHello};
+use messenger_proto::msg::{ClientFrame, Reply, Request, ServerFrame, ServerHello};
 use messenger_proto::{ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
@@ -231,6 +231,9 @@ pub(crate) async fn accept_loop<H: Handler>(
             continue;
         };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        // Boxed: an argument stays part of the task for its whole life,
+        // and an `Incoming` is only needed until the handshake.
+        let incoming = Box::new(incoming);
         tasks.spawn(serve(incoming, id, slot, Arc::clone(&shared), stop.clone()));
     }
     let grace = shared.limits.shutdown_grace;
@@ -297,8 +300,18 @@ enum Ended {
     Lost,
 }
 
+/// A connection past its handshake, control stream and hello.
+struct Opened {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    nonce: [u8; 32],
+    exporter: [u8; 32],
+}
+
 async fn serve<H: Handler>(
-    incoming: quinn::Incoming,
+    incoming: Box<quinn::Incoming>,
     id: u64,
     _slot: IpSlot,
     shared: Arc<Shared<H>>,
@@ -306,68 +319,20 @@ async fn serve<H: Handler>(
 ) {
     let peer = incoming.remote_address();
     let limits = &shared.limits;
-    let connecting = match incoming.accept() {
-        Ok(connecting) => connecting,
-        Err(error) => {
-            debug!(id, %peer, %error, "connection failed before the handshake");
-            return;
-        }
-    };
-    let conn = tokio::select! {
-        result = timeout(limits.handshake_timeout, connecting) => match result {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(error)) => {
-                debug!(id, %peer, %error, "handshake failed");
-                return;
-            }
-            Err(_) => {
-                debug!(id, %peer, "handshake timed out");
-                return;
-            }
-        },
-        _ = stop.wait_for(|stopped| *stopped) => return,
-    };
-    info!(id, %peer, "connection opened");
-
-    let mut decoder = FrameDecoder::new();
-    let opened = tokio::select! {
-        result = timeout(limits.control_stream_timeout, open_control(&conn, &mut decoder)) => match result {
-            Ok(opened) => opened,
-            Err(_) => Err(Ended::Close(CloseReason::NoControlStream)),
-        },
-        _ = stop.wait_for(|stopped| *stopped) => Err(Ended::Close(CloseReason::ShuttingDown)),
-    };
-    let (mut send, recv) = match opened {
-        Ok(streams) => streams,
-        Err(ended) => {
-            finish(&conn, id, peer, None, ended);
-            return;
-        }
-    };
-
-    let mut nonce = [0u8; 32];
-    rand::rng().fill_bytes(&mut nonce);
-    let mut exporter = [0u8; 32];
-    if conn
-        .export_keying_material(&mut exporter, CHANNEL_BINDING_LABEL, b"")
-        .is_err()
-    {
-        finish(&conn, id, peer, None, Ended::Close(CloseReason::Internal));
+    // Boxed, and freed before the request loop: the handshake's and the
+    // preface's futures took most of a 5 KB task that every idle
+    // connection kept (docs/benchmarks.md §2).
+    let Some(opened) = Box::pin(open(incoming, id, &shared, &mut stop)).await else {
         return;
-    }
-    let hello = ServerFrame::Hello(ServerHello {
-        version: PROTOCOL_VERSION,
+    };
+    let Opened {
+        conn,
+        send,
+        recv,
+        decoder,
         nonce,
-        server_key: shared.handler.server_key(),
-    });
-    let written = match encode(&hello) {
-        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
-        Err(_) => false,
-    };
-    if !written {
-        finish(&conn, id, peer, None, Ended::Lost);
-        return;
-    }
+        exporter,
+    } = opened;
 
     let (pushes, push_queue) = PushSender::channel(limits.push_queue);
     let mut ctx = ConnectionContext::new(peer, nonce, exporter, pushes, id);
@@ -398,14 +363,117 @@ async fn serve<H: Handler>(
     if graceful {
         // The writer writes the last replies, finishes the stream and waits
         // for the client's acknowledgement.
-        writer_done = timeout(FLUSH_TIMEOUT * 2, &mut writer).await.is_ok();
+        writer_done = Box::pin(timeout(FLUSH_TIMEOUT * 2, &mut writer))
+            .await
+            .is_ok();
     }
     finish(&conn, id, peer, ctx.user.as_deref(), ended);
     if !writer_done {
         // Closing the connection ends the writer's writes and accepts.
         let _ = writer.await;
     }
-    shared.handler.on_disconnect(&ctx, session).await;
+    // Boxed for the same reason as in `handled`.
+    Box::pin(shared.handler.on_disconnect(&ctx, session)).await;
+}
+
+/// `handler.handle`, its future boxed.
+///
+/// A connection's task is allocated once, at the size of its largest
+/// state; inline, the handler's future (every request kind's state, several
+/// kilobytes for the service) would be part of every idle connection.
+/// Boxed, it costs memory only while a request is being handled
+/// (docs/benchmarks.md §2).
+async fn handled<H: Handler>(
+    handler: &H,
+    ctx: &mut ConnectionContext,
+    session: &mut H::Session,
+    request: Request,
+) -> Result<Reply, ErrorCode> {
+    Box::pin(handler.handle(ctx, session, request)).await
+}
+
+/// Accepts `incoming`, waits for its control stream and preface, and
+/// writes the hello; on failure closes the connection (if it got that far)
+/// and returns None.
+async fn open<H: Handler>(
+    incoming: Box<quinn::Incoming>,
+    id: u64,
+    shared: &Shared<H>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Opened> {
+    let peer = incoming.remote_address();
+    let limits = &shared.limits;
+    let connecting = match (*incoming).accept() {
+        Ok(connecting) => connecting,
+        Err(error) => {
+            debug!(id, %peer, %error, "connection failed before the handshake");
+            return None;
+        }
+    };
+    let conn = tokio::select! {
+        result = timeout(limits.handshake_timeout, connecting) => match result {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => {
+                debug!(id, %peer, %error, "handshake failed");
+                return None;
+            }
+            Err(_) => {
+                debug!(id, %peer, "handshake timed out");
+                return None;
+            }
+        },
+        _ = stop.wait_for(|stopped| *stopped) => return None,
+    };
+    info!(id, %peer, "connection opened");
+
+    let mut decoder = FrameDecoder::new();
+    let opened = tokio::select! {
+        result = timeout(limits.control_stream_timeout, open_control(&conn, &mut decoder)) => match result {
+            Ok(opened) => opened,
+            Err(_) => Err(Ended::Close(CloseReason::NoControlStream)),
+        },
+        _ = stop.wait_for(|stopped| *stopped) => Err(Ended::Close(CloseReason::ShuttingDown)),
+    };
+    let (mut send, recv) = match opened {
+        Ok(streams) => streams,
+        Err(ended) => {
+            finish(&conn, id, peer, None, ended);
+            return None;
+        }
+    };
+
+    let mut nonce = [0u8; 32];
+    rand::rng().fill_bytes(&mut nonce);
+    let mut exporter = [0u8; 32];
+    if conn
+        .export_keying_material(&mut exporter, CHANNEL_BINDING_LABEL, b"")
+        .is_err()
+    {
+        finish(&conn, id, peer, None, Ended::Close(CloseReason::Internal));
+        return None;
+    }
+    let hello = ServerFrame::Hello(ServerHello {
+        version: PROTOCOL_VERSION,
+        nonce,
+        server_key: shared.handler.server_key(),
+    });
+    let written = match encode(&hello) {
+        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
+        Err(_) => false,
+    };
+    if !written {
+        finish(&conn, id, peer, None, Ended::Lost);
+        return None;
+    }
+
+    Some(Opened {
+        conn,
+        send,
+        recv,
+        decoder,
+        nonce,
+        exporter,
+    })
 }
 
 /// Waits for the client's control stream and checks its preface.
@@ -524,13 +592,14 @@ async fn read_requests<H: Handler>(
                 // Room first, so a request is begun only when its reply can
                 // be queued.
                 make_room(pending, replies, ctx.id).await?;
-                let reply = handler.begin(ctx, session, frame.request).await;
+                // Boxed, like `handle` below: see `handled`.
+                let reply = Box::pin(handler.begin(ctx, session, frame.request)).await;
                 pending.push_back((frame.id, reply));
             } else {
                 // Earlier pipelined requests complete first, so this one
                 // sees their effects (a `Pull` after a `Send`).
                 drain(pending, replies, ctx.id).await?;
-                let result = handler.handle(ctx, session, frame.request).await;
+                let result = handled(handler, ctx, session, frame.request).await;
                 write_reply(replies, frame.id, result, ctx.id).await?;
             }
         }
