@@ -199,6 +199,16 @@ pub struct Purged {
     pub more: bool,
 }
 
+/// What [`Store::commit_batch`] did: one result per appended envelope and
+/// one removed count per ack, each in the order given.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Per envelope, as [`Store::append`] reports it.
+    pub appended: Vec<Result<AppendOutcome, StoreError>>,
+    /// Per ack, how many envelopes it removed.
+    pub acked: Vec<u32>,
+}
+
 /// What became of one envelope of an [`Store::append`] batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
