@@ -3,10 +3,12 @@
 //! gives it a [`PushTarget`] per connection for what it must tell a client
 //! unasked.
 //!
-//! Envelopes go through a group-commit writer: one OS thread takes every
-//! envelope queued while the previous commit ran and stores them in one redb
-//! transaction, so each is answered `Accepted` only after its own durable
-//! commit, and many share one fsync under load.
+//! Envelopes and acks go through a group-commit writer: one OS thread takes
+//! every envelope and ack queued while the previous commit ran and commits
+//! them in one redb transaction ([`Store::commit_batch`]), so each envelope
+//! is answered `Accepted`, and pushed to an online recipient, only after its
+//! own durable commit, many share one fsync under load, and an ack is
+//! applied after every envelope queued before it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -45,9 +47,9 @@ pub const REPLY_BUDGET: usize = messenger_proto::MAX_FRAME_LEN - 8 * 1024;
 /// Allowance per envelope or user for fields besides the body.
 const ITEM_OVERHEAD: usize = 128;
 
-/// Most envelopes one group commit holds: large enough to amortise an fsync
-/// over many senders, small enough to keep one commit well under a
-/// millisecond of CPU.
+/// Most envelopes (plus acknowledged seqs) one group commit holds: large
+/// enough to amortise an fsync over many senders, small enough to bound
+/// how long one commit holds the writer.
 pub const MAX_COMMIT_BATCH: usize = 1000;
 
 /// Who may register.
