@@ -22,11 +22,12 @@
 //!    both go to the handler in the [`ConnectionContext`] for login.
 //! 5. **Requests.** Each [`ClientFrame`] is handed to the handler in order
 //!    and its [`ServerFrame::Reply`] written back, in request order. Requests
-//!    the handler pipelines (`Send`) are begun in order without waiting for
+//!    the handler pipelines (`Send`, `Ack`) are begun in order without waiting for
 //!    the previous reply, at most `MAX_PIPELINED` pending per connection;
 //!    any other request waits until those replies are out. Pushes from the handler are
 //!    written by the same task that writes replies, so frames never
-//!    interleave. A frame that does not decode, an oversized length prefix
+//!    interleave; replies and pushes already queued together go out in one
+//!    stream write. A frame that does not decode, an oversized length prefix
 //!    (refused when its four bytes arrive), or a stream that ends inside a
 //!    frame closes that connection with `bad_request` / `too_large`
 //!    (T-30, T-31); nothing panics, and other connections are unaffected.
