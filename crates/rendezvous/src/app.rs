@@ -70,7 +70,7 @@ impl Handler for App {
         request: Request,
     ) -> Result<Reply, ErrorCode> {
         let reply = self.service.handle(session, request).await;
-        ctx.user = session.user().map(str::to_owned);
+        note_user(ctx, session);
         reply
     }
 
@@ -85,12 +85,20 @@ impl Handler for App {
         request: Request,
     ) -> PendingReply {
         let reply = self.service.begin(session, request).await;
-        ctx.user = session.user().map(str::to_owned);
+        note_user(ctx, session);
         Box::pin(reply)
     }
 
     async fn on_disconnect(&self, _ctx: &ConnectionContext, session: Self::Session) {
         self.service.disconnect(&session);
+    }
+}
+
+/// Copies the session's user into the context for logs, only when it
+/// changed (login): not an allocation per request.
+fn note_user(ctx: &mut ConnectionContext, session: &Session<PushSender>) {
+    if ctx.user.as_deref() != session.user() {
+        ctx.user = session.user().map(str::to_owned);
     }
 }
 

@@ -22,11 +22,12 @@
 //!    both go to the handler in the [`ConnectionContext`] for login.
 //! 5. **Requests.** Each [`ClientFrame`] is handed to the handler in order
 //!    and its [`ServerFrame::Reply`] written back, in request order. Requests
-//!    the handler pipelines (`Send`) are begun in order without waiting for
+//!    the handler pipelines (`Send`, `Ack`) are begun in order without waiting for
 //!    the previous reply, at most `MAX_PIPELINED` pending per connection;
 //!    any other request waits until those replies are out. Pushes from the handler are
 //!    written by the same task that writes replies, so frames never
-//!    interleave. A frame that does not decode, an oversized length prefix
+//!    interleave; replies and pushes already queued together go out in one
+//!    stream write. A frame that does not decode, an oversized length prefix
 //!    (refused when its four bytes arrive), or a stream that ends inside a
 //!    frame closes that connection with `bad_request` / `too_large`
 //!    (T-30, T-31); nothing panics, and other connections are unaffected.
@@ -44,11 +45,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::future::ready;
+use std::future::{poll_fn, ready};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use messenger_proto::msg::{ClientFrame, Reply, Request, ServerFrame, ServerHello};
@@ -81,6 +83,13 @@ pub const STREAM_REFUSED: u32 = 1;
 /// Closing a QUIC connection discards unsent data, so replies to the last
 /// requests need this moment; a peer that never acknowledges costs no more.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bytes of frames gathered into one stream write: 64 KiB.
+///
+/// Large enough to take every reply and push one group commit completes
+/// for a connection (a few KiB each), small enough that one write does not
+/// wait long for stream credit while others queue behind it.
+const WRITE_BATCH: usize = 64 * 1024;
 
 /// Largest piece read from the control stream at once: 64 KiB.
 ///
@@ -618,7 +627,15 @@ async fn read_requests<H: Handler>(
         };
         let chunk = match event {
             Event::Done(Some((id, result))) => {
-                write_reply(replies, id, result, ctx.id).await?;
+                // Replies completed by the same commit go out as one write.
+                let mut batch = Vec::new();
+                encode_reply(&mut batch, id, result, ctx.id)?;
+                while batch.len() < WRITE_BATCH
+                    && let Some((id, result)) = ready_reply(pending).await
+                {
+                    encode_reply(&mut batch, id, result, ctx.id)?;
+                }
+                replies.send(batch).await.map_err(|_| Ended::Lost)?;
                 continue;
             }
             Event::Done(None) => continue,
@@ -694,9 +711,34 @@ async fn next_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCo
     Some((id, result))
 }
 
+/// The oldest pending reply if it is already done, without waiting.
+async fn ready_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCode>)> {
+    let (_, reply) = pending.front_mut()?;
+    let result = poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await;
+    match result {
+        Poll::Ready(result) => {
+            let (id, _) = pending.pop_front()?;
+            Some((id, result))
+        }
+        Poll::Pending => None,
+    }
+}
+
 /// Encodes the reply to request `id` and hands it to the writer.
 async fn write_reply(
     replies: &mpsc::Sender<Vec<u8>>,
+    id: u32,
+    result: Result<Reply, ErrorCode>,
+    conn: u64,
+) -> Result<(), Ended> {
+    let mut bytes = Vec::new();
+    encode_reply(&mut bytes, id, result, conn)?;
+    replies.send(bytes).await.map_err(|_| Ended::Lost)
+}
+
+/// Appends the frame of the reply to request `id` to `out`.
+fn encode_reply(
+    out: &mut Vec<u8>,
     id: u32,
     result: Result<Reply, ErrorCode>,
     conn: u64,
@@ -712,7 +754,12 @@ async fn write_reply(
             encode(&fallback).map_err(|_| Ended::Close(CloseReason::Internal))?
         }
     };
-    replies.send(bytes).await.map_err(|_| Ended::Lost)
+    if out.is_empty() {
+        *out = bytes;
+    } else {
+        out.extend_from_slice(&bytes);
+    }
+    Ok(())
 }
 
 /// Owns the send half: writes replies and pushes, refuses extra streams,
@@ -743,7 +790,8 @@ async fn write_loop(
                 return;
             }
             reply = replies.recv() => match reply {
-                Some(bytes) => {
+                Some(mut bytes) => {
+                    gather(&mut bytes, &mut replies, &mut pushes);
                     if send.write_all(&bytes).await.is_err() {
                         return;
                     }
@@ -757,10 +805,13 @@ async fn write_loop(
                 }
             },
             push = pushes.recv() => {
-                if let Some(push) = push
-                    && write_push(&mut send, push).await.is_err()
-                {
-                    return;
+                if let Some(push) = push {
+                    let mut bytes = Vec::new();
+                    encode_push(&mut bytes, push);
+                    gather(&mut bytes, &mut replies, &mut pushes);
+                    if send.write_all(&bytes).await.is_err() {
+                        return;
+                    }
                 }
             }
             stream = conn.accept_bi() => match stream {
@@ -784,13 +835,37 @@ async fn write_push(
     send: &mut quinn::SendStream,
     push: messenger_proto::msg::Push,
 ) -> Result<(), quinn::WriteError> {
+    let mut bytes = Vec::new();
+    encode_push(&mut bytes, push);
+    send.write_all(&bytes).await
+}
+
+/// Appends the frame of `push` to `out`.
+fn encode_push(out: &mut Vec<u8>, push: messenger_proto::msg::Push) {
     match encode(&ServerFrame::Push(push)) {
-        Ok(bytes) => send.write_all(&bytes).await,
+        Ok(bytes) if out.is_empty() => *out = bytes,
+        Ok(bytes) => out.extend_from_slice(&bytes),
         Err(error) => {
             // A push too large for a frame is a service bug; the client
             // fetches what it missed at its next login.
             warn!(%error, "push could not be encoded; dropped");
-            Ok(())
+        }
+    }
+}
+
+/// Appends to `out` the replies and pushes already queued, up to
+/// [`WRITE_BATCH`] bytes, so they go to the stream in one write: each
+/// write locks the connection and wakes its driver, and a commit completes
+/// many replies and pushes at once. Replies stay in their order, pushes in
+/// theirs; which of the two comes first was never promised.
+fn gather(out: &mut Vec<u8>, replies: &mut mpsc::Receiver<Vec<u8>>, pushes: &mut PushQueue) {
+    while out.len() < WRITE_BATCH {
+        if let Ok(bytes) = replies.try_recv() {
+            out.extend_from_slice(&bytes);
+        } else if let Some(push) = pushes.try_recv() {
+            encode_push(out, push);
+        } else {
+            break;
         }
     }
 }

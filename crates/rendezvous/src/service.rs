@@ -3,10 +3,12 @@
 //! gives it a [`PushTarget`] per connection for what it must tell a client
 //! unasked.
 //!
-//! Envelopes go through a group-commit writer: one OS thread takes every
-//! envelope queued while the previous commit ran and stores them in one redb
-//! transaction, so each is answered `Accepted` only after its own durable
-//! commit, and many share one fsync under load.
+//! Envelopes and acks go through a group-commit writer: one OS thread takes
+//! every envelope and ack queued while the previous commit ran and commits
+//! them in one redb transaction ([`Store::commit_batch`]), so each envelope
+//! is answered `Accepted`, and pushed to an online recipient, only after its
+//! own durable commit, many share one fsync under load, and an ack is
+//! applied after every envelope queued before it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -45,9 +47,9 @@ pub const REPLY_BUDGET: usize = messenger_proto::MAX_FRAME_LEN - 8 * 1024;
 /// Allowance per envelope or user for fields besides the body.
 const ITEM_OVERHEAD: usize = 128;
 
-/// Most envelopes one group commit holds: large enough to amortise an fsync
-/// over many senders, small enough to keep one commit well under a
-/// millisecond of CPU.
+/// Most envelopes (plus acknowledged seqs) one group commit holds: large
+/// enough to amortise an fsync over many senders, small enough to bound
+/// how long one commit holds the writer.
 pub const MAX_COMMIT_BATCH: usize = 1000;
 
 /// Who may register.
@@ -104,6 +106,8 @@ impl Default for ServiceConfig {
 /// Where the service sends pushes for one connection.
 pub trait PushTarget: Clone + Send + Sync + 'static {
     /// Queues a push; false when the connection is gone or cannot keep up.
+    /// Must not wait: the service calls it while holding its map of who
+    /// is online.
     fn push(&self, push: Push) -> bool;
     /// Closes the connection (another login replaced it).
     fn close(&self, reason: &'static str);
@@ -145,22 +149,31 @@ struct Online<P> {
     identity: Vec<u8>,
 }
 
-type CommitJob = (
-    Vec<NewEnvelope>,
-    oneshot::Sender<Vec<Result<AppendOutcome, StoreError>>>,
-);
+/// Work for the group-commit writer, committed in queue order.
+enum CommitJob {
+    /// Envelopes to store; the writer sends them back with their outcomes,
+    /// so their bodies can be pushed without a copy.
+    Append(Vec<NewEnvelope>, oneshot::Sender<Appended>),
+    /// A recipient's acknowledgement: (recipient, seqs); the writer answers
+    /// with the number removed.
+    Ack(String, Vec<u64>, oneshot::Sender<Result<u32, StoreError>>),
+}
 
-/// Where a queued commit job's outcomes arrive.
-type CommitReceiver = oneshot::Receiver<Vec<Result<AppendOutcome, StoreError>>>;
+/// A committed append job: its envelopes and one outcome per envelope.
+type Appended = (Vec<NewEnvelope>, Vec<Result<AppendOutcome, StoreError>>);
+
+/// Where a queued append job's outcomes arrive.
+type CommitReceiver = oneshot::Receiver<Appended>;
 
 /// A `Send` whose envelope is queued for the group commit.
 struct QueuedSend {
     committed: CommitReceiver,
-    from: String,
-    to: String,
-    id: MessageId,
-    sent_at: u64,
-    body_for_push: Option<Vec<u8>>,
+}
+
+/// A pipelined request queued for the group commit.
+enum Started {
+    Send(QueuedSend),
+    Ack(oneshot::Receiver<Result<u32, StoreError>>),
 }
 
 /// The service. Cheap to share: hold it in an `Arc`.
@@ -236,32 +249,63 @@ fn to_envelope(r: EnvelopeRecord) -> Envelope {
     }
 }
 
+/// The group-commit writer: takes every job queued while the previous
+/// commit ran (up to [`MAX_COMMIT_BATCH`] envelopes and acked seqs) and
+/// commits them in one transaction, appends first, then acks (an ack can
+/// only name envelopes queued before it).
 fn commit_loop(store: Store, jobs: mpsc::Receiver<CommitJob>) {
+    let mut appends: Vec<NewEnvelope> = Vec::new();
+    let mut append_replies: Vec<(usize, oneshot::Sender<Appended>)> = Vec::new();
+    let mut acks: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut ack_replies: Vec<oneshot::Sender<Result<u32, StoreError>>> = Vec::new();
     while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        let mut count = batch[0].0.len();
-        while count < MAX_COMMIT_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    count += job.0.len();
-                    batch.push(job);
+        let mut next = Some(first);
+        let mut count = 0usize;
+        while let Some(job) = next.take() {
+            match job {
+                CommitJob::Append(envelopes, reply) => {
+                    count += envelopes.len();
+                    append_replies.push((envelopes.len(), reply));
+                    appends.extend(envelopes);
                 }
-                Err(_) => break,
+                CommitJob::Ack(recipient, seqs, reply) => {
+                    count += seqs.len().max(1);
+                    acks.push((recipient, seqs));
+                    ack_replies.push(reply);
+                }
+            }
+            if count < MAX_COMMIT_BATCH {
+                next = jobs.try_recv().ok();
             }
         }
-        let sizes: Vec<usize> = batch.iter().map(|j| j.0.len()).collect();
-        let mut all = Vec::with_capacity(count);
-        let mut replies = Vec::with_capacity(batch.len());
-        for (envelopes, reply) in batch {
-            all.extend(envelopes);
-            replies.push(reply);
+        let outcome = store.commit_batch(&appends, &acks);
+        acks.clear();
+        let mut envelopes = appends.drain(..);
+        match outcome {
+            Ok(outcome) => {
+                let mut appended = outcome.appended.into_iter();
+                for (size, reply) in append_replies.drain(..) {
+                    let mine: Vec<NewEnvelope> = envelopes.by_ref().take(size).collect();
+                    let results: Vec<_> = appended.by_ref().take(size).collect();
+                    // The sender may have gone; its envelopes are stored regardless.
+                    let _ = reply.send((mine, results));
+                }
+                for (removed, reply) in outcome.acked.into_iter().zip(ack_replies.drain(..)) {
+                    let _ = reply.send(Ok(removed));
+                }
+            }
+            Err(e) => {
+                for (size, reply) in append_replies.drain(..) {
+                    let mine: Vec<NewEnvelope> = envelopes.by_ref().take(size).collect();
+                    let results = mine.iter().map(|_| Err(e.clone())).collect();
+                    let _ = reply.send((mine, results));
+                }
+                for reply in ack_replies.drain(..) {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
         }
-        let mut results = store.append(all).into_iter();
-        for (size, reply) in sizes.into_iter().zip(replies) {
-            let part: Vec<_> = results.by_ref().take(size).collect();
-            // The sender may have gone; its envelopes are stored regardless.
-            let _ = reply.send(part);
-        }
+        drop(envelopes);
     }
 }
 
@@ -346,8 +390,11 @@ impl<P: PushTarget> Service<P> {
     }
 
     fn push_to(&self, user: &str, push: Push) -> bool {
-        let target = lock(&self.online).get(user).map(|o| o.push.clone());
-        target.is_some_and(|t| t.push(push))
+        // Pushing only queues (never waits), so it is done under the lock:
+        // cheaper than cloning the target out per message.
+        lock(&self.online)
+            .get(user)
+            .is_some_and(|o| o.push.push(push))
     }
 
     fn is_online(&self, user: &str) -> bool {
@@ -446,15 +493,7 @@ impl<P: PushTarget> Service<P> {
                 }
                 Ok(Reply::Envelopes { envelopes, more })
             }
-            Request::Ack { seqs } => {
-                if seqs.len() > MAX_ACKS {
-                    return Err(ErrorCode::TooLarge);
-                }
-                let me = me.to_owned();
-                let store = self.store.clone();
-                blocking(move || store.ack(&me, &seqs)).await?;
-                Ok(Reply::Ok)
-            }
+            Request::Ack { seqs } => Self::finish_ack(self.queue_ack(me, seqs).await?).await,
             Request::Users => self.users(me).await,
             Request::Lookup { username } => self.lookup(me, &username).await,
             Request::FriendRequest { username } => self.friend_request(me, &username).await,
@@ -708,25 +747,22 @@ impl<P: PushTarget> Service<P> {
         PublicIdentity::from_bytes(&account.identity).map_err(|_| ErrorCode::Internal)
     }
 
-    async fn commit(
-        &self,
-        envelopes: Vec<NewEnvelope>,
-    ) -> Result<Vec<Result<AppendOutcome, StoreError>>, ErrorCode> {
-        let committed = self.enqueue(envelopes).await?;
-        committed.await.map_err(|_| ErrorCode::Internal)
+    async fn commit(&self, envelopes: Vec<NewEnvelope>) -> Result<Appended, ErrorCode> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(CommitJob::Append(envelopes, tx)).await?;
+        rx.await.map_err(|_| ErrorCode::Internal)
     }
 
-    /// Queues `envelopes` for the group commit and returns where their
-    /// outcomes will arrive. Jobs are committed in the order they are
-    /// queued, so a caller that queues in request order gets sequence
-    /// numbers in request order.
-    async fn enqueue(&self, envelopes: Vec<NewEnvelope>) -> Result<CommitReceiver, ErrorCode> {
-        let (tx, rx) = oneshot::channel();
+    /// Queues `job` for the group commit. Jobs are committed in the order
+    /// they are queued, so a caller that queues in request order gets
+    /// sequence numbers in request order, and an ack is applied after every
+    /// append queued before it.
+    async fn enqueue(&self, job: CommitJob) -> Result<(), ErrorCode> {
         // Enqueue without leaving the async worker when there is room (the
         // common case); a blocking-pool hop per envelope cost more CPU than
         // the commit itself on a loaded 2-core box (docs/benchmarks.md).
-        match self.commits.try_send((envelopes, tx)) {
-            Ok(()) => {}
+        match self.commits.try_send(job) {
+            Ok(()) => Ok(()),
             Err(mpsc::TrySendError::Full(job)) => {
                 let commits = self.commits.clone();
                 // The queue is bounded; waiting for room is the backpressure
@@ -734,37 +770,70 @@ impl<P: PushTarget> Service<P> {
                 tokio::task::spawn_blocking(move || commits.send(job))
                     .await
                     .map_err(|_| ErrorCode::Internal)?
-                    .map_err(|_| ErrorCode::Internal)?;
+                    .map_err(|_| ErrorCode::Internal)
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(ErrorCode::Internal),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(ErrorCode::Internal),
+        }
+    }
+
+    /// Queues an `Ack` for the group commit; the returned future yields
+    /// `Ok` once it is committed (relaxed: see [`Store::ack`]).
+    async fn queue_ack(
+        &self,
+        me: &str,
+        seqs: Vec<u64>,
+    ) -> Result<oneshot::Receiver<Result<u32, StoreError>>, ErrorCode> {
+        if seqs.len() > MAX_ACKS {
+            return Err(ErrorCode::TooLarge);
+        }
+        let (tx, rx) = oneshot::channel();
+        if seqs.is_empty() {
+            let _ = tx.send(Ok(0));
+        } else {
+            self.enqueue(CommitJob::Ack(me.to_owned(), seqs, tx))
+                .await?;
         }
         Ok(rx)
     }
 
+    async fn finish_ack(
+        acked: oneshot::Receiver<Result<u32, StoreError>>,
+    ) -> Result<Reply, ErrorCode> {
+        acked
+            .await
+            .map_err(|_| ErrorCode::Internal)?
+            .map_err(store_error)?;
+        Ok(Reply::Ok)
+    }
+
     /// Whether `request` may be pipelined with [`Service::begin`]: a
-    /// `Send`, whose work after queuing is waiting for its commit.
+    /// `Send` or an `Ack`, whose work after queuing is waiting for the
+    /// group commit.
     pub fn pipelines(request: &Request) -> bool {
-        matches!(request, Request::Send(_))
+        matches!(request, Request::Send(_) | Request::Ack { .. })
     }
 
     /// Starts `request` for a pipelined connection: the checks, the rate
-    /// limits and (for a `Send`) queuing the envelope into the group commit
-    /// happen now, in the caller's order; the returned future waits for the
-    /// commit and yields the reply, `Accepted` only once the envelope is
-    /// durable. A request that is not a `Send` is handled in full now.
+    /// limits and queuing into the group commit (a `Send`'s envelope, an
+    /// `Ack`'s deletions) happen now, in the caller's order; the returned
+    /// future waits for the commit and yields the reply (`Accepted` only
+    /// once the envelope is durable). Any other request is handled in full
+    /// now.
     pub async fn begin(
         self: &Arc<Self>,
         s: &mut Session<P>,
         request: Request,
     ) -> impl Future<Output = Result<Reply, ErrorCode>> + Send + use<P> {
         let started = match request {
-            Request::Send(envelope) => self.start_send(s, envelope).await,
+            Request::Send(envelope) => self.start_send(s, envelope).await.map(Started::Send),
+            Request::Ack { seqs } => self.start_ack(s, seqs).await.map(Started::Ack),
             other => Err(self.handle(s, other).await),
         };
         let service = Arc::clone(self);
         async move {
             match started {
-                Ok(queued) => service.finish_send(queued).await,
+                Ok(Started::Send(queued)) => service.finish_send(queued).await,
+                Ok(Started::Ack(acked)) => Self::finish_ack(acked).await,
                 Err(done) => done,
             }
         }
@@ -776,8 +845,18 @@ impl<P: PushTarget> Service<P> {
         e: OutgoingEnvelope,
     ) -> Result<QueuedSend, Result<Reply, ErrorCode>> {
         self.take_request_token(s).map_err(Err)?;
-        let me = s.user.clone().ok_or(Err(ErrorCode::NotAuthenticated))?;
-        self.queue_send(&me, e).await.map_err(Err)
+        let me = s.user.as_deref().ok_or(Err(ErrorCode::NotAuthenticated))?;
+        self.queue_send(me, e).await.map_err(Err)
+    }
+
+    async fn start_ack(
+        &self,
+        s: &Session<P>,
+        seqs: Vec<u64>,
+    ) -> Result<oneshot::Receiver<Result<u32, StoreError>>, Result<Reply, ErrorCode>> {
+        self.take_request_token(s).map_err(Err)?;
+        let me = s.user.as_deref().ok_or(Err(ErrorCode::NotAuthenticated))?;
+        self.queue_ack(me, seqs).await.map_err(Err)
     }
 
     async fn send(&self, me: &str, e: OutgoingEnvelope) -> Result<Reply, ErrorCode> {
@@ -800,48 +879,41 @@ impl<P: PushTarget> Service<P> {
         // An unknown recipient is refused by the append itself
         // (`StoreError::UnknownUser` inside the same transaction), which
         // saves a read transaction and a blocking-pool hop per envelope.
-        let sent_at = self.now();
         let new = NewEnvelope {
-            recipient: to.clone(),
+            recipient: to,
             sender: me.to_owned(),
             group: None,
             message_id: e.id,
-            sent_at,
+            sent_at: self.now(),
             body: e.body,
         };
-        let body_for_push = self.is_online(&to).then(|| new.body.clone());
-        let committed = self.enqueue(vec![new]).await?;
-        Ok(QueuedSend {
-            committed,
-            from: me.to_owned(),
-            to,
-            id: e.id,
-            sent_at,
-            body_for_push,
-        })
+        let (tx, committed) = oneshot::channel();
+        self.enqueue(CommitJob::Append(vec![new], tx)).await?;
+        Ok(QueuedSend { committed })
     }
 
     /// Waits for a queued `Send`'s commit, pushes the envelope to its
-    /// recipient if they were online, and answers.
+    /// recipient if they are online now (the writer hands the envelope
+    /// back, so the body is moved into the push, not copied), and answers.
     async fn finish_send(&self, q: QueuedSend) -> Result<Reply, ErrorCode> {
-        let mut results = q.committed.await.map_err(|_| ErrorCode::Internal)?;
+        let (mut envelopes, mut results) = q.committed.await.map_err(|_| ErrorCode::Internal)?;
         let outcome = results
             .pop()
             .ok_or(ErrorCode::Internal)?
             .map_err(store_error)?;
         match outcome {
             AppendOutcome::Stored { seq } => {
-                if let Some(body) = q.body_for_push {
+                if let Some(new) = envelopes.pop() {
                     self.push_to(
-                        &q.to,
+                        &new.recipient,
                         Push::Envelope(Envelope {
                             seq,
-                            from: q.from,
+                            from: new.sender,
                             from_device: DEFAULT_DEVICE,
                             group: None,
-                            id: q.id,
-                            sent_at: q.sent_at,
-                            body,
+                            id: new.message_id,
+                            sent_at: new.sent_at,
+                            body: new.body,
                         }),
                     );
                 }
@@ -900,7 +972,7 @@ impl<P: PushTarget> Service<P> {
                 body: body.clone(),
             })
             .collect();
-        let results = self.commit(envelopes).await?;
+        let (_, results) = self.commit(envelopes).await?;
         let mut any_stored = false;
         for (recipient, result) in recipients.iter().zip(results) {
             match result {

@@ -1152,3 +1152,89 @@ async fn leaving_a_group_reaches_an_offline_owner_and_the_owner_cannot_leave() {
         "{members:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_and_acks_go_through_the_group_commit_in_order() {
+    let w = World::new(fast_config());
+    let (alice, bob) = (user("alice", 30, 0), user("bob", 31, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut a);
+    drain(&mut b);
+    assert!(Service::<Pushes>::pipelines(&Request::Ack {
+        seqs: vec![1]
+    }));
+    // Several sends begun before any completes; each is pushed to the
+    // online recipient once committed, in order.
+    let mut replies = Vec::new();
+    for i in 1..=4u8 {
+        replies.push(
+            w.service
+                .begin(&mut a.session, send("bob", i, &[i; 8]))
+                .await,
+        );
+    }
+    let mut seqs = Vec::new();
+    for reply in replies {
+        let Ok(Reply::Accepted {
+            seq,
+            duplicate: false,
+        }) = reply.await
+        else {
+            panic!("not accepted")
+        };
+        seqs.push(seq);
+    }
+    assert!(seqs.windows(2).all(|p| p[0] < p[1]), "{seqs:?}");
+    let pushed: Vec<u64> = drain(&mut b)
+        .into_iter()
+        .filter_map(|p| match p {
+            Push::Envelope(e) => Some(e.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pushed, seqs);
+    // A pipelined ack: too many seqs is refused; a valid one deletes once
+    // its commit is done, and another user's ack deletes nothing.
+    let too_many = Request::Ack {
+        seqs: vec![1; messenger_proto::msg::MAX_ACKS + 1],
+    };
+    assert_eq!(
+        w.service.begin(&mut b.session, too_many).await.await,
+        Err(ErrorCode::TooLarge)
+    );
+    let theirs = Request::Ack { seqs: seqs.clone() };
+    assert_eq!(
+        w.service.begin(&mut a.session, theirs).await.await,
+        Ok(Reply::Ok)
+    );
+    assert_eq!(w.service.store().pending("bob", 0, 10).unwrap().len(), 4);
+    let mine = Request::Ack {
+        seqs: seqs[..3].to_vec(),
+    };
+    assert_eq!(
+        w.service.begin(&mut b.session, mine).await.await,
+        Ok(Reply::Ok)
+    );
+    let left = w.service.store().pending("bob", 0, 10).unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![seqs[3]]
+    );
+    // Not logged in: refused before anything is queued.
+    let mut anon = w.connect();
+    assert_eq!(
+        w.service
+            .begin(
+                &mut anon.session,
+                Request::Ack {
+                    seqs: vec![seqs[3]]
+                }
+            )
+            .await
+            .await,
+        Err(ErrorCode::NotAuthenticated)
+    );
+}

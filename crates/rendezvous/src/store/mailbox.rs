@@ -6,8 +6,8 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::tables::{ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, MAILBOX, MAILBOX_USAGE, NEXT_SEQ};
 use super::{
-    AppendOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, Purged, QuotaKind, Store,
-    StoreError, StoreOptions,
+    AppendOutcome, BatchOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, Purged,
+    QuotaKind, Store, StoreError, StoreOptions,
 };
 
 impl Store {
@@ -91,23 +91,46 @@ impl Store {
         if seqs.is_empty() {
             return Ok(0);
         }
-        self.write_relaxed(OP, |tx| {
-            let mut mailbox = tx.open_table(MAILBOX).op(OP)?;
-            let mut removed = 0u32;
-            let mut removed_bytes = 0u64;
-            for &seq in seqs {
-                let Some(old) = mailbox.remove((recipient, seq)).op(OP)? else {
-                    continue;
-                };
-                removed_bytes += old.value().5.len() as u64;
-                removed += 1;
+        self.write_relaxed(OP, |tx| ack_in(tx, OP, recipient, seqs))
+    }
+
+    /// One write transaction for the group-commit writer: stores `appends`
+    /// as [`Store::append`] does, then applies `acks` (recipient, seqs) as
+    /// [`Store::ack`] does, in that order (so an ack may remove an envelope
+    /// appended by the same batch). Durable (`fsync`) when `appends` is not
+    /// empty; acks alone commit without one, as in [`Store::ack`].
+    ///
+    /// Returns one append result per envelope and one removed count per
+    /// ack. Per-envelope refusals do not affect the rest; an `Err` means
+    /// nothing of the batch was committed (or, after a failed final
+    /// `fsync`, that it is unknown: appends are idempotent).
+    pub fn commit_batch(
+        &self,
+        appends: &[NewEnvelope],
+        acks: &[(String, Vec<u64>)],
+    ) -> Result<BatchOutcome, StoreError> {
+        const OP: &str = "group commit";
+        let options = self.inner.options;
+        let fill = |tx: &WriteTransaction| {
+            let appended = if appends.is_empty() {
+                Vec::new()
+            } else {
+                append_in(tx, OP, appends, options)?
+            };
+            let mut acked = Vec::with_capacity(acks.len());
+            for (recipient, seqs) in acks {
+                acked.push(ack_in(tx, OP, recipient, seqs)?);
             }
-            if removed > 0 {
-                let mut usage = tx.open_table(MAILBOX_USAGE).op(OP)?;
-                release(&mut usage, OP, recipient, removed, removed_bytes)?;
+            Ok(BatchOutcome { appended, acked })
+        };
+        if appends.is_empty() {
+            if acks.is_empty() {
+                return Ok(BatchOutcome::default());
             }
-            Ok(removed)
-        })
+            self.write_relaxed(OP, fill)
+        } else {
+            self.write(OP, fill)
+        }
     }
 
     /// Deletes what expired at or before `now` (expiry time = `sent_at`
@@ -279,6 +302,33 @@ fn append_in(
         counters.insert(NEXT_SEQ, next_seq).op(op)?;
     }
     Ok(results)
+}
+
+/// The body of [`Store::ack`]: removes the recipient's envelopes `seqs`.
+fn ack_in(
+    tx: &WriteTransaction,
+    op: &'static str,
+    recipient: &str,
+    seqs: &[u64],
+) -> Result<u32, StoreError> {
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    let mut mailbox = tx.open_table(MAILBOX).op(op)?;
+    let mut removed = 0u32;
+    let mut removed_bytes = 0u64;
+    for &seq in seqs {
+        let Some(old) = mailbox.remove((recipient, seq)).op(op)? else {
+            continue;
+        };
+        removed_bytes += old.value().5.len() as u64;
+        removed += 1;
+    }
+    if removed > 0 {
+        let mut usage = tx.open_table(MAILBOX_USAGE).op(op)?;
+        release(&mut usage, op, recipient, removed, removed_bytes)?;
+    }
+    Ok(removed)
 }
 
 /// Lowers a recipient's usage by what was removed; drops the row at zero.

@@ -6,7 +6,8 @@
 //! through [`Store`]. Each method is one redb transaction, so each is atomic;
 //! every write transaction commits with [`redb::Durability::Immediate`] and
 //! two-phase commit (the server writes bytes that attackers choose, which is
-//! the case redb recommends it for), except [`Store::ack`] (see there). A
+//! the case redb recommends it for), except [`Store::ack`] and a
+//! [`Store::commit_batch`] of acks alone (see there). A
 //! method that returns `Ok` has been durably committed; one that returns `Err` may, after an I/O error in the
 //! final `fsync`, still have been committed, which is why [`Store::append`] is
 //! idempotent: a sender that retries gets [`AppendOutcome::Duplicate`].
@@ -197,6 +198,16 @@ pub struct Purged {
     pub envelopes: u32,
     /// Whether the call stopped at [`PURGE_BATCH`] rows: more may be due.
     pub more: bool,
+}
+
+/// What [`Store::commit_batch`] did: one result per appended envelope and
+/// one removed count per ack, each in the order given.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Per envelope, as [`Store::append`] reports it.
+    pub appended: Vec<Result<AppendOutcome, StoreError>>,
+    /// Per ack, how many envelopes it removed.
+    pub acked: Vec<u32>,
 }
 
 /// What became of one envelope of an [`Store::append`] batch.

@@ -219,6 +219,54 @@ fn duplicate_after_ack_is_still_recognised() {
 }
 
 #[test]
+fn commit_batch_appends_then_acks_in_one_transaction() {
+    let (_d, s) = store();
+    users(&s, &["alice", "bob"]);
+    let old = stored(&s.append(vec![env("bob", "alice", 1, 1, b"old")])[0]);
+    let out = s
+        .commit_batch(
+            &[
+                env("bob", "alice", 2, 1, b"new"),
+                env("nobody", "alice", 3, 1, b"x"),
+            ],
+            &[
+                ("bob".to_owned(), vec![old, 999]),
+                ("alice".to_owned(), vec![old]),
+            ],
+        )
+        .unwrap();
+    assert_eq!(out.appended.len(), 2);
+    let new = stored(&out.appended[0]);
+    assert!(new > old);
+    assert!(matches!(out.appended[1], Err(StoreError::UnknownUser)));
+    assert_eq!(out.acked, vec![1, 0]);
+    let left = s.pending("bob", 0, 10).unwrap();
+    assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![new]);
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (1, 3));
+    // An ack in the same batch as its append removes it (appends go first).
+    let next = new + 1;
+    let out = s
+        .commit_batch(
+            &[env("bob", "alice", 4, 1, b"gone")],
+            &[("bob".to_owned(), vec![new, next])],
+        )
+        .unwrap();
+    assert_eq!(stored(&out.appended[0]), next);
+    assert_eq!(out.acked, vec![2]);
+    assert!(s.pending("bob", 0, 10).unwrap().is_empty());
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (0, 0));
+    // Acks alone, and nothing at all.
+    assert_eq!(
+        s.commit_batch(&[], &[("bob".to_owned(), vec![next])])
+            .unwrap()
+            .acked,
+        vec![0]
+    );
+    let empty = s.commit_batch(&[], &[]).unwrap();
+    assert!(empty.appended.is_empty() && empty.acked.is_empty());
+}
+
+#[test]
 fn pending_respects_after_and_max() {
     let (_d, s) = store();
     users(&s, &["bob"]);
