@@ -256,13 +256,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         },
         ..ServiceConfig::default()
     };
+    // Handlers first: once the ready lines are out, a SIGTERM must mean a
+    // clean shutdown, not the default action (an abrupt exit).
+    let signalled = shutdown_signal();
     let running =
         start(config, service_config, StoreOptions::default()).map_err(|e| e.to_string())?;
     println!("{}", listening_line(running.handle.local_addr()));
     println!("certificate {}", running.handle.fingerprint());
     tracing::info!(addr = %running.handle.local_addr(), "serving");
 
-    wait_for_signal().await;
+    signalled.await;
     tracing::info!("shutting down");
     running.handle.shutdown().await;
     // No server listens there any more; `announce` should say so at once.
@@ -270,26 +273,34 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Installs the SIGINT and SIGTERM handlers now and returns the future that
+/// ends at the first of them.
 #[cfg(unix)]
-async fn wait_for_signal() {
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
 
+/// Ctrl-C, elsewhere.
 #[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+fn shutdown_signal() -> impl Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
