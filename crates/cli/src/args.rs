@@ -22,10 +22,10 @@ from a prompt without echo when standard input is a terminal. A file readable
 only by you is safer than the variable, which other programs you run inherit.
 
 Environment:
-  MESSENGER_HOME            profile directory, like --home
-  MESSENGER_PASSPHRASE      the passphrase
-  MESSENGER_NEW_PASSPHRASE  the new passphrase for `messenger passwd`
-  MESSENGER_CONNECT_TIMEOUT_MS  how long to wait for the server (default 10000)";
+  MESSENGER_HOME                profile directory, like --home
+  MESSENGER_PASSPHRASE          the passphrase
+  MESSENGER_NEW_PASSPHRASE      the new passphrase for `messenger passwd`
+  MESSENGER_CONNECT_TIMEOUT_MS  how long to wait for the server, in ms (default 10000)";
 
 /// End-to-end encrypted messenger for people who self-host.
 #[derive(Debug, Parser)]
