@@ -59,6 +59,7 @@
 pub mod error;
 pub mod frame;
 pub mod msg;
+mod wire_bytes;
 
 pub use error::ErrorCode;
 pub use frame::{

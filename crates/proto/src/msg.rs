@@ -100,10 +100,13 @@ pub struct Register {
     /// The wanted name; 1–32 of `a-z 0-9 _ . -`, case-insensitive.
     pub username: String,
     /// `PublicIdentity` encoding (Ed25519 key, X25519 key, binding signature).
+    #[serde(with = "crate::wire_bytes::vec")]
     pub identity: Vec<u8>,
     /// `SignedPrekey` encoding.
+    #[serde(with = "crate::wire_bytes::vec")]
     pub signed_prekey: Vec<u8>,
     /// `OneTimePrekey` encodings.
+    #[serde(with = "crate::wire_bytes::list")]
     pub one_time_prekeys: Vec<Vec<u8>>,
     /// A registration token, when the server requires invitations.
     pub invite: Option<String>,
@@ -117,6 +120,7 @@ pub struct Login {
     /// Ed25519 signature over `"messenger/1 login" ‖ hello nonce ‖ exporter`,
     /// exporter = TLS exporter, label `EXPORTER-Channel-Binding`, empty
     /// context, 32 bytes (RFC 9266).
+    #[serde(with = "crate::wire_bytes::vec")]
     pub signature: Vec<u8>,
 }
 
@@ -130,6 +134,7 @@ pub struct OutgoingEnvelope {
     /// Sender-chosen id for de-duplication.
     pub id: MessageId,
     /// Ciphertext, at most [`MAX_BODY_LEN`] bytes.
+    #[serde(with = "crate::wire_bytes::vec")]
     pub body: Vec<u8>,
 }
 
@@ -147,6 +152,7 @@ pub struct SignedRoster {
     pub members: Vec<String>,
     /// Owner's Ed25519 signature (context `messenger/1 group-roster`) over
     /// [`roster_signed_bytes`].
+    #[serde(with = "crate::wire_bytes::vec")]
     pub signature: Vec<u8>,
 }
 
@@ -159,6 +165,7 @@ pub struct SignedAnnouncement {
     pub text: String,
     /// Ed25519 signature by the server key (context `messenger/1 announce`)
     /// over [`announcement_signed_bytes`].
+    #[serde(with = "crate::wire_bytes::vec")]
     pub signature: Vec<u8>,
 }
 
@@ -181,11 +188,13 @@ pub enum Request {
     /// Add one-time prekeys; answered [`Reply::PrekeyStatus`].
     UploadPrekeys {
         /// `OneTimePrekey` encodings with ids never used before.
+        #[serde(with = "crate::wire_bytes::list")]
         one_time_prekeys: Vec<Vec<u8>>,
     },
     /// Replace my signed prekey; answered [`Reply::Ok`].
     RotateSignedPrekey {
         /// `SignedPrekey` encoding.
+        #[serde(with = "crate::wire_bytes::vec")]
         signed_prekey: Vec<u8>,
     },
     /// Store and forward a 1:1 envelope; answered [`Reply::Accepted`] only
@@ -199,6 +208,7 @@ pub enum Request {
         /// Sender-chosen id.
         id: MessageId,
         /// Ciphertext (a sender-key message).
+        #[serde(with = "crate::wire_bytes::vec")]
         body: Vec<u8>,
     },
     /// Fetch stored envelopes after a sequence number; answered
@@ -288,10 +298,13 @@ pub enum Reply {
     /// A prekey bundle's parts, in `messenger-crypto` encodings.
     Bundle {
         /// `PublicIdentity`.
+        #[serde(with = "crate::wire_bytes::vec")]
         identity: Vec<u8>,
         /// `SignedPrekey`.
+        #[serde(with = "crate::wire_bytes::vec")]
         signed_prekey: Vec<u8>,
         /// `OneTimePrekey`, absent when none is left.
+        #[serde(with = "crate::wire_bytes::option")]
         one_time_prekey: Option<Vec<u8>>,
     },
     /// My one-time prekey count.
@@ -348,6 +361,7 @@ pub struct UserInfo {
     /// Name.
     pub username: String,
     /// `PublicIdentity` encoding.
+    #[serde(with = "crate::wire_bytes::vec")]
     pub identity: Vec<u8>,
     /// Connected now.
     pub online: bool,
@@ -369,6 +383,7 @@ pub struct Envelope {
     /// When the server accepted it, seconds since the Unix epoch.
     pub sent_at: u64,
     /// Ciphertext.
+    #[serde(with = "crate::wire_bytes::vec")]
     pub body: Vec<u8>,
 }
 
@@ -386,6 +401,7 @@ pub enum Push {
         /// Now connected.
         online: bool,
         /// `PublicIdentity` encoding.
+        #[serde(with = "crate::wire_bytes::vec")]
         identity: Vec<u8>,
     },
     /// Someone asks to be my friend.
@@ -472,6 +488,9 @@ fn push_lp8(out: &mut Vec<u8>, s: &str) -> Option<()> {
 }
 
 #[cfg(test)]
+mod wire_compat;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::{decode, encode};
@@ -500,7 +519,7 @@ mod tests {
 
     /// One value of every variant, so a reordering or a changed field fails
     /// the pinned encodings below.
-    fn samples() -> (Vec<Request>, Vec<Reply>, Vec<Push>) {
+    pub(super) fn samples() -> (Vec<Request>, Vec<Reply>, Vec<Push>) {
         let requests = vec![
             Request::Register(Register {
                 username: "alice".into(),
