@@ -7,7 +7,7 @@
 //!
 //! * **Send.** [`Engine::prepare_send`] runs X3DH if needed, encrypts with
 //!   the ratchet and commits, in one durable transaction, the advanced
-//!   session, the [`OutboxEntry`] (ciphertext and a random 16-byte id) and
+//!   session, the [`OutboxEntry`] (ciphertext and a 16-byte id: time ‖ random) and
 //!   the history row (`Pending`). Only after it returns may the ciphertext
 //!   leave the client. If the process dies before the server accepts it, the
 //!   entry is still in [`Engine::outbox`] and is resent byte for byte, with
@@ -281,6 +281,21 @@ impl OutboxEntry {
             body: self.body.clone(),
         }
     }
+}
+
+/// A new message id: the send time in seconds (8 bytes, big-endian), then 8
+/// random bytes.
+///
+/// The server de-duplicates by (recipient, sender, id) in a B-tree; ids that
+/// rise with time land next to each other instead of on random leaves, which
+/// measured about 30 % of the server's commit CPU (docs/benchmarks.md §1).
+/// The server knows the time anyway (it stamps `sent_at`); 64 random bits
+/// per sender and second keep ids unique.
+fn message_id<R: CryptoRng + ?Sized>(now: u64, rng: &mut R) -> MessageId {
+    let mut id: MessageId = [0; 16];
+    id[..8].copy_from_slice(&now.to_be_bytes());
+    rng.fill_bytes(&mut id[8..]);
+    id
 }
 
 /// The messaging engine of one unlocked home.
@@ -632,8 +647,7 @@ impl Engine {
                     user: user.clone(),
                     source,
                 })?;
-            let mut id: MessageId = [0; 16];
-            rng.fill_bytes(&mut id);
+            let id = message_id(now, rng);
             let history_seq = tx.append_history(
                 user,
                 &HistoryEntry {

@@ -50,7 +50,7 @@ pub const LOBBY: &str = "lobby";
 /// several devices per user need no wire change later.
 pub const DEFAULT_DEVICE: u32 = 1;
 
-/// A client's message id, chosen at random by the sender; the server stores
+/// A client's message id, chosen by the sender, unique per sender (the messenger client uses the send time in seconds, 8 bytes big-endian, then 8 random bytes); the server stores
 /// a (sender, recipient, id) once, so a resend after a lost answer is harmless.
 pub type MessageId = [u8; 16];
 
