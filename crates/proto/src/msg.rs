@@ -50,8 +50,10 @@ pub const LOBBY: &str = "lobby";
 /// several devices per user need no wire change later.
 pub const DEFAULT_DEVICE: u32 = 1;
 
-/// A client's message id, chosen by the sender, unique per sender (the messenger client uses the send time in seconds, 8 bytes big-endian, then 8 random bytes); the server stores
-/// a (sender, recipient, id) once, so a resend after a lost answer is harmless.
+/// A client's message id, chosen by the sender and unique per sender (the
+/// messenger client uses the send time in seconds, 8 bytes big-endian, then
+/// 8 random bytes); the server stores a (sender, recipient, id) once, so a
+/// resend after a lost answer is harmless.
 pub type MessageId = [u8; 16];
 
 /// The first frame on the control stream, from the server.
