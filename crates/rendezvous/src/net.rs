@@ -24,9 +24,11 @@
 //!    and its [`ServerFrame::Reply`] written back, in request order. Requests
 //!    the handler pipelines (`Send`) are begun in order without waiting for
 //!    the previous reply, at most `MAX_PIPELINED` pending per connection;
-//!    any other request waits until those replies are out. Pushes from the handler are
-//!    written by the same task that writes replies, so frames never
-//!    interleave. A frame that does not decode, an oversized length prefix
+//!    any other request waits until those replies are out. Replies and
+//!    the handler's pushes are each written as a whole frame under one
+//!    lock on the send half, so frames never interleave; a client that
+//!    reads nothing stops being served, and once its push queue fills it
+//!    is closed with [`CloseReason::TooSlow`]. A frame that does not decode, an oversized length prefix
 //!    (refused when its four bytes arrive), or a stream that ends inside a
 //!    frame closes that connection with `bad_request` / `too_large`
 //!    (T-30, T-31); nothing panics, and other connections are unaffected.
@@ -58,13 +60,13 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rand::Rng as _;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Mutex as AsyncMutex, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
 use crate::handler::{
-    CloseReason, ConnectionContext, Handler, PendingReply, PushQueue, PushSender,
+    CloseReason, CloseSignal, ConnectionContext, Handler, PendingReply, PushQueue, PushSender,
 };
 use crate::limits::{Limits, MAX_PIPELINED};
 use crate::server::ServerError;
@@ -337,43 +339,66 @@ async fn serve<H: Handler>(
     let (pushes, push_queue) = PushSender::channel(limits.push_queue);
     let mut ctx = ConnectionContext::new(peer, nonce, exporter, pushes, id);
     let mut session = shared.handler.on_connect(&ctx);
-    // Capacity one: the reader handles the next request only once the
-    // writer has taken the previous reply, so a client that does not read
-    // stops being served (backpressure) instead of queueing replies.
-    let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(1);
-    let mut writer = tokio::spawn(write_loop(conn.clone(), send, reply_rx, push_queue));
-
-    let ended = read_loop(
-        &shared,
-        &conn,
-        recv,
-        decoder,
-        &reply_tx,
-        &mut ctx,
-        &mut session,
-        &mut stop,
-    )
-    .await;
-    drop(reply_tx);
-    let graceful = matches!(
-        ended,
-        Ended::Close(CloseReason::Done | CloseReason::ShuttingDown)
-    );
-    let mut writer_done = false;
-    if graceful {
-        // The writer writes the last replies, finishes the stream and waits
-        // for the client's acknowledgement.
-        writer_done = Box::pin(timeout(FLUSH_TIMEOUT * 2, &mut writer))
-            .await
-            .is_ok();
-    }
+    // One send half for replies and pushes, each written as a whole frame
+    // under the lock. A client that does not read blocks the reply being
+    // written, and with it the request loop (backpressure), while its
+    // pushes queue up until the queue is full (`CloseReason::TooSlow`).
+    // No channel and no second task: both cost every idle connection
+    // memory (docs/benchmarks.md §2).
+    let send = AsyncMutex::new(send);
+    let ended = {
+        let reader = read_loop(
+            &shared,
+            &conn,
+            recv,
+            decoder,
+            &send,
+            &mut ctx,
+            &mut session,
+            &mut stop,
+        );
+        // The push queue is dropped with the writer, before
+        // `on_disconnect`: pushes from then on fail as closed.
+        let writer = write_loop(&conn, &send, push_queue);
+        tokio::pin!(reader, writer);
+        let mut writing = true;
+        // The request loop runs to its end even if the writer stops first
+        // (the connection was closed): a handler's work is not cancelled.
+        let ended = loop {
+            tokio::select! {
+                ended = &mut reader => break ended,
+                () = &mut writer, if writing => writing = false,
+            }
+        };
+        if writing && is_graceful(&ended) {
+            // End the stream after the last replies and wait for the
+            // client's acknowledgement; pushes go on meanwhile.
+            tokio::select! {
+                () = finish_stream(&send) => {}
+                () = &mut writer => {}
+            }
+        }
+        ended
+    };
     finish(&conn, id, peer, ctx.user.as_deref(), ended);
-    if !writer_done {
-        // Closing the connection ends the writer's writes and accepts.
-        let _ = writer.await;
-    }
     // Boxed for the same reason as in `handled`.
     Box::pin(shared.handler.on_disconnect(&ctx, session)).await;
+}
+
+/// Whether the request loop ended without a fault (client done, shutdown).
+fn is_graceful(ended: &Ended) -> bool {
+    matches!(
+        ended,
+        Ended::Close(CloseReason::Done | CloseReason::ShuttingDown)
+    )
+}
+
+/// Finishes the send half and waits, at most [`FLUSH_TIMEOUT`], for the
+/// client to acknowledge all of it.
+async fn finish_stream(send: &AsyncMutex<quinn::SendStream>) {
+    let mut send = send.lock().await;
+    let _ = send.finish();
+    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
 }
 
 /// `handler.handle`, its future boxed.
@@ -507,7 +532,7 @@ async fn read_loop<H: Handler>(
     conn: &quinn::Connection,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
@@ -518,7 +543,7 @@ async fn read_loop<H: Handler>(
         conn,
         recv,
         decoder,
-        replies,
+        send,
         ctx,
         session,
         stop,
@@ -535,7 +560,7 @@ async fn read_loop<H: Handler>(
         // A graceful end still answers what was pipelined: that work is
         // already queued (a send is committed whether or not its reply is
         // written), so the client should learn of it.
-        if let Err(lost) = drain(&mut pending, replies, ctx.id).await {
+        if let Err(lost) = drain(&mut pending, send, ctx.id).await {
             return lost;
         }
     }
@@ -563,7 +588,7 @@ async fn read_requests<H: Handler>(
     conn: &quinn::Connection,
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
@@ -583,24 +608,24 @@ async fn read_requests<H: Handler>(
             if !bucket.take() {
                 let result = Err(ErrorCode::RateLimited);
                 if pending.is_empty() {
-                    write_reply(replies, frame.id, result, ctx.id).await?;
+                    write_reply(send, frame.id, result, ctx.id).await?;
                 } else {
-                    make_room(pending, replies, ctx.id).await?;
+                    make_room(pending, send, ctx.id).await?;
                     pending.push_back((frame.id, Box::pin(ready(result))));
                 }
             } else if handler.pipelines(&frame.request) {
                 // Room first, so a request is begun only when its reply can
                 // be queued.
-                make_room(pending, replies, ctx.id).await?;
+                make_room(pending, send, ctx.id).await?;
                 // Boxed, like `handle` below: see `handled`.
                 let reply = Box::pin(handler.begin(ctx, session, frame.request)).await;
                 pending.push_back((frame.id, reply));
             } else {
                 // Earlier pipelined requests complete first, so this one
                 // sees their effects (a `Pull` after a `Send`).
-                drain(pending, replies, ctx.id).await?;
+                drain(pending, send, ctx.id).await?;
                 let result = handled(handler, ctx, session, frame.request).await;
-                write_reply(replies, frame.id, result, ctx.id).await?;
+                write_reply(send, frame.id, result, ctx.id).await?;
             }
         }
         // A partly received frame must be completed within the frame
@@ -618,7 +643,7 @@ async fn read_requests<H: Handler>(
         };
         let chunk = match event {
             Event::Done(Some((id, result))) => {
-                write_reply(replies, id, result, ctx.id).await?;
+                write_reply(send, id, result, ctx.id).await?;
                 continue;
             }
             Event::Done(None) => continue,
@@ -662,12 +687,12 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 /// are pending.
 async fn make_room(
     pending: &mut Pending,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     conn: u64,
 ) -> Result<(), Ended> {
     while pending.len() >= MAX_PIPELINED {
         if let Some((id, result)) = next_reply(pending).await {
-            write_reply(replies, id, result, conn).await?;
+            write_reply(send, id, result, conn).await?;
         }
     }
     Ok(())
@@ -676,11 +701,11 @@ async fn make_room(
 /// Waits for every pending reply, writing each in order.
 async fn drain(
     pending: &mut Pending,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     conn: u64,
 ) -> Result<(), Ended> {
     while let Some((id, result)) = next_reply(pending).await {
-        write_reply(replies, id, result, conn).await?;
+        write_reply(send, id, result, conn).await?;
     }
     Ok(())
 }
@@ -696,7 +721,7 @@ async fn next_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCo
 
 /// Encodes the reply to request `id` and hands it to the writer.
 async fn write_reply(
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     id: u32,
     result: Result<Reply, ErrorCode>,
     conn: u64,
@@ -712,15 +737,16 @@ async fn write_reply(
             encode(&fallback).map_err(|_| Ended::Close(CloseReason::Internal))?
         }
     };
-    replies.send(bytes).await.map_err(|_| Ended::Lost)
+    let mut send = send.lock().await;
+    send.write_all(&bytes).await.map_err(|_| Ended::Lost)
 }
 
-/// Owns the send half: writes replies and pushes, refuses extra streams,
-/// and closes the connection when a [`PushSender`] asks.
+/// Writes pushes, refuses extra streams, and closes the connection when a
+/// [`PushSender`] asks. Returns once the connection is closed or its send
+/// half fails.
 async fn write_loop(
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut replies: mpsc::Receiver<Vec<u8>>,
+    conn: &quinn::Connection,
+    send: &AsyncMutex<quinn::SendStream>,
     mut pushes: PushQueue,
 ) {
     let close = pushes.close_signal();
@@ -730,37 +756,27 @@ async fn write_loop(
             reason = close.wait() => {
                 if reason != CloseReason::TooSlow {
                     // Write what was queued before the request (e.g. the
-                    // `Replaced` push), then close.
-                    while let Some(push) = pushes.try_recv() {
-                        if write_push(&mut send, push).await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = send.finish();
-                    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
+                    // `Replaced` push), then close; bounded, since a reply
+                    // being written to a client that reads nothing holds
+                    // the send half.
+                    let _ = timeout(FLUSH_TIMEOUT * 2, flush_pushes(send, &mut pushes)).await;
                 }
-                conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+                close_connection(conn, reason);
                 return;
             }
-            reply = replies.recv() => match reply {
-                Some(bytes) => {
-                    if send.write_all(&bytes).await.is_err() {
+            push = pushes.recv() => {
+                let Some(push) = push else { return };
+                // Waiting behind a reply the client does not read, the push
+                // queue may fill: that closes the connection at once.
+                tokio::select! {
+                    biased;
+                    () = too_slow(&close) => {
+                        close_connection(conn, CloseReason::TooSlow);
                         return;
                     }
-                }
-                None => {
-                    // The reader is done; end the stream and wait for the
-                    // client to acknowledge it.
-                    let _ = send.finish();
-                    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
-                    return;
-                }
-            },
-            push = pushes.recv() => {
-                if let Some(push) = push
-                    && write_push(&mut send, push).await.is_err()
-                {
-                    return;
+                    written = write_push(send, push) => if written.is_err() {
+                        return;
+                    },
                 }
             }
             stream = conn.accept_bi() => match stream {
@@ -780,12 +796,35 @@ async fn write_loop(
     }
 }
 
+/// Writes the pushes still queued, then finishes the send half and waits
+/// for the client to acknowledge it.
+async fn flush_pushes(send: &AsyncMutex<quinn::SendStream>, pushes: &mut PushQueue) {
+    while let Some(push) = pushes.try_recv() {
+        if write_push(send, push).await.is_err() {
+            return;
+        }
+    }
+    finish_stream(send).await;
+}
+
+/// Returns once a sender has asked to close with [`CloseReason::TooSlow`];
+/// never for another reason (those wait for the current frame).
+async fn too_slow(close: &CloseSignal) {
+    if close.wait().await != CloseReason::TooSlow {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn close_connection(conn: &quinn::Connection, reason: CloseReason) {
+    conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+}
+
 async fn write_push(
-    send: &mut quinn::SendStream,
+    send: &AsyncMutex<quinn::SendStream>,
     push: messenger_proto::msg::Push,
 ) -> Result<(), quinn::WriteError> {
     match encode(&ServerFrame::Push(push)) {
-        Ok(bytes) => send.write_all(&bytes).await,
+        Ok(bytes) => send.lock().await.write_all(&bytes).await,
         Err(error) => {
             // A push too large for a frame is a service bug; the client
             // fetches what it missed at its next login.
@@ -804,7 +843,7 @@ fn finish(
 ) {
     match ended {
         Ended::Close(reason) => {
-            conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+            close_connection(conn, reason);
             info!(id, %peer, user, reason = reason.reason(), "connection closed");
         }
         Ended::Lost => {
