@@ -46,14 +46,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::future::ready;
+use std::future::{Future, ready};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use messenger_proto::msg::{ClientFrame, Reply, Request, ServerFrame, ServerHello};
+use messenger_proto::msg::{ClientFrame, Push, Reply, Request, ServerFrame, ServerHello};
 use messenger_proto::{ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
@@ -346,8 +346,14 @@ async fn serve<H: Handler>(
     // No channel and no second task: both cost every idle connection
     // memory (docs/benchmarks.md §2).
     let send = AsyncMutex::new(send);
-    let ended = {
-        let reader = read_loop(
+    // Both futures are made inside the `select!`, which stores them once
+    // in this task (a local moved into a call or `pin!` would be stored
+    // twice). The writer, once done (the connection was closed), waits
+    // forever, so the request loop always runs to its end: a handler's work
+    // is not cancelled. Its push queue is dropped then, or with it here:
+    // before `on_disconnect`, so pushes from then on fail as closed.
+    let ended = tokio::select! {
+        ended = read_and_flush(
             &shared,
             &conn,
             recv,
@@ -356,33 +362,43 @@ async fn serve<H: Handler>(
             &mut ctx,
             &mut session,
             &mut stop,
-        );
-        // The push queue is dropped with the writer, before
-        // `on_disconnect`: pushes from then on fail as closed.
-        let writer = write_loop(&conn, &send, push_queue);
-        tokio::pin!(reader, writer);
-        let mut writing = true;
-        // The request loop runs to its end even if the writer stops first
-        // (the connection was closed): a handler's work is not cancelled.
-        let ended = loop {
-            tokio::select! {
-                ended = &mut reader => break ended,
-                () = &mut writer, if writing => writing = false,
-            }
-        };
-        if writing && is_graceful(&ended) {
-            // End the stream after the last replies and wait for the
-            // client's acknowledgement; pushes go on meanwhile.
-            tokio::select! {
-                () = finish_stream(&send) => {}
-                () = &mut writer => {}
-            }
-        }
-        ended
+        ) => ended,
+        never = write_then_wait(&conn, &send, push_queue) => match never {},
     };
     finish(&conn, id, peer, ctx.user.as_deref(), ended);
     // Boxed for the same reason as in `handled`.
     Box::pin(shared.handler.on_disconnect(&ctx, session)).await;
+}
+
+/// The request loop, then, if it ended gracefully, the end of the stream
+/// after the last replies, waiting for the client's acknowledgement. The
+/// writer may still be writing a push meanwhile: the lock lets it finish.
+#[allow(clippy::too_many_arguments)]
+async fn read_and_flush<H: Handler>(
+    shared: &Shared<H>,
+    conn: &quinn::Connection,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    send: &AsyncMutex<quinn::SendStream>,
+    ctx: &mut ConnectionContext,
+    session: &mut H::Session,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let ended = read_loop(shared, conn, recv, decoder, send, ctx, session, stop).await;
+    if is_graceful(&ended) && conn.close_reason().is_none() {
+        finish_stream(send).await;
+    }
+    ended
+}
+
+/// [`write_loop`], then nothing, for ever.
+async fn write_then_wait(
+    conn: &quinn::Connection,
+    send: &AsyncMutex<quinn::SendStream>,
+    pushes: PushQueue,
+) -> Infallible {
+    write_loop(conn, send, pushes).await;
+    std::future::pending().await
 }
 
 /// Whether the request loop ended without a fault (client done, shutdown).
@@ -560,7 +576,7 @@ async fn read_loop<H: Handler>(
         // A graceful end still answers what was pipelined: that work is
         // already queued (a send is committed whether or not its reply is
         // written), so the client should learn of it.
-        if let Err(lost) = drain(&mut pending, send, ctx.id).await {
+        if let Err(lost) = Box::pin(drain(&mut pending, send, ctx.id)).await {
             return lost;
         }
     }
@@ -610,20 +626,28 @@ async fn read_requests<H: Handler>(
                 if pending.is_empty() {
                     write_reply(send, frame.id, result, ctx.id).await?;
                 } else {
-                    make_room(pending, send, ctx.id).await?;
+                    if pending.len() >= MAX_PIPELINED {
+                        Box::pin(make_room(pending, send, ctx.id)).await?;
+                    }
                     pending.push_back((frame.id, Box::pin(ready(result))));
                 }
             } else if handler.pipelines(&frame.request) {
                 // Room first, so a request is begun only when its reply can
                 // be queued.
-                make_room(pending, send, ctx.id).await?;
+                if pending.len() >= MAX_PIPELINED {
+                    // Boxed, rare: only with a full pipeline.
+                    Box::pin(make_room(pending, send, ctx.id)).await?;
+                }
                 // Boxed, like `handle` below: see `handled`.
                 let reply = Box::pin(handler.begin(ctx, session, frame.request)).await;
                 pending.push_back((frame.id, reply));
             } else {
                 // Earlier pipelined requests complete first, so this one
                 // sees their effects (a `Pull` after a `Send`).
-                drain(pending, send, ctx.id).await?;
+                if !pending.is_empty() {
+                    // Boxed, rare: only after pipelined requests.
+                    Box::pin(drain(pending, send, ctx.id)).await?;
+                }
                 let result = handled(handler, ctx, session, frame.request).await;
                 write_reply(send, frame.id, result, ctx.id).await?;
             }
@@ -719,26 +743,39 @@ async fn next_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCo
     Some((id, result))
 }
 
-/// Encodes the reply to request `id` and hands it to the writer.
-async fn write_reply(
-    send: &AsyncMutex<quinn::SendStream>,
+/// Encodes the reply to request `id` and writes it.
+///
+/// Not an `async fn`: the reply is encoded before the future is made, so
+/// the future (part of the request loop's) holds its bytes, not a `Reply`.
+fn write_reply<'a>(
+    send: &'a AsyncMutex<quinn::SendStream>,
     id: u32,
     result: Result<Reply, ErrorCode>,
     conn: u64,
-) -> Result<(), Ended> {
+) -> impl Future<Output = Result<(), Ended>> + Send + 'a {
     let bytes = match encode(&ServerFrame::Reply { id, result }) {
-        Ok(bytes) => bytes,
+        Ok(bytes) => Ok(bytes),
         Err(error) => {
             warn!(id = conn, %error, "reply could not be encoded");
             let fallback = ServerFrame::Reply {
                 id,
                 result: Err(ErrorCode::Internal),
             };
-            encode(&fallback).map_err(|_| Ended::Close(CloseReason::Internal))?
+            encode(&fallback).map_err(|_| Ended::Close(CloseReason::Internal))
         }
     };
-    let mut send = send.lock().await;
-    send.write_all(&bytes).await.map_err(|_| Ended::Lost)
+    async move {
+        let bytes = bytes?;
+        write_frame(send, &bytes).await.map_err(|_| Ended::Lost)
+    }
+}
+
+/// Writes one whole frame, holding the send half meanwhile.
+async fn write_frame(
+    send: &AsyncMutex<quinn::SendStream>,
+    bytes: &[u8],
+) -> Result<(), quinn::WriteError> {
+    send.lock().await.write_all(bytes).await
 }
 
 /// Writes pushes, refuses extra streams, and closes the connection when a
@@ -759,12 +796,14 @@ async fn write_loop(
                     // `Replaced` push), then close; bounded, since a reply
                     // being written to a client that reads nothing holds
                     // the send half.
-                    let _ = timeout(FLUSH_TIMEOUT * 2, flush_pushes(send, &mut pushes)).await;
+                    // Boxed: rare, and larger than the loop's other states.
+                    let flush = timeout(FLUSH_TIMEOUT * 2, flush_pushes(send, &mut pushes));
+                    let _ = Box::pin(flush).await;
                 }
                 close_connection(conn, reason);
                 return;
             }
-            push = pushes.recv() => {
+            push = pushes.recv_boxed() => {
                 let Some(push) = push else { return };
                 // Waiting behind a reply the client does not read, the push
                 // queue may fill: that closes the connection at once.
@@ -774,7 +813,7 @@ async fn write_loop(
                         close_connection(conn, CloseReason::TooSlow);
                         return;
                     }
-                    written = write_push(send, push) => if written.is_err() {
+                    written = write_push(send, *push) => if written.is_err() {
                         return;
                     },
                 }
@@ -799,8 +838,8 @@ async fn write_loop(
 /// Writes the pushes still queued, then finishes the send half and waits
 /// for the client to acknowledge it.
 async fn flush_pushes(send: &AsyncMutex<quinn::SendStream>, pushes: &mut PushQueue) {
-    while let Some(push) = pushes.try_recv() {
-        if write_push(send, push).await.is_err() {
+    while let Some(push) = pushes.try_recv_boxed() {
+        if write_push(send, *push).await.is_err() {
             return;
         }
     }
@@ -819,17 +858,24 @@ fn close_connection(conn: &quinn::Connection, reason: CloseReason) {
     conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
 }
 
-async fn write_push(
+/// Encodes `push` and writes it. Not an `async fn`, like `write_reply`.
+fn write_push(
     send: &AsyncMutex<quinn::SendStream>,
-    push: messenger_proto::msg::Push,
-) -> Result<(), quinn::WriteError> {
-    match encode(&ServerFrame::Push(push)) {
-        Ok(bytes) => send.lock().await.write_all(&bytes).await,
+    push: Push,
+) -> impl Future<Output = Result<(), quinn::WriteError>> + Send + '_ {
+    let bytes = match encode(&ServerFrame::Push(push)) {
+        Ok(bytes) => Some(bytes),
         Err(error) => {
             // A push too large for a frame is a service bug; the client
             // fetches what it missed at its next login.
             warn!(%error, "push could not be encoded; dropped");
-            Ok(())
+            None
+        }
+    };
+    async move {
+        match bytes {
+            Some(bytes) => write_frame(send, &bytes).await,
+            None => Ok(()),
         }
     }
 }
