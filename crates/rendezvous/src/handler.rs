@@ -334,6 +334,17 @@ impl PushQueue {
         self.rx.try_recv().ok().map(|push| *push)
     }
 
+    /// [`PushQueue::recv`] without unboxing: the connection's writer keeps
+    /// 8 bytes, not a whole `Push`, in its state while it writes.
+    pub(crate) async fn recv_boxed(&mut self) -> Option<Box<Push>> {
+        self.rx.recv().await
+    }
+
+    /// [`PushQueue::try_recv`] without unboxing.
+    pub(crate) fn try_recv_boxed(&mut self) -> Option<Box<Push>> {
+        self.rx.try_recv().ok()
+    }
+
     /// Waits until a sender asks to close the connection, and returns why.
     pub async fn close_requested(&self) -> CloseReason {
         self.close.wait().await

@@ -24,10 +24,13 @@
 //!    and its [`ServerFrame::Reply`] written back, in request order. Requests
 //!    the handler pipelines (`Send`, `Ack`) are begun in order without waiting for
 //!    the previous reply, at most `MAX_PIPELINED` pending per connection;
-//!    any other request waits until those replies are out. Pushes from the handler are
-//!    written by the same task that writes replies, so frames never
-//!    interleave; replies and pushes already queued together go out in one
-//!    stream write. A frame that does not decode, an oversized length prefix
+//!    any other request waits until those replies are out. Replies and
+//!    the handler's pushes are written as whole frames under one lock on
+//!    the send half, so frames never interleave; replies already finished
+//!    together (one group commit) go out in one stream write, and so do
+//!    pushes already queued together. A client that
+//!    reads nothing stops being served, and once its push queue fills it
+//!    is closed with [`CloseReason::TooSlow`]. A frame that does not decode, an oversized length prefix
 //!    (refused when its four bytes arrive), or a stream that ends inside a
 //!    frame closes that connection with `bad_request` / `too_large`
 //!    (T-30, T-31); nothing panics, and other connections are unaffected.
@@ -45,7 +48,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::future::{poll_fn, ready};
+use std::future::{Future, poll_fn, ready};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,20 +56,20 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use messenger_proto::msg::{ClientFrame, Reply, Request, ServerFrame, ServerHello};
+use messenger_proto::msg::{ClientFrame, Push, Reply, Request, ServerFrame, ServerHello};
 use messenger_proto::{ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rand::Rng as _;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Mutex as AsyncMutex, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
 use crate::handler::{
-    CloseReason, ConnectionContext, Handler, PendingReply, PushQueue, PushSender,
+    CloseReason, CloseSignal, ConnectionContext, Handler, PendingReply, PushQueue, PushSender,
 };
 use crate::limits::{Limits, MAX_PIPELINED};
 use crate::server::ServerError;
@@ -346,43 +349,82 @@ async fn serve<H: Handler>(
     let (pushes, push_queue) = PushSender::channel(limits.push_queue);
     let mut ctx = ConnectionContext::new(peer, nonce, exporter, pushes, id);
     let mut session = shared.handler.on_connect(&ctx);
-    // Capacity one: the reader handles the next request only once the
-    // writer has taken the previous reply, so a client that does not read
-    // stops being served (backpressure) instead of queueing replies.
-    let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(1);
-    let mut writer = tokio::spawn(write_loop(conn.clone(), send, reply_rx, push_queue));
-
-    let ended = read_loop(
-        &shared,
-        &conn,
-        recv,
-        decoder,
-        &reply_tx,
-        &mut ctx,
-        &mut session,
-        &mut stop,
-    )
-    .await;
-    drop(reply_tx);
-    let graceful = matches!(
-        ended,
-        Ended::Close(CloseReason::Done | CloseReason::ShuttingDown)
-    );
-    let mut writer_done = false;
-    if graceful {
-        // The writer writes the last replies, finishes the stream and waits
-        // for the client's acknowledgement.
-        writer_done = Box::pin(timeout(FLUSH_TIMEOUT * 2, &mut writer))
-            .await
-            .is_ok();
-    }
+    // One send half for replies and pushes, each written as a whole frame
+    // under the lock. A client that does not read blocks the reply being
+    // written, and with it the request loop (backpressure), while its
+    // pushes queue up until the queue is full (`CloseReason::TooSlow`).
+    // No channel and no second task: both cost every idle connection
+    // memory (docs/benchmarks.md §2).
+    let send = AsyncMutex::new(send);
+    // Both futures are made inside the `select!`, which stores them once
+    // in this task (a local moved into a call or `pin!` would be stored
+    // twice). The writer, once done (the connection was closed), waits
+    // forever, so the request loop always runs to its end: a handler's work
+    // is not cancelled. Its push queue is dropped then, or with it here:
+    // before `on_disconnect`, so pushes from then on fail as closed.
+    let ended = tokio::select! {
+        ended = read_and_flush(
+            &shared,
+            &conn,
+            recv,
+            decoder,
+            &send,
+            &mut ctx,
+            &mut session,
+            &mut stop,
+        ) => ended,
+        never = write_then_wait(&conn, &send, push_queue) => match never {},
+    };
     finish(&conn, id, peer, ctx.user.as_deref(), ended);
-    if !writer_done {
-        // Closing the connection ends the writer's writes and accepts.
-        let _ = writer.await;
-    }
     // Boxed for the same reason as in `handled`.
     Box::pin(shared.handler.on_disconnect(&ctx, session)).await;
+}
+
+/// The request loop, then, if it ended gracefully, the end of the stream
+/// after the last replies, waiting for the client's acknowledgement. The
+/// writer may still be writing a push meanwhile: the lock lets it finish.
+#[allow(clippy::too_many_arguments)]
+async fn read_and_flush<H: Handler>(
+    shared: &Shared<H>,
+    conn: &quinn::Connection,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    send: &AsyncMutex<quinn::SendStream>,
+    ctx: &mut ConnectionContext,
+    session: &mut H::Session,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let ended = read_loop(shared, conn, recv, decoder, send, ctx, session, stop).await;
+    if is_graceful(&ended) && conn.close_reason().is_none() {
+        finish_stream(send).await;
+    }
+    ended
+}
+
+/// [`write_loop`], then nothing, for ever.
+async fn write_then_wait(
+    conn: &quinn::Connection,
+    send: &AsyncMutex<quinn::SendStream>,
+    pushes: PushQueue,
+) -> Infallible {
+    write_loop(conn, send, pushes).await;
+    std::future::pending().await
+}
+
+/// Whether the request loop ended without a fault (client done, shutdown).
+fn is_graceful(ended: &Ended) -> bool {
+    matches!(
+        ended,
+        Ended::Close(CloseReason::Done | CloseReason::ShuttingDown)
+    )
+}
+
+/// Finishes the send half and waits, at most [`FLUSH_TIMEOUT`], for the
+/// client to acknowledge all of it.
+async fn finish_stream(send: &AsyncMutex<quinn::SendStream>) {
+    let mut send = send.lock().await;
+    let _ = send.finish();
+    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
 }
 
 /// `handler.handle`, its future boxed.
@@ -516,7 +558,7 @@ async fn read_loop<H: Handler>(
     conn: &quinn::Connection,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
@@ -527,7 +569,7 @@ async fn read_loop<H: Handler>(
         conn,
         recv,
         decoder,
-        replies,
+        send,
         ctx,
         session,
         stop,
@@ -544,7 +586,7 @@ async fn read_loop<H: Handler>(
         // A graceful end still answers what was pipelined: that work is
         // already queued (a send is committed whether or not its reply is
         // written), so the client should learn of it.
-        if let Err(lost) = drain(&mut pending, replies, ctx.id).await {
+        if let Err(lost) = Box::pin(drain(&mut pending, send, ctx.id)).await {
             return lost;
         }
     }
@@ -572,7 +614,7 @@ async fn read_requests<H: Handler>(
     conn: &quinn::Connection,
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
@@ -592,24 +634,32 @@ async fn read_requests<H: Handler>(
             if !bucket.take() {
                 let result = Err(ErrorCode::RateLimited);
                 if pending.is_empty() {
-                    write_reply(replies, frame.id, result, ctx.id).await?;
+                    write_reply(send, frame.id, result, ctx.id).await?;
                 } else {
-                    make_room(pending, replies, ctx.id).await?;
+                    if pending.len() >= MAX_PIPELINED {
+                        Box::pin(make_room(pending, send, ctx.id)).await?;
+                    }
                     pending.push_back((frame.id, Box::pin(ready(result))));
                 }
             } else if handler.pipelines(&frame.request) {
                 // Room first, so a request is begun only when its reply can
                 // be queued.
-                make_room(pending, replies, ctx.id).await?;
+                if pending.len() >= MAX_PIPELINED {
+                    // Boxed, rare: only with a full pipeline.
+                    Box::pin(make_room(pending, send, ctx.id)).await?;
+                }
                 // Boxed, like `handle` below: see `handled`.
                 let reply = Box::pin(handler.begin(ctx, session, frame.request)).await;
                 pending.push_back((frame.id, reply));
             } else {
                 // Earlier pipelined requests complete first, so this one
                 // sees their effects (a `Pull` after a `Send`).
-                drain(pending, replies, ctx.id).await?;
+                if !pending.is_empty() {
+                    // Boxed, rare: only after pipelined requests.
+                    Box::pin(drain(pending, send, ctx.id)).await?;
+                }
                 let result = handled(handler, ctx, session, frame.request).await;
-                write_reply(replies, frame.id, result, ctx.id).await?;
+                write_reply(send, frame.id, result, ctx.id).await?;
             }
         }
         // A partly received frame must be completed within the frame
@@ -628,14 +678,7 @@ async fn read_requests<H: Handler>(
         let chunk = match event {
             Event::Done(Some((id, result))) => {
                 // Replies completed by the same commit go out as one write.
-                let mut batch = Vec::new();
-                encode_reply(&mut batch, id, result, ctx.id)?;
-                while batch.len() < WRITE_BATCH
-                    && let Some((id, result)) = ready_reply(pending).await
-                {
-                    encode_reply(&mut batch, id, result, ctx.id)?;
-                }
-                replies.send(batch).await.map_err(|_| Ended::Lost)?;
+                write_replies(send, pending, id, result, ctx.id).await?;
                 continue;
             }
             Event::Done(None) => continue,
@@ -679,12 +722,12 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 /// are pending.
 async fn make_room(
     pending: &mut Pending,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     conn: u64,
 ) -> Result<(), Ended> {
     while pending.len() >= MAX_PIPELINED {
         if let Some((id, result)) = next_reply(pending).await {
-            write_reply(replies, id, result, conn).await?;
+            write_replies(send, pending, id, result, conn).await?;
         }
     }
     Ok(())
@@ -693,11 +736,11 @@ async fn make_room(
 /// Waits for every pending reply, writing each in order.
 async fn drain(
     pending: &mut Pending,
-    replies: &mpsc::Sender<Vec<u8>>,
+    send: &AsyncMutex<quinn::SendStream>,
     conn: u64,
 ) -> Result<(), Ended> {
     while let Some((id, result)) = next_reply(pending).await {
-        write_reply(replies, id, result, conn).await?;
+        write_replies(send, pending, id, result, conn).await?;
     }
     Ok(())
 }
@@ -711,29 +754,74 @@ async fn next_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCo
     Some((id, result))
 }
 
-/// The oldest pending reply if it is already done, without waiting.
-async fn ready_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCode>)> {
-    let (_, reply) = pending.front_mut()?;
-    let result = poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await;
-    match result {
-        Poll::Ready(result) => {
-            let (id, _) = pending.pop_front()?;
-            Some((id, result))
-        }
-        Poll::Pending => None,
-    }
-}
-
-/// Encodes the reply to request `id` and hands it to the writer.
-async fn write_reply(
-    replies: &mpsc::Sender<Vec<u8>>,
+/// Encodes the reply to request `id` and writes it.
+///
+/// Not an `async fn`: the reply is encoded before the future is made, so
+/// the future (part of the request loop's) holds its bytes, not a `Reply`.
+fn write_reply<'a>(
+    send: &'a AsyncMutex<quinn::SendStream>,
     id: u32,
     result: Result<Reply, ErrorCode>,
     conn: u64,
-) -> Result<(), Ended> {
+) -> impl Future<Output = Result<(), Ended>> + Send + 'a {
     let mut bytes = Vec::new();
-    encode_reply(&mut bytes, id, result, conn)?;
-    replies.send(bytes).await.map_err(|_| Ended::Lost)
+    let encoded = encode_reply(&mut bytes, id, result, conn);
+    async move {
+        encoded?;
+        write_frame(send, &bytes).await.map_err(|_| Ended::Lost)
+    }
+}
+
+/// Encodes the reply to request `id` and writes it together with the
+/// replies after it in `pending` that are already done, up to
+/// [`WRITE_BATCH`] bytes, in one write: each write locks the send half and
+/// wakes the connection's driver, and a group commit completes many
+/// replies at once. Those gathered are taken once the lock is held, so
+/// replies finished while a push was being written join too.
+///
+/// Not an `async fn`, like [`write_reply`].
+fn write_replies<'a>(
+    send: &'a AsyncMutex<quinn::SendStream>,
+    pending: &'a mut Pending,
+    id: u32,
+    result: Result<Reply, ErrorCode>,
+    conn: u64,
+) -> impl Future<Output = Result<(), Ended>> + Send + 'a {
+    let mut bytes = Vec::new();
+    let encoded = encode_reply(&mut bytes, id, result, conn);
+    async move {
+        encoded?;
+        let mut send = send.lock().await;
+        take_ready(&mut bytes, pending, conn).await?;
+        send.write_all(&bytes).await.map_err(|_| Ended::Lost)
+    }
+}
+
+/// Appends to `out` the replies at the front of `pending` that are already
+/// done, in order, until one is not or `out` holds [`WRITE_BATCH`] bytes.
+/// Never waits.
+fn take_ready<'a>(
+    out: &'a mut Vec<u8>,
+    pending: &'a mut Pending,
+    conn: u64,
+) -> impl Future<Output = Result<(), Ended>> + Send + 'a {
+    poll_fn(move |cx| {
+        while out.len() < WRITE_BATCH {
+            let Some((_, reply)) = pending.front_mut() else {
+                break;
+            };
+            let Poll::Ready(result) = reply.as_mut().poll(cx) else {
+                break;
+            };
+            let Some((id, _)) = pending.pop_front() else {
+                break;
+            };
+            if let Err(ended) = encode_reply(out, id, result, conn) {
+                return Poll::Ready(Err(ended));
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
 }
 
 /// Appends the frame of the reply to request `id` to `out`.
@@ -762,12 +850,20 @@ fn encode_reply(
     Ok(())
 }
 
-/// Owns the send half: writes replies and pushes, refuses extra streams,
-/// and closes the connection when a [`PushSender`] asks.
+/// Writes one whole frame, holding the send half meanwhile.
+async fn write_frame(
+    send: &AsyncMutex<quinn::SendStream>,
+    bytes: &[u8],
+) -> Result<(), quinn::WriteError> {
+    send.lock().await.write_all(bytes).await
+}
+
+/// Writes pushes, refuses extra streams, and closes the connection when a
+/// [`PushSender`] asks. Returns once the connection is closed or its send
+/// half fails.
 async fn write_loop(
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut replies: mpsc::Receiver<Vec<u8>>,
+    conn: &quinn::Connection,
+    send: &AsyncMutex<quinn::SendStream>,
     mut pushes: PushQueue,
 ) {
     let close = pushes.close_signal();
@@ -777,41 +873,29 @@ async fn write_loop(
             reason = close.wait() => {
                 if reason != CloseReason::TooSlow {
                     // Write what was queued before the request (e.g. the
-                    // `Replaced` push), then close.
-                    while let Some(push) = pushes.try_recv() {
-                        if write_push(&mut send, push).await.is_err() {
-                            break;
-                        }
-                    }
-                    let _ = send.finish();
-                    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
+                    // `Replaced` push), then close; bounded, since a reply
+                    // being written to a client that reads nothing holds
+                    // the send half.
+                    // Boxed: rare, and larger than the loop's other states.
+                    let flush = timeout(FLUSH_TIMEOUT * 2, flush_pushes(send, &mut pushes));
+                    let _ = Box::pin(flush).await;
                 }
-                conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+                close_connection(conn, reason);
                 return;
             }
-            reply = replies.recv() => match reply {
-                Some(mut bytes) => {
-                    gather(&mut bytes, &mut replies, &mut pushes);
-                    if send.write_all(&bytes).await.is_err() {
+            push = pushes.recv_boxed() => {
+                let Some(push) = push else { return };
+                // Waiting behind a reply the client does not read, the push
+                // queue may fill: that closes the connection at once.
+                tokio::select! {
+                    biased;
+                    () = too_slow(&close) => {
+                        close_connection(conn, CloseReason::TooSlow);
                         return;
                     }
-                }
-                None => {
-                    // The reader is done; end the stream and wait for the
-                    // client to acknowledge it.
-                    let _ = send.finish();
-                    let _ = timeout(FLUSH_TIMEOUT, send.stopped()).await;
-                    return;
-                }
-            },
-            push = pushes.recv() => {
-                if let Some(push) = push {
-                    let mut bytes = Vec::new();
-                    encode_push(&mut bytes, push);
-                    gather(&mut bytes, &mut replies, &mut pushes);
-                    if send.write_all(&bytes).await.is_err() {
+                    written = write_pushes(send, &mut pushes, *push) => if written.is_err() {
                         return;
-                    }
+                    },
                 }
             }
             stream = conn.accept_bi() => match stream {
@@ -831,17 +915,57 @@ async fn write_loop(
     }
 }
 
-async fn write_push(
-    send: &mut quinn::SendStream,
-    push: messenger_proto::msg::Push,
-) -> Result<(), quinn::WriteError> {
+/// Writes the pushes still queued, then finishes the send half and waits
+/// for the client to acknowledge it.
+async fn flush_pushes(send: &AsyncMutex<quinn::SendStream>, pushes: &mut PushQueue) {
+    while let Some(push) = pushes.try_recv_boxed() {
+        if write_pushes(send, pushes, *push).await.is_err() {
+            return;
+        }
+    }
+    finish_stream(send).await;
+}
+
+/// Returns once a sender has asked to close with [`CloseReason::TooSlow`];
+/// never for another reason (those wait for the current frame).
+async fn too_slow(close: &CloseSignal) {
+    if close.wait().await != CloseReason::TooSlow {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn close_connection(conn: &quinn::Connection, reason: CloseReason) {
+    conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+}
+
+/// Encodes `push` and writes it together with the pushes already queued
+/// behind it, up to [`WRITE_BATCH`] bytes, in one write (taken once the
+/// lock is held, as in [`write_replies`]). Not an `async fn`, like
+/// [`write_reply`].
+fn write_pushes<'a>(
+    send: &'a AsyncMutex<quinn::SendStream>,
+    pushes: &'a mut PushQueue,
+    push: Push,
+) -> impl Future<Output = Result<(), quinn::WriteError>> + Send + 'a {
     let mut bytes = Vec::new();
     encode_push(&mut bytes, push);
-    send.write_all(&bytes).await
+    async move {
+        let mut send = send.lock().await;
+        while bytes.len() < WRITE_BATCH {
+            let Some(push) = pushes.try_recv_boxed() else {
+                break;
+            };
+            encode_push(&mut bytes, *push);
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        send.write_all(&bytes).await
+    }
 }
 
 /// Appends the frame of `push` to `out`.
-fn encode_push(out: &mut Vec<u8>, push: messenger_proto::msg::Push) {
+fn encode_push(out: &mut Vec<u8>, push: Push) {
     match encode(&ServerFrame::Push(push)) {
         Ok(bytes) if out.is_empty() => *out = bytes,
         Ok(bytes) => out.extend_from_slice(&bytes),
@@ -849,23 +973,6 @@ fn encode_push(out: &mut Vec<u8>, push: messenger_proto::msg::Push) {
             // A push too large for a frame is a service bug; the client
             // fetches what it missed at its next login.
             warn!(%error, "push could not be encoded; dropped");
-        }
-    }
-}
-
-/// Appends to `out` the replies and pushes already queued, up to
-/// [`WRITE_BATCH`] bytes, so they go to the stream in one write: each
-/// write locks the connection and wakes its driver, and a commit completes
-/// many replies and pushes at once. Replies stay in their order, pushes in
-/// theirs; which of the two comes first was never promised.
-fn gather(out: &mut Vec<u8>, replies: &mut mpsc::Receiver<Vec<u8>>, pushes: &mut PushQueue) {
-    while out.len() < WRITE_BATCH {
-        if let Ok(bytes) = replies.try_recv() {
-            out.extend_from_slice(&bytes);
-        } else if let Some(push) = pushes.try_recv() {
-            encode_push(out, push);
-        } else {
-            break;
         }
     }
 }
@@ -879,7 +986,7 @@ fn finish(
 ) {
     match ended {
         Ended::Close(reason) => {
-            conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
+            close_connection(conn, reason);
             info!(id, %peer, user, reason = reason.reason(), "connection closed");
         }
         Ended::Lost => {
