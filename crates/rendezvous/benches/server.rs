@@ -617,11 +617,10 @@ async fn idle_scenario() {
     );
     println!(
         "   (per-connection slot sizes: Push {} B; the push queue holds boxed pushes, so a \
-         32-slot tokio mpsc block is {} B instead of {} B; reply channel slot {} B)",
+         32-slot tokio mpsc block is {} B instead of {} B; replies are written directly)",
         std::mem::size_of::<messenger_proto::msg::Push>(),
         32 * std::mem::size_of::<Box<messenger_proto::msg::Push>>(),
         32 * std::mem::size_of::<messenger_proto::msg::Push>(),
-        std::mem::size_of::<Vec<u8>>()
     );
     let local = tokio::task::LocalSet::new();
     let ours = local.run_until(idle_ours()).await;
