@@ -566,15 +566,25 @@ fn a_send_killed_at_random_points_loses_nothing_and_sends_nothing_twice() {
     bob.register(&server, true);
     alice.ok(&["send", "bob", "start"]);
     assert_eq!(texts(&bob.pull_json()), ["start".to_owned()]);
+    // Kill points spread over a whole send: time one first.
+    let started = Instant::now();
+    alice.ok(&["send", "bob", "timed"]);
+    let span = u64::try_from(started.elapsed().as_millis())
+        .unwrap()
+        .max(10)
+        * 5
+        / 4;
+    assert_eq!(texts(&bob.pull_json()), ["timed".to_owned()]);
 
     let mut rng = rand::rng();
     let mut succeeded = HashSet::new();
-    for i in 0..15 {
+    let mut killed = 0;
+    for i in 0..50 {
         let text = format!("killed {i}");
         let mut cmd = alice.cmd(&["send", "bob", &text]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let mut child = messenger_testkit::ChildGuard::new(cmd.spawn().unwrap());
-        let delay = Duration::from_millis(rng.random_range(0..400));
+        let delay = Duration::from_millis(rng.random_range(0..span));
         let deadline = Instant::now() + delay;
         let mut exited = None;
         while Instant::now() < deadline {
@@ -591,9 +601,12 @@ fn a_send_killed_at_random_points_loses_nothing_and_sends_nothing_twice() {
             Some(status) => panic!("send {i} failed on its own: {status}"),
             None => {
                 child.kill().unwrap();
+                killed += 1;
             }
         }
     }
+    // Most runs are cut short, at points spread over a whole send.
+    assert!(killed >= 10, "only {killed} of 50 sends were killed");
     // The next run sends whatever the outbox kept.
     alice.ok(&["send", "bob", "end"]);
     let got = texts(&bob.pull_json());
@@ -615,7 +628,7 @@ fn a_send_killed_at_random_points_loses_nothing_and_sends_nothing_twice() {
         .collect();
     let saved: Vec<String> = history
         .iter()
-        .filter(|h| h["direction"] == "out" && h["text"] != "start")
+        .filter(|h| h["direction"] == "out" && h["text"] != "start" && h["text"] != "timed")
         .map(|h| h["text"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(saved, got, "saved vs delivered");
