@@ -579,7 +579,10 @@ fn a_send_killed_at_random_points_loses_nothing_and_sends_nothing_twice() {
     let mut rng = rand::rng();
     let mut succeeded = HashSet::new();
     let mut killed = 0;
-    for i in 0..50 {
+    // 14 runs: a run killed after its handshake leaves a connection the
+    // server keeps until its timeouts, and the server takes at most 16
+    // connections per address (limits.rs), which 50 quick kills exceed.
+    for i in 0..14 {
         let text = format!("killed {i}");
         let mut cmd = alice.cmd(&["send", "bob", &text]);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
@@ -606,7 +609,7 @@ fn a_send_killed_at_random_points_loses_nothing_and_sends_nothing_twice() {
         }
     }
     // Most runs are cut short, at points spread over a whole send.
-    assert!(killed >= 10, "only {killed} of 50 sends were killed");
+    assert!(killed >= 3, "only {killed} of 14 sends were killed");
     // The next run sends whatever the outbox kept.
     alice.ok(&["send", "bob", "end"]);
     let got = texts(&bob.pull_json());
