@@ -34,20 +34,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    cpu_seconds, has_taskset, median, percentile, pin_self, print_machine, rss_bytes, spread,
+    Person, bounded_local, client_endpoint, close, cpu_seconds, has_taskset, login, median, open,
+    percentile, person, pin_self, print_machine, register, rss_bytes, spread,
 };
-use messenger_crypto::identity::IdentityKeyPair;
-use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
-use messenger_proto::msg::{
-    DEFAULT_DEVICE, Login, OutgoingEnvelope, Register, Reply, Request, ServerFrame,
-};
+use messenger_proto::msg::{DEFAULT_DEVICE, OutgoingEnvelope, Reply, Request, ServerFrame};
 use messenger_rendezvous::limits::Limits;
 use messenger_rendezvous::rate::Rate;
 use messenger_rendezvous::server::ServerConfig;
 use messenger_rendezvous::service::ServiceConfig;
 use messenger_rendezvous::store::StoreOptions;
 use messenger_rendezvous::tls::ServerIdentity;
-use support::TestClient;
 
 /// Runs per measured point.
 const RUNS: usize = 3;
@@ -249,82 +245,6 @@ impl Drop for ServerChild {
 }
 
 // ---------------------------------------------------------------- clients
-
-struct Person {
-    name: String,
-    id: IdentityKeyPair,
-    register: Register,
-}
-
-fn person(name: String) -> Person {
-    let mut rng = rand::rng();
-    let id = IdentityKeyPair::generate(&mut rng);
-    let spk = SignedPrekeyPair::generate(&id, &mut PrekeyIdCounter::new(), &mut rng).unwrap();
-    let opks = OneTimePrekeyPair::generate_batch(&mut PrekeyIdCounter::new(), 1, &mut rng).unwrap();
-    let register = Register {
-        username: name.clone(),
-        identity: id.public().to_bytes(),
-        signed_prekey: spk.public().to_bytes(),
-        one_time_prekeys: opks.iter().map(|k| k.public().to_bytes()).collect(),
-        invite: None,
-    };
-    Person { name, id, register }
-}
-
-async fn open(endpoint: &quinn::Endpoint, addr: SocketAddr) -> TestClient {
-    let conn = support::connect_raw(endpoint, addr).await.unwrap();
-    TestClient::on(endpoint.clone(), conn).await
-}
-
-async fn register(endpoint: &quinn::Endpoint, addr: SocketAddr, p: &Person) -> TestClient {
-    let mut c = open(endpoint, addr).await;
-    let r = c.request(Request::Register(p.register.clone())).await;
-    assert_eq!(r, Ok(Reply::Ok), "register {}", p.name);
-    c
-}
-
-async fn login(c: &mut TestClient, p: &Person) {
-    let sig = p.id.sign_login(&c.hello.nonce, &c.exporter());
-    let r = c
-        .request(Request::Login(Login {
-            username: p.name.clone(),
-            signature: sig.to_vec(),
-        }))
-        .await;
-    assert!(matches!(r, Ok(Reply::LoggedIn { .. })), "{r:?}");
-}
-
-fn close(c: &TestClient) {
-    c.conn.close(0u32.into(), b"bye");
-}
-
-fn client_endpoint(fingerprint: &str) -> quinn::Endpoint {
-    support::client_endpoint(fingerprint)
-}
-
-/// Runs `f(i)` for `0..n` with at most `CONNECT_CONCURRENCY` at once, in
-/// this (single-thread) runtime.
-async fn bounded<T, F, Fut>(n: usize, f: F) -> Vec<T>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = T> + 'static,
-    T: 'static,
-{
-    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
-    let mut set = tokio::task::JoinSet::new();
-    let mut next = 0;
-    while next < n || !set.is_empty() {
-        while next < n && set.len() < CONNECT_CONCURRENCY {
-            let fut = f(next);
-            let i = next;
-            set.spawn_local(async move { (i, fut.await) });
-            next += 1;
-        }
-        let (i, v) = set.join_next().await.unwrap().unwrap();
-        out[i] = Some(v);
-    }
-    out.into_iter().map(Option::unwrap).collect()
-}
 
 // ---------------------------------------------------------------- store
 
@@ -664,7 +584,7 @@ async fn idle_ours() -> Vec<f64> {
         {
             let people = people.clone();
             let e = endpoint.clone();
-            bounded(IDLE_CONNS, move |i| {
+            bounded_local(IDLE_CONNS, CONNECT_CONCURRENCY, move |i| {
                 let p = Arc::clone(&people[i]);
                 let e = e.clone();
                 async move {
@@ -679,7 +599,7 @@ async fn idle_ours() -> Vec<f64> {
         let t = Instant::now();
         let people = people.clone();
         let e = endpoint.clone();
-        let clients = bounded(IDLE_CONNS, move |i| {
+        let clients = bounded_local(IDLE_CONNS, CONNECT_CONCURRENCY, move |i| {
             let p = Arc::clone(&people[i]);
             let e = e.clone();
             async move {
@@ -724,7 +644,7 @@ async fn idle_bare() -> Vec<f64> {
         let before = settle(server.pid).await;
         let t = Instant::now();
         let e = endpoint.clone();
-        let clients = bounded(IDLE_CONNS, move |_| {
+        let clients = bounded_local(IDLE_CONNS, CONNECT_CONCURRENCY, move |_| {
             let e = e.clone();
             async move {
                 let conn = support::connect_raw(&e, addr).await.unwrap();
