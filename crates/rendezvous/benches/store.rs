@@ -4,9 +4,10 @@
 //!
 //! `group_commit_cpu` measures the calling thread's CPU time (Linux
 //! `/proc/thread-self/schedstat`, nanoseconds on CPU) instead of wall time,
-//! for the live server's batch shape (100 recipients × 8 envelopes, random
-//! message ids as real clients make them): the figure other processes on
-//! the box and the disk's `fsync` latency move least.
+//! for the live server's batch shape (100 recipients × 8 envelopes, message
+//! ids as real clients make them: send time in seconds, then random bytes):
+//! the figure other processes on the box and the disk's `fsync` latency
+//! move least.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::time::Duration;
@@ -146,15 +147,25 @@ fn bench_group_commit_cpu(c: &mut Criterion) {
             .create_account(account(&format!("user{r}")), Vec::new())
             .unwrap();
     }
-    let batch = || -> Vec<NewEnvelope> {
+    // Like the client's ids: 8 bytes of send time (one second per 40
+    // commits, about the live server's rate), then 8 random bytes.
+    let mut commits = 0u64;
+    let mut batch = || -> Vec<NewEnvelope> {
+        commits += 1;
+        let second = 1_700_000_000 + commits / 40;
         (0..SENDERS * IN_FLIGHT)
-            .map(|i| NewEnvelope {
-                recipient: format!("user{}", i % SENDERS),
-                sender: format!("sender{}", i % SENDERS),
-                group: None,
-                message_id: rand::random(),
-                sent_at: 1,
-                body: vec![0x5A; 1024],
+            .map(|i| {
+                let mut message_id = [0u8; 16];
+                message_id[..8].copy_from_slice(&second.to_be_bytes());
+                message_id[8..].copy_from_slice(&rand::random::<[u8; 8]>());
+                NewEnvelope {
+                    recipient: format!("user{}", i % SENDERS),
+                    sender: format!("sender{}", i % SENDERS),
+                    group: None,
+                    message_id,
+                    sent_at: second,
+                    body: vec![0x5A; 1024],
+                }
             })
             .collect()
     };

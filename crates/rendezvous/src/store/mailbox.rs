@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::tables::{ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, MAILBOX, MAILBOX_USAGE, NEXT_SEQ};
+use super::tables::{
+    ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, INBOX, InboxRecord, MAILBOX_USAGE, NEXT_SEQ,
+};
 use super::{
     AppendOutcome, BatchOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, Purged,
     QuotaKind, Store, StoreError, StoreOptions,
@@ -51,24 +53,40 @@ impl Store {
             return Ok(Vec::new());
         };
         self.read(OP, |tx| {
-            let mailbox = tx.open_table(MAILBOX).op(OP)?;
-            let mut out = Vec::new();
-            for entry in mailbox
-                .range((recipient, start)..=(recipient, u64::MAX))
+            let inbox = tx.open_table(INBOX).op(OP)?;
+            // The row holding `start` (if any) begins at or before it.
+            let from = match inbox
+                .range((recipient, 0)..=(recipient, start))
                 .op(OP)?
-                .take(max)
+                .next_back()
             {
-                let (key, value) = entry.op(OP)?;
-                let (sender, group, message_id, sent_at, _expires_at, body) = value.value();
-                out.push(EnvelopeRecord {
-                    seq: key.value().1,
-                    recipient: recipient.to_owned(),
-                    sender: sender.to_owned(),
-                    group: group.map(str::to_owned),
-                    message_id: *message_id,
-                    sent_at,
-                    body: body.to_vec(),
-                });
+                Some(entry) => entry.op(OP)?.0.value().1,
+                None => start,
+            };
+            let mut out = Vec::new();
+            for entry in inbox
+                .range((recipient, from)..=(recipient, u64::MAX))
+                .op(OP)?
+            {
+                let (_, records) = entry.op(OP)?;
+                for (seq, sender, group, message_id, sent_at, _expires_at, body) in records.value()
+                {
+                    if seq < start {
+                        continue;
+                    }
+                    if out.len() == max {
+                        return Ok(out);
+                    }
+                    out.push(EnvelopeRecord {
+                        seq,
+                        recipient: recipient.to_owned(),
+                        sender: sender.to_owned(),
+                        group: group.map(str::to_owned),
+                        message_id: *message_id,
+                        sent_at,
+                        body: body.to_vec(),
+                    });
+                }
             }
             Ok(out)
         })
@@ -135,41 +153,47 @@ impl Store {
 
     /// Deletes what expired at or before `now` (expiry time = `sent_at`
     /// plus the TTL): each such envelope if it still waits, and its dedupe
-    /// record. At most [`PURGE_BATCH`] expiry rows per call: call again
-    /// while [`Purged::more`].
+    /// record. Stops after the expiry rows holding about [`PURGE_BATCH`]
+    /// envelopes: call again while [`Purged::more`].
     pub fn purge_expired(&self, now: u64) -> Result<Purged, StoreError> {
         const OP: &str = "purge expired";
         self.write(OP, |tx| {
             let mut expiry = tx.open_table(EXPIRY).op(OP)?;
-            let mut due: Vec<(u64, u64, String, String, [u8; 16])> = Vec::new();
-            for entry in expiry.range(..=(now, u64::MAX)).op(OP)?.take(PURGE_BATCH) {
+            let mut due: Vec<DueRow> = Vec::new();
+            let mut keys = 0usize;
+            let mut more = false;
+            for entry in expiry.range(..=(now, u64::MAX)).op(OP)? {
+                if keys >= PURGE_BATCH {
+                    more = true;
+                    break;
+                }
                 let (key, value) = entry.op(OP)?;
-                let (expires_at, seq) = key.value();
-                let (recipient, sender, id) = value.value();
-                due.push((
-                    expires_at,
-                    seq,
-                    recipient.to_owned(),
-                    sender.to_owned(),
-                    *id,
-                ));
+                let (recipient, ids) = value.value();
+                keys += ids.len().max(1);
+                let ids = ids
+                    .into_iter()
+                    .map(|(sender, id)| (sender.to_owned(), *id))
+                    .collect();
+                due.push((key.value(), recipient.to_owned(), ids));
             }
-            let mut mailbox = tx.open_table(MAILBOX).op(OP)?;
+            let mut inbox = tx.open_table(INBOX).op(OP)?;
             let mut dedupe = tx.open_table(DEDUPE).op(OP)?;
             let mut freed: HashMap<&str, (u32, u64)> = HashMap::new();
-            for (expires_at, seq, recipient, sender, id) in &due {
-                expiry.remove((*expires_at, *seq)).op(OP)?;
-                dedupe
-                    .remove((recipient.as_str(), sender.as_str(), id))
-                    .op(OP)?;
-                let Some(old) = mailbox.remove((recipient.as_str(), *seq)).op(OP)? else {
-                    // Acked before it expired.
+            for (key, recipient, ids) in &due {
+                expiry.remove(*key).op(OP)?;
+                for (sender, id) in ids {
+                    dedupe
+                        .remove((recipient.as_str(), sender.as_str(), id))
+                        .op(OP)?;
+                }
+                // What acks left of the row; gone if all were acked.
+                let Some(old) = inbox.remove((recipient.as_str(), key.1)).op(OP)? else {
                     continue;
                 };
-                let len = old.value().5.len() as u64;
+                let records = old.value();
                 let slot = freed.entry(recipient.as_str()).or_default();
-                slot.0 += 1;
-                slot.1 += len;
+                slot.0 += records.len() as u32;
+                slot.1 += records.iter().map(|r| r.6.len() as u64).sum::<u64>();
             }
             let mut usage = tx.open_table(MAILBOX_USAGE).op(OP)?;
             let mut envelopes = 0u32;
@@ -177,10 +201,7 @@ impl Store {
                 release(&mut usage, OP, recipient, count, bytes)?;
                 envelopes += count;
             }
-            Ok(Purged {
-                envelopes,
-                more: due.len() == PURGE_BATCH,
-            })
+            Ok(Purged { envelopes, more })
         })
     }
 
@@ -194,6 +215,10 @@ impl Store {
     }
 }
 
+/// An expiry row being purged: its key, the recipient and the dedupe keys
+/// (sender, message id) of its envelopes.
+type DueRow = ((u64, u64), String, Vec<(String, [u8; 16])>);
+
 /// What [`append_in`] knows of one recipient during a batch.
 struct Recipient {
     /// The account exists.
@@ -202,13 +227,26 @@ struct Recipient {
     usage: (u32, u64),
     /// `usage` changed and must be written back.
     dirty: bool,
+    /// The envelopes stored for it, as runs that share an expiry time: each
+    /// run becomes one [`INBOX`] row and one [`EXPIRY`] row.
+    runs: Vec<Run>,
+}
+
+/// Consecutive envelopes of one recipient in a batch with one expiry time.
+struct Run {
+    /// Their expiry time.
+    expires_at: u64,
+    /// (index in the batch, seq) of each, in sequence order.
+    members: Vec<(usize, u64)>,
 }
 
 /// The body of [`Store::append`]'s transaction.
 ///
 /// A batch usually holds several envelopes per recipient, so each
-/// recipient's account and usage are read once and the usage written once
-/// (docs/benchmarks.md §1: fewer B-tree operations per envelope).
+/// recipient's account and usage are read once and the usage written once,
+/// and its envelopes go into one [`INBOX`] row (one per expiry time) with
+/// one [`EXPIRY`] row: per envelope only its dedupe record is a B-tree
+/// entry of its own (docs/benchmarks.md §1).
 fn append_in(
     tx: &WriteTransaction,
     op: &'static str,
@@ -216,17 +254,19 @@ fn append_in(
     options: StoreOptions,
 ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
     let accounts = tx.open_table(ACCOUNTS).op(op)?;
-    let mut mailbox = tx.open_table(MAILBOX).op(op)?;
+    let mut inbox = tx.open_table(INBOX).op(op)?;
     let mut usage = tx.open_table(MAILBOX_USAGE).op(op)?;
     let mut expiry = tx.open_table(EXPIRY).op(op)?;
     let mut dedupe = tx.open_table(DEDUPE).op(op)?;
     let mut counters = tx.open_table(COUNTERS).op(op)?;
     let first_seq = counters.get(NEXT_SEQ).op(op)?.map_or(1, |g| g.value());
     let mut next_seq = first_seq;
-    let mut recipients: HashMap<&str, Recipient> = HashMap::new();
+    // In order of first appearance, so rows are written in a fixed order.
+    let mut recipients: Vec<(&str, Recipient)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
 
     let mut results = Vec::with_capacity(batch.len());
-    for env in batch {
+    for (at, env) in batch.iter().enumerate() {
         let recipient = env.recipient.as_str();
         let dedupe_key = (recipient, env.sender.as_str(), &env.message_id);
         if let Some(found) = dedupe.get(dedupe_key).op(op)? {
@@ -235,22 +275,29 @@ fn append_in(
             }));
             continue;
         }
-        let state = match recipients.entry(recipient) {
-            std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => {
+        let slot = match index.get(recipient) {
+            Some(&slot) => slot,
+            None => {
                 let exists = accounts.get(recipient).op(op)?.is_some();
                 let current = if exists {
                     usage.get(recipient).op(op)?.map_or((0, 0), |g| g.value())
                 } else {
                     (0, 0)
                 };
-                slot.insert(Recipient {
-                    exists,
-                    usage: current,
-                    dirty: false,
-                })
+                recipients.push((
+                    recipient,
+                    Recipient {
+                        exists,
+                        usage: current,
+                        dirty: false,
+                        runs: Vec::new(),
+                    },
+                ));
+                index.insert(recipient, recipients.len() - 1);
+                recipients.len() - 1
             }
         };
+        let state = &mut recipients[slot].1;
         if !state.exists {
             results.push(Err(StoreError::UnknownUser));
             continue;
@@ -274,28 +321,51 @@ fn append_in(
         let seq = next_seq;
         next_seq += 1;
         let expires_at = env.sent_at.saturating_add(options.envelope_ttl_secs);
-        mailbox
-            .insert(
-                (recipient, seq),
-                (
-                    env.sender.as_str(),
-                    env.group.as_deref(),
-                    &env.message_id,
-                    env.sent_at,
-                    expires_at,
-                    env.body.as_slice(),
-                ),
-            )
-            .op(op)?;
+        match state.runs.last_mut() {
+            Some(run) if run.expires_at == expires_at => run.members.push((at, seq)),
+            _ => state.runs.push(Run {
+                expires_at,
+                members: vec![(at, seq)],
+            }),
+        }
         state.usage = (count + 1, bytes + len);
         state.dirty = true;
         dedupe.insert(dedupe_key, (seq, expires_at)).op(op)?;
-        expiry.insert((expires_at, seq), dedupe_key).op(op)?;
         results.push(Ok(AppendOutcome::Stored { seq }));
     }
-    for (recipient, state) in recipients {
+    for (recipient, state) in &recipients {
+        for run in &state.runs {
+            let Some(&(_, first)) = run.members.first() else {
+                continue;
+            };
+            let records: Vec<InboxRecord<'_>> = run
+                .members
+                .iter()
+                .map(|&(at, seq)| {
+                    let env = &batch[at];
+                    (
+                        seq,
+                        env.sender.as_str(),
+                        env.group.as_deref(),
+                        &env.message_id,
+                        env.sent_at,
+                        run.expires_at,
+                        env.body.as_slice(),
+                    )
+                })
+                .collect();
+            inbox.insert((*recipient, first), records).op(op)?;
+            let ids: Vec<(&str, &[u8; 16])> = run
+                .members
+                .iter()
+                .map(|&(at, _)| (batch[at].sender.as_str(), &batch[at].message_id))
+                .collect();
+            expiry
+                .insert((run.expires_at, first), (*recipient, ids))
+                .op(op)?;
+        }
         if state.dirty {
-            usage.insert(recipient, state.usage).op(op)?;
+            usage.insert(*recipient, state.usage).op(op)?;
         }
     }
     if next_seq != first_seq {
@@ -305,6 +375,10 @@ fn append_in(
 }
 
 /// The body of [`Store::ack`]: removes the recipient's envelopes `seqs`.
+///
+/// Each [`INBOX`] row touched loses the acked records: it is removed when
+/// none is left, rewritten otherwise. Its [`EXPIRY`] row stays, for the
+/// dedupe records.
 fn ack_in(
     tx: &WriteTransaction,
     op: &'static str,
@@ -314,21 +388,108 @@ fn ack_in(
     if seqs.is_empty() {
         return Ok(0);
     }
-    let mut mailbox = tx.open_table(MAILBOX).op(op)?;
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut inbox = tx.open_table(INBOX).op(op)?;
     let mut removed = 0u32;
     let mut removed_bytes = 0u64;
-    for &seq in seqs {
-        let Some(old) = mailbox.remove((recipient, seq)).op(op)? else {
+    let mut at = 0;
+    while let Some(&seq) = sorted.get(at) {
+        // The row that would hold `seq`: the last one starting at or before it.
+        let row = match inbox
+            .range((recipient, 0)..=(recipient, seq))
+            .op(op)?
+            .next_back()
+        {
+            Some(entry) => {
+                let (key, value) = entry.op(op)?;
+                Some((key.value().1, value.value().last().map_or(0, |r| r.0)))
+            }
+            None => None,
+        };
+        let Some((first, last)) = row.filter(|&(_, last)| last >= seq) else {
+            // Not waiting (acked before, expired, or never this user's).
+            at += 1;
             continue;
         };
-        removed_bytes += old.value().5.len() as u64;
-        removed += 1;
+        let end = at + sorted[at..].partition_point(|&s| s <= last);
+        let acked = &sorted[at..end];
+        at = end;
+        let Some(guard) = inbox.get((recipient, first)).op(op)? else {
+            continue;
+        };
+        let records = guard.value();
+        let kept: Vec<InboxRecord<'_>> = records
+            .iter()
+            .filter(|r| acked.binary_search(&r.0).is_err())
+            .copied()
+            .collect();
+        if kept.len() == records.len() {
+            continue;
+        }
+        removed += (records.len() - kept.len()) as u32;
+        removed_bytes += records
+            .iter()
+            .filter(|r| acked.binary_search(&r.0).is_ok())
+            .map(|r| r.6.len() as u64)
+            .sum::<u64>();
+        // The kept records borrow from the row being replaced: copy them.
+        let owned: Vec<OwnedRecord> = kept.iter().map(OwnedRecord::from).collect();
+        drop(kept);
+        drop(records);
+        drop(guard);
+        if owned.is_empty() {
+            inbox.remove((recipient, first)).op(op)?;
+        } else {
+            let rows: Vec<InboxRecord<'_>> = owned.iter().map(OwnedRecord::as_record).collect();
+            inbox.insert((recipient, first), rows).op(op)?;
+        }
     }
     if removed > 0 {
         let mut usage = tx.open_table(MAILBOX_USAGE).op(op)?;
         release(&mut usage, op, recipient, removed, removed_bytes)?;
     }
     Ok(removed)
+}
+
+/// An [`InboxRecord`] that owns its bytes.
+struct OwnedRecord {
+    seq: u64,
+    sender: String,
+    group: Option<String>,
+    message_id: [u8; 16],
+    sent_at: u64,
+    expires_at: u64,
+    body: Vec<u8>,
+}
+
+impl From<&InboxRecord<'_>> for OwnedRecord {
+    fn from(r: &InboxRecord<'_>) -> Self {
+        Self {
+            seq: r.0,
+            sender: r.1.to_owned(),
+            group: r.2.map(str::to_owned),
+            message_id: *r.3,
+            sent_at: r.4,
+            expires_at: r.5,
+            body: r.6.to_vec(),
+        }
+    }
+}
+
+impl OwnedRecord {
+    fn as_record(&self) -> InboxRecord<'_> {
+        (
+            self.seq,
+            self.sender.as_str(),
+            self.group.as_deref(),
+            &self.message_id,
+            self.sent_at,
+            self.expires_at,
+            self.body.as_slice(),
+        )
+    }
 }
 
 /// Lowers a recipient's usage by what was removed; drops the row at zero.

@@ -94,8 +94,9 @@ pub const DEFAULT_ENVELOPE_TTL_SECS: u64 = 30 * 24 * 60 * 60;
 /// an endless pool (each costs about 60 bytes).
 pub const MAX_ONE_TIME_PREKEYS: u32 = 1_000;
 
-/// Most expiry rows (an envelope's dedupe record and, unless it was acked,
-/// the envelope) one [`Store::purge_expired`] call removes, so that one
+/// About the most envelopes (each a dedupe record and, unless it was acked,
+/// the envelope) one [`Store::purge_expired`] call removes: it stops at the
+/// first expiry row past this many, so that one
 /// purge transaction stays short (well under 100 ms) and does not hold up
 /// appends; the caller repeats while [`Purged::more`] is true.
 pub const PURGE_BATCH: usize = 10_000;
@@ -196,7 +197,7 @@ pub struct EnvelopeRecord {
 pub struct Purged {
     /// Expired envelopes removed that were still waiting (not acked).
     pub envelopes: u32,
-    /// Whether the call stopped at [`PURGE_BATCH`] rows: more may be due.
+    /// Whether the call stopped at [`PURGE_BATCH`]: more may be due.
     pub more: bool,
 }
 

@@ -3,7 +3,7 @@
 //! use redb's own encodings (integers little-endian, tuples with varint
 //! lengths of their variable-width elements); `docs/storage.md` lists them.
 
-use redb::{TableDefinition, TableHandle as _, WriteTransaction};
+use redb::{ReadableTable as _, TableDefinition, TableHandle as _, WriteTransaction};
 
 use super::{OpResult, StoreError};
 
@@ -32,10 +32,26 @@ pub(super) const NEXT_SEQ: &str = "next_seq";
 /// Counter of announcement ids (first is 1).
 pub(super) const NEXT_ANNOUNCEMENT: &str = "next_announcement";
 
-/// (recipient, seq) -> (sender, group, message id, sent_at, expires_at, body)
-pub(super) type EnvelopeValue<'a> = (&'a str, Option<&'a str>, &'a [u8; 16], u64, u64, &'a [u8]);
-pub(super) const MAILBOX: TableDefinition<(&str, u64), EnvelopeValue<'static>> =
-    TableDefinition::new("mailbox/1");
+/// One stored envelope in an [`INBOX`] row: (seq, sender, group, message
+/// id, sent_at, expires_at, body).
+pub(super) type InboxRecord<'a> = (
+    u64,
+    &'a str,
+    Option<&'a str>,
+    &'a [u8; 16],
+    u64,
+    u64,
+    &'a [u8],
+);
+
+/// (recipient, first seq) -> the recipient's envelopes from one group
+/// commit that share an expiry time, in sequence order. A recipient's rows
+/// cover disjoint sequence ranges, so the row holding a sequence number is
+/// the last one whose key is at or before it. One row per recipient per
+/// commit instead of one per envelope: a commit inserts a tenth of the
+/// B-tree entries under load (docs/storage.md, docs/benchmarks.md §1).
+pub(super) const INBOX: TableDefinition<(&str, u64), Vec<InboxRecord<'static>>> =
+    TableDefinition::new("inbox/2");
 
 /// recipient -> (waiting envelopes, waiting body bytes)
 pub(super) const MAILBOX_USAGE: TableDefinition<&str, (u32, u64)> =
@@ -45,10 +61,23 @@ pub(super) const MAILBOX_USAGE: TableDefinition<&str, (u32, u64)> =
 pub(super) const DEDUPE: TableDefinition<(&str, &str, &[u8; 16]), (u64, u64)> =
     TableDefinition::new("dedupe/1");
 
-/// (expires_at, seq) -> (recipient, sender, message id): one row per
-/// stored envelope, for purging both its `mailbox` row (if not yet acked)
-/// and its `dedupe` row, which expire together.
-pub(super) const EXPIRY: TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
+/// (expires_at, first seq) -> (recipient, [(sender, message id)]): one row
+/// per [`INBOX`] row, written with it and kept after acks, for purging both
+/// what is left of that row and the dedupe records of all its envelopes,
+/// which expire together.
+pub(super) type ExpiryValue<'a> = (&'a str, Vec<(&'a str, &'a [u8; 16])>);
+pub(super) const EXPIRY: TableDefinition<(u64, u64), ExpiryValue<'static>> =
+    TableDefinition::new("expiry/2");
+
+/// Before `inbox/2`: (recipient, seq) -> (sender, group, message id,
+/// sent_at, expires_at, body), one row per envelope (moved at open).
+type OldEnvelopeValue<'a> = (&'a str, Option<&'a str>, &'a [u8; 16], u64, u64, &'a [u8]);
+const OLD_MAILBOX: TableDefinition<(&str, u64), OldEnvelopeValue<'static>> =
+    TableDefinition::new("mailbox/1");
+
+/// Before `expiry/2`: (expires_at, seq) -> (recipient, sender, message
+/// id), one row per envelope (moved at open).
+const OLD_EXPIRY: TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
     TableDefinition::new("expiry/1");
 
 /// Before `expiry/1`: the same rows as `expiry/1` (renamed at open).
@@ -101,13 +130,14 @@ pub(super) const ANNOUNCEMENT_CURSORS: TableDefinition<&str, u64> =
 pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     const OP: &str = "create tables";
     migrate_expiry(tx)?;
+    migrate_inbox(tx)?;
     tx.open_table(ACCOUNTS).op(OP)?;
     tx.open_table(OPKS).op(OP)?;
     tx.open_table(OPK_META).op(OP)?;
     tx.open_table(INVITES).op(OP)?;
     tx.open_table(REDEEMED_INVITES).op(OP)?;
     tx.open_table(COUNTERS).op(OP)?;
-    tx.open_table(MAILBOX).op(OP)?;
+    tx.open_table(INBOX).op(OP)?;
     tx.open_table(MAILBOX_USAGE).op(OP)?;
     tx.open_table(DEDUPE).op(OP)?;
     tx.open_table(EXPIRY).op(OP)?;
@@ -135,11 +165,57 @@ fn migrate_expiry(tx: &WriteTransaction) -> Result<(), StoreError> {
     let mut new = false;
     for table in tx.list_tables().op(OP)? {
         old_dedupe |= table.name() == OLD_DEDUPE_EXPIRY.name();
-        new |= table.name() == EXPIRY.name();
+        new |= table.name() == OLD_EXPIRY.name() || table.name() == EXPIRY.name();
     }
     if old_dedupe && !new {
-        tx.rename_table(OLD_DEDUPE_EXPIRY, EXPIRY).op(OP)?;
+        tx.rename_table(OLD_DEDUPE_EXPIRY, OLD_EXPIRY).op(OP)?;
     }
     tx.delete_table(OLD_MAILBOX_EXPIRY).op(OP)?;
+    Ok(())
+}
+
+/// Layouts before `inbox/2` kept one `mailbox/1` row and one `expiry/1` row
+/// per envelope. Each waiting envelope becomes an `inbox/2` row of its own
+/// (keyed by its seq, so sequence ranges stay disjoint) and each expiry row
+/// an `expiry/2` row with one dedupe key; both old tables are then deleted.
+/// In the opening transaction, so a crash leaves the old layout or the new.
+fn migrate_inbox(tx: &WriteTransaction) -> Result<(), StoreError> {
+    const OP: &str = "migrate mailbox to inbox rows";
+    let mut old_mailbox = false;
+    let mut old_expiry = false;
+    for table in tx.list_tables().op(OP)? {
+        old_mailbox |= table.name() == OLD_MAILBOX.name();
+        old_expiry |= table.name() == OLD_EXPIRY.name();
+    }
+    if old_mailbox {
+        let mailbox = tx.open_table(OLD_MAILBOX).op(OP)?;
+        let mut inbox = tx.open_table(INBOX).op(OP)?;
+        for entry in mailbox.iter().op(OP)? {
+            let (key, value) = entry.op(OP)?;
+            let (recipient, seq) = key.value();
+            let (sender, group, id, sent_at, expires_at, body) = value.value();
+            inbox
+                .insert(
+                    (recipient, seq),
+                    vec![(seq, sender, group, id, sent_at, expires_at, body)],
+                )
+                .op(OP)?;
+        }
+        drop(mailbox);
+        tx.delete_table(OLD_MAILBOX).op(OP)?;
+    }
+    if old_expiry {
+        let old = tx.open_table(OLD_EXPIRY).op(OP)?;
+        let mut expiry = tx.open_table(EXPIRY).op(OP)?;
+        for entry in old.iter().op(OP)? {
+            let (key, value) = entry.op(OP)?;
+            let (recipient, sender, id) = value.value();
+            expiry
+                .insert(key.value(), (recipient, vec![(sender, id)]))
+                .op(OP)?;
+        }
+        drop(old);
+        tx.delete_table(OLD_EXPIRY).op(OP)?;
+    }
     Ok(())
 }

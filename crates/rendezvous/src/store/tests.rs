@@ -493,64 +493,202 @@ fn one_batch_per_recipient_usage_and_quota() {
     assert_eq!(s.mailbox_usage("carol").unwrap(), (1, 2));
 }
 
-#[test]
-fn the_two_old_expiry_indexes_become_one_at_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.redb");
-    let ttl = 1000;
-    let options = StoreOptions {
-        envelope_ttl_secs: ttl,
-        ..StoreOptions::default()
-    };
-    let waiting = {
-        let s = Store::open(&path, options).unwrap();
-        users(&s, &["bob"]);
-        let r = s.append(vec![
-            env("bob", "alice", 1, 100, b"waiting"),
-            env("bob", "alice", 2, 100, b"acked"),
-        ]);
-        s.ack("bob", &[stored(&r[1])]).unwrap();
-        stored(&r[0])
-    };
-    // Rewrite it to the old layout: `dedupe_expiry/1` with every row, and
-    // `mailbox_expiry/1` with the rows of waiting envelopes.
-    const OLD_DEDUPE: redb::TableDefinition<(u64, u64), (&str, &str, &[u8; 16])> =
+/// Rewrites a store holding only the account `bob` to an older layout with
+/// envelopes 1 (alice, id 1, waiting), 2 (alice, id 2, acked) and 3
+/// (carol, id 1, group "team", waiting), as that layout kept them.
+fn write_old_layout(path: &std::path::Path, ttl: u64, oldest: bool) {
+    type Env<'a> = (&'a str, Option<&'a str>, &'a [u8; 16], u64, u64, &'a [u8]);
+    type Exp<'a> = (&'a str, &'a str, &'a [u8; 16]);
+    const MAILBOX: redb::TableDefinition<(&str, u64), Env<'static>> =
+        redb::TableDefinition::new("mailbox/1");
+    const EXPIRY_1: redb::TableDefinition<(u64, u64), Exp<'static>> =
+        redb::TableDefinition::new("expiry/1");
+    const DEDUPE_EXPIRY: redb::TableDefinition<(u64, u64), Exp<'static>> =
         redb::TableDefinition::new("dedupe_expiry/1");
-    const OLD_MAILBOX: redb::TableDefinition<(u64, u64), &str> =
+    const MAILBOX_EXPIRY: redb::TableDefinition<(u64, u64), &str> =
         redb::TableDefinition::new("mailbox_expiry/1");
+    let db = redb::Database::create(path).unwrap();
+    let tx = db.begin_write().unwrap();
+    tx.delete_table(tables::INBOX).unwrap();
+    tx.delete_table(tables::EXPIRY).unwrap();
     {
+        let mut mailbox = tx.open_table(MAILBOX).unwrap();
+        mailbox
+            .insert(
+                ("bob", 1),
+                ("alice", None, &[1; 16], 100, 100 + ttl, &b"waiting"[..]),
+            )
+            .unwrap();
+        mailbox
+            .insert(
+                ("bob", 3),
+                (
+                    "carol",
+                    Some("team"),
+                    &[1; 16],
+                    500,
+                    500 + ttl,
+                    &b"later"[..],
+                ),
+            )
+            .unwrap();
+        let mut dedupe = tx.open_table(tables::DEDUPE).unwrap();
+        dedupe
+            .insert(("bob", "alice", &[1; 16]), (1, 100 + ttl))
+            .unwrap();
+        dedupe
+            .insert(("bob", "alice", &[2; 16]), (2, 100 + ttl))
+            .unwrap();
+        dedupe
+            .insert(("bob", "carol", &[1; 16]), (3, 500 + ttl))
+            .unwrap();
+        let rows: [((u64, u64), Exp<'_>); 3] = [
+            ((100 + ttl, 1), ("bob", "alice", &[1; 16])),
+            ((100 + ttl, 2), ("bob", "alice", &[2; 16])),
+            ((500 + ttl, 3), ("bob", "carol", &[1; 16])),
+        ];
+        let mut expiry = tx
+            .open_table(if oldest { DEDUPE_EXPIRY } else { EXPIRY_1 })
+            .unwrap();
+        for (key, value) in rows {
+            expiry.insert(key, value).unwrap();
+        }
+        if oldest {
+            let mut waiting = tx.open_table(MAILBOX_EXPIRY).unwrap();
+            waiting.insert((100 + ttl, 1), "bob").unwrap();
+            waiting.insert((500 + ttl, 3), "bob").unwrap();
+        }
+        tx.open_table(tables::MAILBOX_USAGE)
+            .unwrap()
+            .insert("bob", (2, 7 + 5))
+            .unwrap();
+        tx.open_table(tables::COUNTERS)
+            .unwrap()
+            .insert(tables::NEXT_SEQ, 4)
+            .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+#[test]
+fn old_layouts_move_to_inbox_rows_at_open() {
+    for oldest in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let ttl = 1000;
+        let options = StoreOptions {
+            envelope_ttl_secs: ttl,
+            ..StoreOptions::default()
+        };
+        {
+            let s = Store::open(&path, options).unwrap();
+            users(&s, &["bob"]);
+        }
+        write_old_layout(&path, ttl, oldest);
+        let s = Store::open(&path, options).unwrap();
+        let waiting = s.pending("bob", 0, 10).unwrap();
+        let seen: Vec<(u64, &str, &[u8])> = waiting
+            .iter()
+            .map(|e| (e.seq, e.sender.as_str(), e.body.as_slice()))
+            .collect();
+        assert_eq!(
+            seen,
+            [(1, "alice", &b"waiting"[..]), (3, "carol", &b"later"[..])],
+            "oldest {oldest}"
+        );
+        assert_eq!(waiting[1].group.as_deref(), Some("team"));
+        assert_eq!(s.pending("bob", 1, 10).unwrap()[0].seq, 3);
+        // The acked envelope's dedupe record survived.
+        assert!(matches!(
+            s.append(vec![env("bob", "alice", 2, 900, b"again")])[0],
+            Ok(AppendOutcome::Duplicate { seq: 2 })
+        ));
+        // Purging at the first expiry time removes envelope 1 and the two
+        // dedupe records of that time, nothing of envelope 3.
+        let purged = s.purge_expired(100 + ttl).unwrap();
+        assert_eq!(purged.envelopes, 1);
+        assert_eq!(s.mailbox_usage("bob").unwrap(), (1, 5));
+        assert_eq!(s.pending("bob", 0, 10).unwrap()[0].seq, 3);
+        for id in [1, 2] {
+            assert!(matches!(
+                s.append(vec![env("bob", "alice", id, 2000, b"new")])[0],
+                Ok(AppendOutcome::Stored { seq }) if seq > 3
+            ));
+        }
+        assert!(matches!(
+            s.append(vec![env("bob", "carol", 1, 2000, b"dup")])[0],
+            Ok(AppendOutcome::Duplicate { seq: 3 })
+        ));
+        assert_eq!(s.ack("bob", &[3]).unwrap(), 1);
+        assert_eq!(s.mailbox_usage("bob").unwrap(), (2, 6));
+        assert!(s.check_integrity().unwrap());
+        drop(s);
         let db = redb::Database::create(&path).unwrap();
         let tx = db.begin_write().unwrap();
-        tx.rename_table(tables::EXPIRY, OLD_DEDUPE).unwrap();
-        tx.open_table(OLD_MAILBOX)
+        let mut names: Vec<String> = tx
+            .list_tables()
             .unwrap()
-            .insert((100 + ttl, waiting), "bob")
-            .unwrap();
-        tx.commit().unwrap();
+            .map(|t| redb::TableHandle::name(&t).to_owned())
+            .collect();
+        names.retain(|n| n.contains("expiry") || n.contains("mailbox/") || n.contains("inbox"));
+        names.sort();
+        assert_eq!(names, ["expiry/2", "inbox/2"], "oldest {oldest}");
     }
-    let s = Store::open(&path, options).unwrap();
-    // Both rows survived the migration: the waiting envelope is purged with
-    // its dedupe record, the acked one's dedupe record too.
-    assert_eq!(s.pending("bob", 0, 10).unwrap()[0].seq, waiting);
-    let purged = s.purge_expired(100 + ttl).unwrap();
-    assert_eq!(purged.envelopes, 1);
-    assert_eq!(s.mailbox_usage("bob").unwrap(), (0, 0));
-    for id in [1, 2] {
-        assert!(matches!(
-            s.append(vec![env("bob", "alice", id, 2000, b"new")])[0],
-            Ok(AppendOutcome::Stored { .. })
-        ));
-    }
-    drop(s);
-    let db = redb::Database::create(&path).unwrap();
-    let tx = db.begin_write().unwrap();
-    let names: Vec<String> = tx
-        .list_tables()
-        .unwrap()
-        .map(|t| redb::TableHandle::name(&t).to_owned())
-        .collect();
-    assert!(names.iter().any(|n| n == "expiry/1"), "{names:?}");
-    assert!(!names.iter().any(|n| n.ends_with("_expiry/1")), "{names:?}");
+}
+
+#[test]
+fn inbox_rows_split_by_expiry_time_and_partial_acks_keep_the_rest() {
+    let ttl = 1000;
+    let (_d, s) = store_with(StoreOptions {
+        envelope_ttl_secs: ttl,
+        ..StoreOptions::default()
+    });
+    users(&s, &["bob", "carol"]);
+    // Expiry times alternate for bob: rows [a, b] [c] [d, e] for bob and
+    // one for carol in between, all in one commit.
+    let r = s.append(vec![
+        env("bob", "alice", 1, 100, b"a"),
+        env("bob", "alice", 2, 100, b"b"),
+        env("carol", "alice", 1, 100, b"x"),
+        env("bob", "alice", 3, 200, b"c"),
+        env("bob", "alice", 4, 100, b"d"),
+        env("bob", "alice", 5, 100, b"e"),
+    ]);
+    let seq: Vec<u64> = r.iter().map(stored).collect();
+    let bodies = |after: u64| -> Vec<Vec<u8>> {
+        s.pending("bob", after, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.body)
+            .collect()
+    };
+    assert_eq!(bodies(0), [b"a", b"b", b"c", b"d", b"e"]);
+    // Reading from inside a row.
+    assert_eq!(bodies(seq[0]), [b"b", b"c", b"d", b"e"]);
+    assert_eq!(s.pending("bob", seq[0], 2).unwrap().len(), 2);
+    // Partial acks across rows; repeated, carol's and unknown seqs ignored.
+    assert_eq!(
+        s.ack("bob", &[seq[4], seq[1], seq[1], seq[2], 9999])
+            .unwrap(),
+        2
+    );
+    assert_eq!(bodies(0), [b"a", b"c", b"e"]);
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (3, 3));
+    assert_eq!(s.ack("bob", &[seq[1], seq[4]]).unwrap(), 0);
+    // The first expiry time purges a, e and carol's x, not c; the acked
+    // ones' dedupe records go too.
+    assert_eq!(s.purge_expired(100 + ttl).unwrap().envelopes, 3);
+    assert_eq!(bodies(0), [b"c"]);
+    assert_eq!(s.pending("carol", 0, 10).unwrap().len(), 0);
+    assert!(matches!(
+        s.append(vec![env("bob", "alice", 2, 300, b"b again")])[0],
+        Ok(AppendOutcome::Stored { .. })
+    ));
+    assert!(matches!(
+        s.append(vec![env("bob", "alice", 3, 300, b"c again")])[0],
+        Ok(AppendOutcome::Duplicate { seq: d }) if d == seq[3]
+    ));
+    assert_eq!(s.mailbox_usage("bob").unwrap(), (2, 8));
 }
 
 #[test]
