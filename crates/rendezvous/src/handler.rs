@@ -115,8 +115,11 @@ pub struct ConnectionContext {
     pub pushes: PushSender,
     /// A server-unique id of this connection, for logs and maps.
     pub id: u64,
-    /// Who is logged in on this connection, once the handler knows; the
-    /// network layer only uses it in logs.
+    /// Who is logged in on this connection, once the handler knows. The
+    /// network layer uses it in logs, and a connection on which it is still
+    /// `None` after [`crate::limits::Limits::login_timeout`] is closed with
+    /// [`CloseReason::LoginTimeout`]: a handler sets it on a successful
+    /// login.
     pub user: Option<String>,
 }
 
@@ -174,6 +177,10 @@ pub enum CloseReason {
     /// A frame was started but not completed within
     /// [`crate::limits::Limits::frame_timeout`] (704): a slow-drip peer.
     SlowFrame,
+    /// The client did not log in within
+    /// [`crate::limits::Limits::login_timeout`] of its handshake (705): a
+    /// half-open or abandoned connection holding a per-IP slot.
+    LoginTimeout,
 }
 
 impl CloseReason {
@@ -189,6 +196,7 @@ impl CloseReason {
         Self::TooSlow,
         Self::Replaced,
         Self::SlowFrame,
+        Self::LoginTimeout,
     ];
 
     /// The QUIC application error code.
@@ -204,6 +212,7 @@ impl CloseReason {
             Self::TooSlow => 702,
             Self::Replaced => 703,
             Self::SlowFrame => 704,
+            Self::LoginTimeout => 705,
         }
     }
 
@@ -220,6 +229,7 @@ impl CloseReason {
             Self::TooSlow => "push queue full",
             Self::Replaced => "replaced by a newer login",
             Self::SlowFrame => "frame not completed in time",
+            Self::LoginTimeout => "not logged in in time",
         }
     }
 

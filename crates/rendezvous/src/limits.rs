@@ -48,6 +48,21 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// is holding a slot for nothing (slowloris, T-37).
 pub const CONTROL_STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Time a client has, after the handshake, to log in: 10 s.
+///
+/// Without it a peer that sends its preface and stops holds one of its
+/// address's [`MAX_CONNECTIONS_PER_IP`] slots for ever (keep-alives keep
+/// it from going idle), and a client killed after its handshake holds one
+/// until the [`IDLE_TIMEOUT`]; 16 of them lock the honest clients at that
+/// address out. An honest
+/// client sends its preface, reads the hello and logs in at once (a
+/// `Register` first is one more round trip and one commit): a few round
+/// trips, far below 10 s even on a slow mobile link with retransmissions.
+/// It covers [`CONTROL_STREAM_TIMEOUT`] with room to spare, and is a third
+/// of the idle timeout, so a half-open connection frees its slot three
+/// times sooner than before.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Time a frame may take to arrive once its first byte has: 30 s (the
 /// [`IDLE_TIMEOUT`]).
 ///
@@ -162,6 +177,8 @@ pub struct Limits {
     pub keep_alive: Duration,
     /// [`CONTROL_STREAM_TIMEOUT`].
     pub control_stream_timeout: Duration,
+    /// [`LOGIN_TIMEOUT`].
+    pub login_timeout: Duration,
     /// [`FRAME_TIMEOUT`].
     pub frame_timeout: Duration,
     /// [`MAX_BIDI_STREAMS`].
@@ -194,6 +211,7 @@ impl Default for Limits {
             idle_timeout: IDLE_TIMEOUT,
             keep_alive: KEEP_ALIVE,
             control_stream_timeout: CONTROL_STREAM_TIMEOUT,
+            login_timeout: LOGIN_TIMEOUT,
             frame_timeout: FRAME_TIMEOUT,
             max_bidi_streams: MAX_BIDI_STREAMS,
             max_uni_streams: MAX_UNI_STREAMS,
@@ -228,5 +246,10 @@ mod tests {
         let limits = Limits::default();
         assert!(limits.keep_alive * 3 <= limits.idle_timeout);
         assert!(limits.control_stream_timeout < limits.idle_timeout);
+        // A connection that never logs in frees its slot before it could
+        // go idle, and an honest client gets at least the time it has to
+        // open its control stream.
+        assert!(limits.login_timeout < limits.idle_timeout);
+        assert!(limits.control_stream_timeout < limits.login_timeout);
     }
 }

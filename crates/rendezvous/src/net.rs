@@ -39,7 +39,16 @@
 //!    byte has arrived must be complete within [`Limits::frame_timeout`],
 //!    or the connection is closed with [`CloseReason::SlowFrame`] (T-37:
 //!    keep-alives stop a one-byte-a-second peer from ever going idle).
-//! 6. **Other streams** are refused with [`STREAM_REFUSED`] (T-36); QUIC
+//! 6. **Login.** A connection on which no login has succeeded (the
+//!    handler has not set [`ConnectionContext::user`]) within
+//!    [`Limits::login_timeout`] of its handshake is closed with
+//!    [`CloseReason::LoginTimeout`], which frees its per-IP slot.
+//!    Requests allowed before login (`Register`, `Announce`) are served
+//!    meanwhile. Otherwise a peer that sends its preface and stops would
+//!    hold its slot for ever (keep-alives keep it from going idle), and a
+//!    client killed after its handshake until the idle timeout; enough of
+//!    them lock the honest clients at that address out.
+//! 7. **Other streams** are refused with [`STREAM_REFUSED`] (T-36); QUIC
 //!    flow control caps how many may be open at once.
 //!
 //! Logs (tracing) name the connection id, peer address and, once the
@@ -315,6 +324,8 @@ enum Ended {
 /// A connection past its handshake, control stream and hello.
 struct Opened {
     conn: quinn::Connection,
+    /// When the connection is closed unless a login has succeeded by then.
+    login_deadline: Instant,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
@@ -339,6 +350,7 @@ async fn serve<H: Handler>(
     };
     let Opened {
         conn,
+        login_deadline,
         send,
         recv,
         decoder,
@@ -372,6 +384,7 @@ async fn serve<H: Handler>(
             &mut ctx,
             &mut session,
             &mut stop,
+            login_deadline,
         ) => ended,
         never = write_then_wait(&conn, &send, push_queue) => match never {},
     };
@@ -393,8 +406,20 @@ async fn read_and_flush<H: Handler>(
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
+    login_deadline: Instant,
 ) -> Ended {
-    let ended = read_loop(shared, conn, recv, decoder, send, ctx, session, stop).await;
+    let ended = read_loop(
+        shared,
+        conn,
+        recv,
+        decoder,
+        send,
+        ctx,
+        session,
+        stop,
+        login_deadline,
+    )
+    .await;
     if is_graceful(&ended) && conn.close_reason().is_none() {
         finish_stream(send).await;
     }
@@ -476,6 +501,7 @@ async fn open<H: Handler>(
         _ = stop.wait_for(|stopped| *stopped) => return None,
     };
     info!(id, %peer, "connection opened");
+    let login_deadline = Instant::now() + limits.login_timeout;
 
     let mut decoder = FrameDecoder::new();
     let opened = tokio::select! {
@@ -519,6 +545,7 @@ async fn open<H: Handler>(
 
     Some(Opened {
         conn,
+        login_deadline,
         send,
         recv,
         decoder,
@@ -562,6 +589,7 @@ async fn read_loop<H: Handler>(
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
+    login_deadline: Instant,
 ) -> Ended {
     let mut pending = VecDeque::new();
     let run = read_requests(
@@ -573,6 +601,7 @@ async fn read_loop<H: Handler>(
         ctx,
         session,
         stop,
+        login_deadline,
         &mut pending,
     );
     let ended = match run.await {
@@ -601,6 +630,8 @@ enum Event {
     Read(Result<Option<quinn::Chunk>, quinn::ReadError>),
     /// A partly received frame was not completed in time.
     SlowFrame,
+    /// No login succeeded in time.
+    LoginTimeout,
     /// The server is shutting down.
     Stop,
 }
@@ -618,6 +649,7 @@ async fn read_requests<H: Handler>(
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
+    login_deadline: Instant,
     pending: &mut Pending,
 ) -> Result<Infallible, Ended> {
     let handler = &*shared.handler;
@@ -626,6 +658,9 @@ async fn read_requests<H: Handler>(
         shared.limits.request_burst,
     );
     let mut frame_deadline: Option<Instant> = None;
+    // Cleared once a login succeeds; a login is not pipelined, so the
+    // handler has set the user by the time its reply is written.
+    let mut login_deadline = Some(login_deadline);
     loop {
         // Frames already buffered (e.g. pipelined after the preface) first.
         while let Some(body) = decoder.next_frame() {
@@ -669,10 +704,14 @@ async fn read_requests<H: Handler>(
         } else if frame_deadline.is_none() {
             frame_deadline = Some(Instant::now() + shared.limits.frame_timeout);
         }
+        if login_deadline.is_some() && ctx.user.is_some() {
+            login_deadline = None;
+        }
         let event = tokio::select! {
             done = next_reply(pending), if !pending.is_empty() => Event::Done(done),
             chunk = recv.read_chunk(READ_CHUNK, true) => Event::Read(chunk),
             () = sleep_until_some(frame_deadline) => Event::SlowFrame,
+            () = sleep_until_some(login_deadline) => Event::LoginTimeout,
             _ = stop.wait_for(|stopped| *stopped) => Event::Stop,
         };
         let chunk = match event {
@@ -684,6 +723,7 @@ async fn read_requests<H: Handler>(
             Event::Done(None) => continue,
             Event::Read(chunk) => chunk,
             Event::SlowFrame => return Err(Ended::Close(CloseReason::SlowFrame)),
+            Event::LoginTimeout => return Err(Ended::Close(CloseReason::LoginTimeout)),
             Event::Stop => return Err(Ended::Close(CloseReason::ShuttingDown)),
         };
         match chunk {

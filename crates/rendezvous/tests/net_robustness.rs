@@ -32,7 +32,7 @@ use messenger_rendezvous::store::StoreOptions;
 use messenger_rendezvous::tls::ServerIdentity;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use support::{TestClient, client_endpoint, client_endpoint_with, connect_raw};
+use support::{TestClient, WAIT, client_endpoint, client_endpoint_with, close_code, connect_raw};
 use tempfile::TempDir;
 
 /// The tests here each load both cores (hundreds of handshakes); they take
@@ -983,5 +983,178 @@ async fn t45_zero_rtt_is_refused() {
     endpoint.close(0u32.into(), b"");
     control.close(0u32.into(), b"");
     serving.abort();
+    running.handle.shutdown().await;
+}
+
+/// The close code of `conn` and how long after `since` it came; waits at
+/// most `within` for the close.
+async fn closed_after(
+    conn: &quinn::Connection,
+    since: Instant,
+    within: Duration,
+) -> (Option<u64>, Duration) {
+    let code = close_code(conn, within).await;
+    (code, since.elapsed())
+}
+
+fn login_timeout_code() -> Option<u64> {
+    Some(CloseReason::LoginTimeout.code().into())
+}
+
+/// A connection that sends its preface and then nothing, one that only
+/// registers (allowed before login, and answered), and one whose login
+/// fails are each closed with `LoginTimeout` once the login timeout has
+/// passed: keep-alives would otherwise keep them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.login_timeout = Duration::from_millis(500);
+    // Keep-alives well inside the timeout, as with the defaults.
+    limits.keep_alive = Duration::from_millis(100);
+    let running = start_app(limits.clone(), &dir);
+    let (addr, fp) = (
+        running.handle.local_addr(),
+        running.handle.fingerprint().to_owned(),
+    );
+    let bound = limits.login_timeout + Duration::from_secs(3);
+    let endpoint = client_endpoint(&fp);
+
+    // The preface and nothing else.
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
+    // The server's deadline starts when its side of the handshake
+    // completes, which is after the client's.
+    let since = Instant::now();
+    let silent = TestClient::on(endpoint.clone(), conn).await;
+    let (code, took) = closed_after(&silent.conn, since, bound).await;
+    assert_eq!(code, login_timeout_code(), "preface only");
+    assert!(
+        took >= limits.login_timeout && took < bound,
+        "preface only: closed after {took:?}"
+    );
+
+    // A registration is served before login, but is not a login.
+    let carol = person("carol", 21);
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
+    let since = Instant::now();
+    let mut registering = TestClient::on(endpoint.clone(), conn).await;
+    assert_eq!(registering.request(register(&carol)).await, Ok(Reply::Ok));
+    let (code, took) = closed_after(&registering.conn, since, bound).await;
+    assert_eq!(code, login_timeout_code(), "register only");
+    assert!(took >= limits.login_timeout, "register only: {took:?}");
+
+    // A failed login is not a login either.
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
+    let since = Instant::now();
+    let mut failing = TestClient::on(endpoint.clone(), conn).await;
+    let bad = failing
+        .request(Request::Login(Login {
+            username: carol.name.clone(),
+            signature: vec![0x11; 64],
+        }))
+        .await;
+    assert!(bad.is_err(), "{bad:?}");
+    let (code, took) = closed_after(&failing.conn, since, bound).await;
+    assert_eq!(code, login_timeout_code(), "failed login");
+    assert!(took >= limits.login_timeout, "failed login: {took:?}");
+
+    running.handle.shutdown().await;
+}
+
+/// A client that registers and logs in within the login timeout keeps its
+/// connection well past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logged_in_connection_outlives_the_login_timeout() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.login_timeout = Duration::from_secs(1);
+    limits.keep_alive = Duration::from_millis(200);
+    let running = start_app(limits.clone(), &dir);
+    let (addr, fp) = (
+        running.handle.local_addr(),
+        running.handle.fingerprint().to_owned(),
+    );
+    let alice = person("alice", 22);
+    let started = Instant::now();
+    let mut c = registered_and_logged_in(addr, &fp, &alice).await;
+    assert!(
+        started.elapsed() < limits.login_timeout,
+        "the login itself took {:?}",
+        started.elapsed()
+    );
+    // Also a silent one beside it, as a control: the timeout does fire
+    // on this server.
+    let silent = TestClient::connect(addr, &fp).await;
+
+    tokio::time::sleep(limits.login_timeout * 2 + Duration::from_millis(500)).await;
+    assert_eq!(
+        close_code(&silent.conn, Duration::from_secs(3)).await,
+        login_timeout_code()
+    );
+    assert!(
+        c.conn.close_reason().is_none(),
+        "closed: {:?}",
+        c.conn.close_reason()
+    );
+    assert_eq!(
+        c.request(Request::Users)
+            .await
+            .map(|r| matches!(r, Reply::Users { .. })),
+        Ok(true)
+    );
+    running.handle.shutdown().await;
+}
+
+/// With two connections allowed per address, two half-open connections
+/// (preface sent, never logged in) fill the address's slots; once the
+/// login timeout closes them, a new connection from that address is
+/// accepted and logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_give_their_slots_back_at_the_login_timeout() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.max_connections_per_ip = 2;
+    limits.login_timeout = Duration::from_secs(1);
+    limits.keep_alive = Duration::from_millis(200);
+    let running = start_app(limits.clone(), &dir);
+    let (addr, fp) = (
+        running.handle.local_addr(),
+        running.handle.fingerprint().to_owned(),
+    );
+    let endpoint = client_endpoint(&fp);
+    let mut half_open = Vec::new();
+    for _ in 0..2 {
+        let conn = connect_raw(&endpoint, addr).await.unwrap();
+        half_open.push(TestClient::on(endpoint.clone(), conn).await);
+    }
+    // The address is at its cap: a third connection is refused.
+    let refused = connect_raw(&endpoint, addr).await;
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "{refused:?}"
+    );
+
+    let bound = limits.login_timeout + Duration::from_secs(3);
+    for c in &half_open {
+        assert_eq!(close_code(&c.conn, bound).await, login_timeout_code());
+    }
+    // The slots are given back when the server's connection tasks end,
+    // just after the close.
+    let deadline = Instant::now() + WAIT;
+    let conn = loop {
+        match connect_raw(&endpoint, addr).await {
+            Ok(conn) => break conn,
+            Err(error) => assert!(Instant::now() < deadline, "slot never freed: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut c = TestClient::on(endpoint.clone(), conn).await;
+    let dave = person("dave", 23);
+    assert_eq!(c.request(register(&dave)).await, Ok(Reply::Ok));
+    login(&mut c, &dave).await;
+    assert!(c.request(Request::Users).await.is_ok());
     running.handle.shutdown().await;
 }

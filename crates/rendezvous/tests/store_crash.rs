@@ -259,7 +259,11 @@ fn check_image(
         Ok(store) => store,
         // Before the database was first created durably there is nothing
         // to recover, and redb refuses a half-created file (not as
-        // corrupted): the server does not start and says which file.
+        // corrupted). `Store::open` never leaves one at the real path: it
+        // creates under `<name>.creating` and renames once complete, and
+        // removes a leftover at the next open (`store/create.rs` tests).
+        // Here the image is written straight to the path, so redb's own
+        // refusal is what shows.
         Err(e @ StoreError::Storage { .. })
             if lowest == 0 && highest == 0 && steps[0].syncs_after > 0 =>
         {

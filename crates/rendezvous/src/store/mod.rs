@@ -68,6 +68,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, WriteTransaction};
 
 mod accounts;
+mod create;
 mod mailbox;
 mod social;
 mod tables;
@@ -396,7 +397,14 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating if needed) the database file at `path`.
+    ///
+    /// A new database is created under a temporary name in the same
+    /// directory (`<name>.creating`) and renamed to `path` once complete
+    /// and synced, so a crash during the first creation leaves nothing at
+    /// `path`; a temporary file left by such a crash is removed here. An
+    /// existing database is opened as it is.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        create::ensure_created(path, options)?;
         let owned: PathBuf = path.to_owned();
         let opener = move || Database::builder().create(&owned);
         Self::from_opener(Box::new(opener), format!("{}", path.display()), options)
