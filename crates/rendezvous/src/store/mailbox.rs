@@ -269,10 +269,18 @@ fn append_in(
     for (at, env) in batch.iter().enumerate() {
         let recipient = env.recipient.as_str();
         let dedupe_key = (recipient, env.sender.as_str(), &env.message_id);
-        if let Some(found) = dedupe.get(dedupe_key).op(op)? {
-            results.push(Ok(AppendOutcome::Duplicate {
-                seq: found.value().0,
-            }));
+        let seq = next_seq;
+        let expires_at = env.sent_at.saturating_add(options.envelope_ttl_secs);
+        // Insert first and look at what was there: one descent of the tree
+        // instead of a lookup and an insert. A duplicate (rare) puts the old
+        // record back; a refusal below takes the new one out again.
+        let previous = dedupe
+            .insert(dedupe_key, (seq, expires_at))
+            .op(op)?
+            .map(|old| old.value());
+        if let Some(old) = previous {
+            dedupe.insert(dedupe_key, old).op(op)?;
+            results.push(Ok(AppendOutcome::Duplicate { seq: old.0 }));
             continue;
         }
         let slot = match index.get(recipient) {
@@ -298,29 +306,29 @@ fn append_in(
             }
         };
         let state = &mut recipients[slot].1;
-        if !state.exists {
-            results.push(Err(StoreError::UnknownUser));
-            continue;
-        }
         let (count, bytes) = state.usage;
         let len = env.body.len() as u64;
-        if count >= options.mailbox_max_messages {
-            results.push(Err(StoreError::QuotaExceeded {
+        let refused = if !state.exists {
+            Some(StoreError::UnknownUser)
+        } else if count >= options.mailbox_max_messages {
+            Some(StoreError::QuotaExceeded {
                 kind: QuotaKind::Count,
                 limit: u64::from(options.mailbox_max_messages),
-            }));
-            continue;
-        }
-        if bytes.saturating_add(len) > options.mailbox_max_bytes {
-            results.push(Err(StoreError::QuotaExceeded {
+            })
+        } else if bytes.saturating_add(len) > options.mailbox_max_bytes {
+            Some(StoreError::QuotaExceeded {
                 kind: QuotaKind::Bytes,
                 limit: options.mailbox_max_bytes,
-            }));
+            })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            dedupe.remove(dedupe_key).op(op)?;
+            results.push(Err(e));
             continue;
         }
-        let seq = next_seq;
         next_seq += 1;
-        let expires_at = env.sent_at.saturating_add(options.envelope_ttl_secs);
         match state.runs.last_mut() {
             Some(run) if run.expires_at == expires_at => run.members.push((at, seq)),
             _ => state.runs.push(Run {
@@ -330,7 +338,6 @@ fn append_in(
         }
         state.usage = (count + 1, bytes + len);
         state.dirty = true;
-        dedupe.insert(dedupe_key, (seq, expires_at)).op(op)?;
         results.push(Ok(AppendOutcome::Stored { seq }));
     }
     for (recipient, state) in &recipients {
