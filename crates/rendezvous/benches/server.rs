@@ -26,16 +26,15 @@ mod support;
 mod common;
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    Person, bounded_local, client_endpoint, close, cpu_seconds, has_taskset, login, median, open,
-    percentile, person, pin_self, print_machine, register, rss_bytes, spread,
+    Person, ServerChild, bounded_local, client_endpoint, close, cpu_seconds, has_taskset, login,
+    median, open, percentile, person, pin_self, print_machine, register, rss_bytes, spread,
 };
 use messenger_proto::msg::{DEFAULT_DEVICE, OutgoingEnvelope, Reply, Request, ServerFrame};
 use messenger_rendezvous::limits::Limits;
@@ -174,76 +173,6 @@ async fn bare_server(data: &Path) {
     }
 }
 
-struct ServerChild {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    fingerprint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl ServerChild {
-    fn spawn(mode: &str) -> Self {
-        Self::spawn_with(mode, true)
-    }
-
-    fn spawn_with(mode: &str, two_phase: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let exe = std::env::current_exe().unwrap();
-        // `BENCH_SERVER_WRAP="heaptrack -o /tmp/h"` runs the child under a
-        // profiler (its RSS figures are then not comparable).
-        let wrap: Vec<String> = std::env::var("BENCH_SERVER_WRAP")
-            .map(|w| w.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default();
-        let mut cmd = if has_taskset() {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "1"]).args(&wrap).arg(exe);
-            c
-        } else if let Some((first, rest)) = wrap.split_first() {
-            let mut c = Command::new(first);
-            c.args(rest).arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        };
-        cmd.env("BENCH_ROLE", "server")
-            .env("BENCH_MODE", mode)
-            .env("BENCH_DATA", dir.path().join("data"))
-            .env("BENCH_TWO_PHASE", if two_phase { "1" } else { "0" })
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().unwrap();
-        let pid = child.id();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        // A wrapper (profiler) may print lines of its own first.
-        let mut wanted = |prefix: &str| loop {
-            let line = lines.next().unwrap().unwrap();
-            if line.starts_with(prefix) {
-                break line;
-            }
-        };
-        let addr = wanted("listening on ");
-        let cert = wanted("certificate ");
-        // Keep draining stdout so the child never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        Self {
-            child,
-            pid,
-            addr: addr.trim_start_matches("listening on ").parse().unwrap(),
-            fingerprint: cert.trim_start_matches("certificate ").to_owned(),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for ServerChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------- clients
 
 // ---------------------------------------------------------------- store
@@ -348,7 +277,10 @@ async fn store_scenario() {
 }
 
 async fn store_run(two_phase: bool) -> StoreRun {
-    let server = ServerChild::spawn_with("ours", two_phase);
+    let server = ServerChild::spawn_env(
+        "ours",
+        &[("BENCH_TWO_PHASE", if two_phase { "1" } else { "0" })],
+    );
     let endpoint = client_endpoint(&server.fingerprint);
     let addr = server.addr;
     let recipients: Vec<Person> = (0..SENDERS).map(|i| person(format!("rcpt{i}"))).collect();
@@ -577,7 +509,7 @@ async fn idle_ours() -> Vec<f64> {
         .collect();
     let mut per_conn = Vec::new();
     for round in 0..RUNS {
-        let server = ServerChild::spawn("ours");
+        let server = ServerChild::spawn_env("ours", &[]);
         let endpoint = client_endpoint(&server.fingerprint);
         let addr = server.addr;
         let t = Instant::now();
@@ -638,7 +570,7 @@ async fn idle_ours() -> Vec<f64> {
 async fn idle_bare() -> Vec<f64> {
     let mut per_conn = Vec::new();
     for round in 0..RUNS {
-        let server = ServerChild::spawn("bare");
+        let server = ServerChild::spawn_env("bare", &[]);
         let endpoint = client_endpoint(&server.fingerprint);
         let addr = server.addr;
         let before = settle(server.pid).await;

@@ -128,9 +128,19 @@ pub fn rss_bytes(pid: u32) -> u64 {
 /// A command pinned to CPU 1 with `taskset` when it exists (`taskset`
 /// execs the program, so the child's pid is the program's).
 pub fn pinned_command(program: &std::path::Path) -> Command {
+    pinned_command_wrapped(program, &[])
+}
+
+/// [`pinned_command`] with `program` run under `wrap` (a profiler and its
+/// arguments, e.g. from `BENCH_SERVER_WRAP`), pinned too.
+pub fn pinned_command_wrapped(program: &std::path::Path, wrap: &[String]) -> Command {
     if has_taskset() {
         let mut c = Command::new("taskset");
-        c.args(["-c", "1"]).arg(program);
+        c.args(["-c", "1"]).args(wrap).arg(program);
+        c
+    } else if let Some((first, rest)) = wrap.split_first() {
+        let mut c = Command::new(first);
+        c.args(rest).arg(program);
         c
     } else {
         Command::new(program)
@@ -155,8 +165,10 @@ pub fn die_with_parent(lifetime: Duration) {
 
 /// This bench binary re-executed with `BENCH_ROLE=server`, `BENCH_MODE`,
 /// `BENCH_DATA` (a temp dir, deleted on drop) and `env`, pinned to CPU 1.
-/// The child prints `listening on <addr>` and `certificate <fingerprint>`
-/// first.
+/// The child prints `listening on <addr>` and `certificate <fingerprint>`.
+/// `BENCH_SERVER_WRAP="heaptrack -o /tmp/h"` runs it under a profiler,
+/// whose own output lines are skipped (RSS and CPU figures of such a run
+/// are not comparable).
 pub struct ServerChild {
     child: Child,
     pub pid: u32,
@@ -169,7 +181,10 @@ impl ServerChild {
     pub fn spawn_env(mode: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let exe = std::env::current_exe().unwrap();
-        let mut cmd = pinned_command(&exe);
+        let wrap: Vec<String> = std::env::var("BENCH_SERVER_WRAP")
+            .map(|w| w.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut cmd = pinned_command_wrapped(&exe, &wrap);
         cmd.env("BENCH_ROLE", "server")
             .env("BENCH_MODE", mode)
             .env("BENCH_DATA", dir.path().join("data"))
@@ -180,8 +195,14 @@ impl ServerChild {
         let mut child = cmd.spawn().unwrap();
         let pid = child.id();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = lines.next().unwrap().unwrap();
-        let cert = lines.next().unwrap().unwrap();
+        let mut wanted = |prefix: &str| loop {
+            let line = lines.next().unwrap().unwrap();
+            if line.starts_with(prefix) {
+                break line;
+            }
+        };
+        let addr = wanted("listening on ");
+        let cert = wanted("certificate ");
         // Keep draining stdout so the child never blocks on it.
         std::thread::spawn(move || for _ in lines {});
         Self {
