@@ -355,12 +355,41 @@ const META_KEY: &[u8] = b"state";
 impl Store {
     /// Opens (creating if needed, mode 0600) the store at `path` for the
     /// identity `owner`, sealed under `storage_key`.
+    ///
+    /// A new store is built under a temporary name beside `path`
+    /// ([`CREATING_MARK`]), committed, synced and then linked to `path`
+    /// without replacing anything there, so a crash during the very first
+    /// creation never leaves a half-made file at `path` (redb refuses such
+    /// a file). Temporary files an earlier crash left behind are removed
+    /// once they are older than [`STALE_CREATION`].
     pub fn open(
         path: &Path,
         storage_key: &Secret32,
         owner: &IdentityKey,
     ) -> Result<Store, StoreError> {
-        create_private_file(path)?;
+        match fs::symlink_metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_new_store(path, storage_key, owner)?;
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    action: "inspect",
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+        Self::open_existing(path, storage_key, owner)
+    }
+
+    /// [`Store::open`] on a file that exists (or, for a new store being
+    /// built, was just created empty with mode 0600).
+    fn open_existing(
+        path: &Path,
+        storage_key: &Secret32,
+        owner: &IdentityKey,
+    ) -> Result<Store, StoreError> {
         let db = Database::builder().create(path).map_err(|e| match e {
             DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
                 path: path.to_owned(),
@@ -1157,6 +1186,98 @@ fn db_error<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreEr
 /// Creates `path` empty with mode 0600 if it does not exist (redb then
 /// initialises the empty file), so the store is never world-readable even
 /// for a moment.
+/// Marks the temporary file a new store is built in: `<name>.creating.`
+/// followed by 16 random hex digits, in the store's directory.
+pub const CREATING_MARK: &str = ".creating.";
+
+/// A temporary creation file this old is a leftover of a crash (creating a
+/// store takes well under a second), and is removed; a younger one may be
+/// another process creating the same store at this moment, and is left.
+pub const STALE_CREATION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Builds a new store for [`Store::open`] as that method describes. If
+/// another process created `path` meanwhile, its store is kept and ours
+/// discarded.
+fn create_new_store(
+    path: &Path,
+    storage_key: &Secret32,
+    owner: &IdentityKey,
+) -> Result<(), StoreError> {
+    let io_err = |action: &'static str, at: &Path| {
+        let at = at.to_owned();
+        move |source: io::Error| StoreError::Io {
+            action,
+            path: at,
+            source,
+        }
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            io_err("create", path)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the store path has no file name",
+            ))
+        })?
+        .to_string_lossy()
+        .into_owned();
+    remove_stale_creations(path, &name);
+    let temp = path.with_file_name(format!(
+        "{name}{CREATING_MARK}{:016x}",
+        rand::random::<u64>()
+    ));
+    let built = (|| {
+        create_private_file(&temp)?;
+        drop(Store::open_existing(&temp, storage_key, owner)?);
+        fs::File::open(&temp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("sync", &temp))?;
+        // A hard link never replaces an existing file, unlike a rename.
+        match fs::hard_link(&temp, path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(_) => fs::rename(&temp, path).map_err(io_err("rename", &temp))?,
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Makes the new name durable (not possible on every platform).
+            if let Ok(d) = fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    })();
+    // Gone on success (the link took it) and on failure.
+    let _ = fs::remove_file(&temp);
+    built
+}
+
+/// Removes `<name>.creating.*` files older than [`STALE_CREATION`] beside
+/// `path`; errors are ignored (a leftover only takes space).
+fn remove_stale_creations(path: &Path, name: &str) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{name}{CREATING_MARK}");
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_CREATION);
+        if stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 fn create_private_file(path: &Path) -> Result<(), StoreError> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -1222,6 +1343,69 @@ mod tests {
         let err = open(dir.path(), 1, &me).unwrap_err();
         assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
         drop(held);
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_new_store_is_built_aside_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = IdentityKeyPair::generate(&mut rand::rng());
+        drop(open(dir.path(), 1, &me).unwrap());
+        assert_eq!(names_in(dir.path()), [STORE_FILE]);
+        // The linked file is the complete store: the right key opens it,
+        // a wrong one is refused as such (not as a half-made file).
+        assert!(matches!(
+            open(dir.path(), 2, &me).unwrap_err(),
+            StoreError::WrongKey
+        ));
+        drop(open(dir.path(), 1, &me).unwrap());
+        assert_eq!(names_in(dir.path()), [STORE_FILE]);
+    }
+
+    #[test]
+    fn creation_leftovers_are_removed_once_stale_and_never_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = IdentityKeyPair::generate(&mut rand::rng());
+        let stale = format!("{STORE_FILE}{CREATING_MARK}0000000000000001");
+        let young = format!("{STORE_FILE}{CREATING_MARK}00000000000000ff");
+        for name in [&stale, &young] {
+            // A creation cut short: not a redb file.
+            fs::write(dir.path().join(name), b"half a database").unwrap();
+        }
+        let old =
+            std::time::SystemTime::now() - STALE_CREATION - std::time::Duration::from_secs(60);
+        fs::File::options()
+            .write(true)
+            .open(dir.path().join(&stale))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let store = open(dir.path(), 1, &me).unwrap();
+        store
+            .write(|tx| {
+                tx.put_meta(&MetaRecord {
+                    format: STORE_FORMAT,
+                    owner: me.identity_key().to_bytes(),
+                    next_prekey_id: 7,
+                    current_signed_prekey: 0,
+                    signed_prekey_published: false,
+                })
+            })
+            .unwrap();
+        drop(store);
+        // The stale one is gone, the young one (maybe another process's
+        // creation in progress) is left, and the store itself works.
+        assert_eq!(names_in(dir.path()), [STORE_FILE.to_owned(), young]);
+        let store = open(dir.path(), 1, &me).unwrap();
+        assert_eq!(store.read(|tx| tx.meta()).unwrap().next_prekey_id, 7);
     }
 
     #[cfg(unix)]
