@@ -182,16 +182,8 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
-    use crate::store::{AccountRecord, Store};
-
-    fn account(name: &str) -> AccountRecord {
-        AccountRecord {
-            username: name.to_owned(),
-            identity: vec![1; 32],
-            signed_prekey: vec![2; 96],
-            registered_at: 5,
-        }
-    }
+    use crate::store::Store;
+    use crate::store::tests::account;
 
     /// Opens `path`, stores an account, reopens and finds it.
     fn opens_and_works(path: &Path) {

@@ -403,53 +403,54 @@ fn ack_in(
     let mut removed_bytes = 0u64;
     let mut at = 0;
     while let Some(&seq) = sorted.get(at) {
-        // The row that would hold `seq`: the last one starting at or before it.
-        let row = match inbox
+        // The row that would hold `seq`: the last one starting at or before
+        // it. What it keeps is copied out (the records borrow from the row
+        // being replaced).
+        let change = match inbox
             .range((recipient, 0)..=(recipient, seq))
             .op(op)?
             .next_back()
         {
             Some(entry) => {
                 let (key, value) = entry.op(op)?;
-                Some((key.value().1, value.value().last().map_or(0, |r| r.0)))
+                let records = value.value();
+                let last = records.last().map_or(0, |r| r.0);
+                if last < seq {
+                    at += 1;
+                    continue;
+                }
+                let end = at + sorted[at..].partition_point(|&s| s <= last);
+                let acked = &sorted[at..end];
+                let mut kept = Vec::with_capacity(records.len());
+                let mut gone = 0u32;
+                let mut gone_bytes = 0u64;
+                for record in &records {
+                    if acked.binary_search(&record.0).is_ok() {
+                        gone += 1;
+                        gone_bytes += record.6.len() as u64;
+                    } else {
+                        kept.push(OwnedRecord::from(record));
+                    }
+                }
+                Some((key.value().1, end, gone, gone_bytes, kept))
             }
             None => None,
         };
-        let Some((first, last)) = row.filter(|&(_, last)| last >= seq) else {
+        let Some((first, end, gone, gone_bytes, kept)) = change else {
             // Not waiting (acked before, expired, or never this user's).
             at += 1;
             continue;
         };
-        let end = at + sorted[at..].partition_point(|&s| s <= last);
-        let acked = &sorted[at..end];
         at = end;
-        let Some(guard) = inbox.get((recipient, first)).op(op)? else {
-            continue;
-        };
-        let records = guard.value();
-        let kept: Vec<InboxRecord<'_>> = records
-            .iter()
-            .filter(|r| acked.binary_search(&r.0).is_err())
-            .copied()
-            .collect();
-        if kept.len() == records.len() {
+        if gone == 0 {
             continue;
         }
-        removed += (records.len() - kept.len()) as u32;
-        removed_bytes += records
-            .iter()
-            .filter(|r| acked.binary_search(&r.0).is_ok())
-            .map(|r| r.6.len() as u64)
-            .sum::<u64>();
-        // The kept records borrow from the row being replaced: copy them.
-        let owned: Vec<OwnedRecord> = kept.iter().map(OwnedRecord::from).collect();
-        drop(kept);
-        drop(records);
-        drop(guard);
-        if owned.is_empty() {
+        removed += gone;
+        removed_bytes += gone_bytes;
+        if kept.is_empty() {
             inbox.remove((recipient, first)).op(op)?;
         } else {
-            let rows: Vec<InboxRecord<'_>> = owned.iter().map(OwnedRecord::as_record).collect();
+            let rows: Vec<InboxRecord<'_>> = kept.iter().map(OwnedRecord::as_record).collect();
             inbox.insert((recipient, first), rows).op(op)?;
         }
     }

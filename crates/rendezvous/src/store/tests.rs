@@ -10,7 +10,8 @@ fn store() -> (tempfile::TempDir, Store) {
     store_with(StoreOptions::default())
 }
 
-fn account(name: &str) -> AccountRecord {
+/// A test account (also used by the tests of `create`).
+pub(super) fn account(name: &str) -> AccountRecord {
     AccountRecord {
         username: name.to_owned(),
         identity: vec![1; 32],
