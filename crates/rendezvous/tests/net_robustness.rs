@@ -95,6 +95,14 @@ fn start_app(limits: Limits, dir: &TempDir) -> Running {
     app::start(config, fast_service(), StoreOptions::default()).unwrap()
 }
 
+/// The running server's address and certificate fingerprint.
+fn address(running: &Running) -> (SocketAddr, String) {
+    (
+        running.handle.local_addr(),
+        running.handle.fingerprint().to_owned(),
+    )
+}
+
 fn vm_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
@@ -606,10 +614,7 @@ async fn t30_mutated_frames_of_every_kind() {
     limits.requests_per_second = 1_000_000;
     limits.request_burst = 1_000_000;
     let running = start_app(limits, &dir);
-    let (addr, fp) = (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    );
+    let (addr, fp) = address(&running);
     let secret = load_or_create_server_secret(&dir.path().join("data")).unwrap();
 
     let mut mallory = person("mallory", 1);
@@ -814,10 +819,7 @@ async fn t37_slowloris_connections_are_closed_in_time() {
     limits.control_stream_timeout = Duration::from_secs(1);
     limits.frame_timeout = Duration::from_secs(2);
     let running = start_app(limits.clone(), &dir);
-    let (addr, fp) = (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    );
+    let (addr, fp) = address(&running);
     let honest = person("honest", 3);
     let mut c = registered_and_logged_in(addr, &fp, &honest).await;
 
@@ -938,10 +940,7 @@ async fn t45_zero_rtt_is_refused() {
     let _turn = HEAVY.lock().await;
     let dir = temp_dir();
     let running = start_app(Limits::default(), &dir);
-    let (addr, fp) = (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    );
+    let (addr, fp) = address(&running);
     let client = || {
         let mut tls = pinned_client_config(&fp).unwrap();
         tls.enable_early_data = true;
@@ -1014,10 +1013,7 @@ async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
     // Keep-alives well inside the timeout, as with the defaults.
     limits.keep_alive = Duration::from_millis(100);
     let running = start_app(limits.clone(), &dir);
-    let (addr, fp) = (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    );
+    let (addr, fp) = address(&running);
     let bound = limits.login_timeout + Duration::from_secs(3);
     let endpoint = client_endpoint(&fp);
 
@@ -1072,10 +1068,7 @@ async fn a_logged_in_connection_outlives_the_login_timeout() {
     limits.login_timeout = Duration::from_secs(1);
     limits.keep_alive = Duration::from_millis(200);
     let running = start_app(limits.clone(), &dir);
-    let (addr, fp) = (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    );
+    let (addr, fp) = address(&running);
     let alice = person("alice", 22);
     let started = Instant::now();
     let mut c = registered_and_logged_in(addr, &fp, &alice).await;
@@ -1120,10 +1113,7 @@ async fn half_open_connections_give_their_slots_back_at_the_login_timeout() {
     limits.login_timeout = Duration::from_secs(1);
     limits.keep_alive = Duration::from_millis(200);
     let running = start_app(limits.clone(), &dir);
-    let (addr, fp) = (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    );
+    let (addr, fp) = address(&running);
     let endpoint = client_endpoint(&fp);
     let mut half_open = Vec::new();
     for _ in 0..2 {
