@@ -30,6 +30,10 @@ const SECTOR: usize = 512;
 /// envelopes sent "long ago".
 const NOW: u64 = 1_000_000_000;
 
+/// Segment size for the workload: small, so segments fill, and emptied
+/// ones are deleted, many times over.
+const SEGMENT: u64 = 64 * 1024;
+
 #[derive(Debug, Clone)]
 enum Op {
     Write { offset: u64, data: Vec<u8> },
@@ -37,10 +41,38 @@ enum Op {
     Sync,
 }
 
+/// The segment files of envelope bodies at one moment: (name, contents).
+type Snapshot = Vec<(String, Vec<u8>)>;
+
+fn snapshot(dir: &Path) -> Snapshot {
+    let mut files: Snapshot = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            (
+                entry.file_name().into_string().unwrap(),
+                std::fs::read(entry.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 #[derive(Debug, Default)]
 struct Recorded {
     live: Vec<u8>,
     log: Vec<Op>,
+    /// Where the store keeps its segment files (real files, not recorded op
+    /// by op).
+    bodies: std::path::PathBuf,
+    /// The segment files at each sync of the database, in order. The store
+    /// writes and syncs a commit's bodies before the commit's first
+    /// database write, and deletes an emptied segment only after the
+    /// durable commit that emptied it returned, so the files as they were
+    /// at the sync that ends a sync period hold every body any image of
+    /// that period can refer to.
+    snapshots: Vec<Snapshot>,
 }
 
 impl Recorded {
@@ -77,7 +109,10 @@ impl StorageBackend for Recorder {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.lock().unwrap().log.push(Op::Sync);
+        let mut state = self.0.lock().unwrap();
+        state.log.push(Op::Sync);
+        let files = snapshot(&state.bodies);
+        state.snapshots.push(files);
         Ok(())
     }
 
@@ -158,13 +193,20 @@ struct Step {
 
 /// Runs the workload on a recorder; returns the log and the steps (step 0
 /// is the state before anything, the empty store).
-fn record_workload(options: StoreOptions, steps: usize, seed: u64) -> (Vec<Op>, Vec<Step>) {
+/// The bodies' snapshots at each sync and at the end.
+fn record_workload(
+    options: StoreOptions,
+    steps: usize,
+    seed: u64,
+) -> (Vec<Op>, Vec<Step>, Vec<Snapshot>, Snapshot) {
+    let bodies = tempfile::tempdir().unwrap();
     let recorder = Recorder::default();
+    recorder.0.lock().unwrap().bodies = bodies.path().to_owned();
     let factory = {
         let r = recorder.clone();
         move || Ok(r.clone())
     };
-    let store = Store::open_with_backend(factory, options).unwrap();
+    let store = Store::open_with_backend(factory, bodies.path(), options).unwrap();
     let syncs = || recorder.0.lock().unwrap().syncs();
     // Step 0: creating the database and its tables.
     let mut out = vec![Step {
@@ -239,8 +281,13 @@ fn record_workload(options: StoreOptions, steps: usize, seed: u64) -> (Vec<Op>, 
         });
     }
     drop(store);
-    let log = recorder.0.lock().unwrap().log.clone();
-    (log, out)
+    let state = recorder.0.lock().unwrap();
+    (
+        state.log.clone(),
+        out,
+        state.snapshots.clone(),
+        snapshot(bodies.path()),
+    )
 }
 
 /// Opens `image` with [`Store::open`] and checks it holds the state after
@@ -248,6 +295,7 @@ fn record_workload(options: StoreOptions, steps: usize, seed: u64) -> (Vec<Op>, 
 fn check_image(
     path: &Path,
     image: &[u8],
+    bodies: &Snapshot,
     options: StoreOptions,
     steps: &[Step],
     lowest: usize,
@@ -255,6 +303,14 @@ fn check_image(
     what: &str,
 ) -> usize {
     std::fs::write(path, image).unwrap();
+    let dir = path.with_file_name("crash.redb.bodies");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir(&dir).unwrap();
+    for (name, contents) in bodies {
+        std::fs::write(dir.join(name), contents).unwrap();
+    }
     let store = match Store::open(path, options) {
         Ok(store) => store,
         // Before the database was first created durably there is nothing
@@ -293,7 +349,11 @@ fn check_image(
 /// Builds and checks the crash images of one recorded workload; returns the
 /// number of images checked.
 fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
-    let (log, steps) = record_workload(options, steps, seed);
+    let (log, steps, snapshots, last) = record_workload(options, steps, seed);
+    let segments_seen: std::collections::BTreeSet<&String> = snapshots
+        .iter()
+        .flat_map(|files| files.iter().map(|(name, _)| name))
+        .collect();
     let dir = if Path::new("/dev/shm").is_dir() {
         tempfile::tempdir_in("/dev/shm").unwrap()
     } else {
@@ -311,9 +371,11 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
     let mut checked = 0;
     let mut grew = 0;
     let mut refused_unformatted = 0;
-    let mut check = |image: &[u8], lowest: usize, highest: usize, what: String| {
+    let mut check = |image: &[u8], k: usize, lowest: usize, highest: usize, what: String| {
         checked += 1;
-        if check_image(&path, image, options, &steps, lowest, highest, &what) == usize::MAX {
+        let bodies = snapshots.get(k).unwrap_or(&last);
+        if check_image(&path, image, bodies, options, &steps, lowest, highest, &what) == usize::MAX
+        {
             refused_unformatted += 1;
         }
     };
@@ -337,7 +399,7 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
             grew += 1;
         }
         if !durable.is_empty() {
-            check(&durable, lowest, highest, format!("after sync {k}"));
+            check(&durable, k, lowest, highest, format!("after sync {k}"));
         }
         if !epoch.is_empty() {
             // Each unsynced op dropped or kept at random, writes sometimes
@@ -360,6 +422,7 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
                 if !image.is_empty() {
                     check(
                         &image,
+                        k,
                         lowest,
                         highest,
                         format!("sync {k}, random subset {variant}"),
@@ -375,6 +438,7 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
             if !image.is_empty() {
                 check(
                     &image,
+                    k,
                     lowest,
                     highest,
                     format!("sync {k}, in order up to op {cut}"),
@@ -389,18 +453,29 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
     eprintln!(
         "T-58 (two-phase commit {}): {} steps, {} syncs, {checked} crash images \
          ({refused_unformatted} from before the database was first created, refused \
-         as not a redb file), {grew} sync periods with file growth, final file {final_size} bytes",
+         as not a redb file), {grew} sync periods with file growth, final file {final_size} bytes, \
+         {} segment files made, {} left",
         options.two_phase_commit,
         steps.len() - 1,
         sync_at.len(),
+        segments_seen.len(),
+        last.len(),
     );
     assert!(grew >= 3, "the workload must grow the file");
+    assert!(
+        segments_seen.len() >= last.len() + 3,
+        "the workload must fill segments and delete emptied ones"
+    );
     checked
 }
 
 #[test]
 fn t58_crash_images_with_two_phase_commit() {
-    let checked = crash_images(StoreOptions::default(), 150, 58);
+    let options = StoreOptions {
+        segment_max_bytes: SEGMENT,
+        ..StoreOptions::default()
+    };
+    let checked = crash_images(options, 150, 58);
     assert!(checked > 100);
 }
 
@@ -408,6 +483,7 @@ fn t58_crash_images_with_two_phase_commit() {
 fn t58_crash_images_with_one_phase_commit() {
     let options = StoreOptions {
         two_phase_commit: false,
+        segment_max_bytes: SEGMENT,
         ..StoreOptions::default()
     };
     let checked = crash_images(options, 150, 59);

@@ -134,6 +134,7 @@ impl StorageBackend for FaultBackend {
 }
 
 fn open_faulty(path: &Path, fault: &Arc<Fault>) -> Store {
+    let bodies = messenger_rendezvous::store::bodies_dir(path);
     let path: PathBuf = path.to_owned();
     let fault = Arc::clone(fault);
     Store::open_with_backend(
@@ -150,6 +151,7 @@ fn open_faulty(path: &Path, fault: &Arc<Fault>) -> Store {
                 fault: Arc::clone(&fault),
             })
         },
+        &bodies,
         StoreOptions::default(),
     )
     .unwrap()

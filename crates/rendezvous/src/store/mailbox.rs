@@ -2,15 +2,21 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{ReadableTable, Table, TableHandle as _, WriteTransaction};
 
+use super::segments::{self, BodyLoc, Segments};
 use super::tables::{
-    ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, INBOX, InboxRecord, MAILBOX_USAGE, NEXT_SEQ,
+    ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, INBOX, InboxRecord, MAILBOX_USAGE, NEXT_SEQ, OLD_INBOX,
+    SEGMENTS,
 };
 use super::{
     AppendOutcome, BatchOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, Purged,
     QuotaKind, Store, StoreError, StoreOptions,
 };
+
+/// Most `inbox/2` records one migration transaction moves (about 16 MiB of
+/// 1 KiB bodies), so a large old mailbox table never sits in memory whole.
+const MIGRATE_BATCH: usize = 16 * 1024;
 
 impl Store {
     /// Stores a batch of envelopes in ONE durable write transaction (group
@@ -34,7 +40,10 @@ impl Store {
             return Vec::new();
         }
         let options = self.inner.options;
-        match self.write(OP, |tx| append_in(tx, OP, &batch, options)) {
+        let segments = &self.inner.segments;
+        match self.write_segments(OP, |tx, dead| {
+            append_in(tx, OP, &batch, options, segments, dead)
+        }) {
             Ok(results) => results,
             Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
         }
@@ -52,7 +61,7 @@ impl Store {
         let Some(start) = after_seq.checked_add(1) else {
             return Ok(Vec::new());
         };
-        self.read(OP, |tx| {
+        let waiting = self.read(OP, |tx| {
             let inbox = tx.open_table(INBOX).op(OP)?;
             // The row holding `start` (if any) begins at or before it.
             let from = match inbox
@@ -69,7 +78,7 @@ impl Store {
                 .op(OP)?
             {
                 let (_, records) = entry.op(OP)?;
-                for (seq, sender, group, message_id, sent_at, _expires_at, body) in records.value()
+                for (seq, sender, group, message_id, sent_at, _expires_at, loc) in records.value()
                 {
                     if seq < start {
                         continue;
@@ -77,19 +86,30 @@ impl Store {
                     if out.len() == max {
                         return Ok(out);
                     }
-                    out.push(EnvelopeRecord {
+                    let record = EnvelopeRecord {
                         seq,
                         recipient: recipient.to_owned(),
                         sender: sender.to_owned(),
                         group: group.map(str::to_owned),
                         message_id: *message_id,
                         sent_at,
-                        body: body.to_vec(),
-                    });
+                        body: Vec::new(),
+                    };
+                    out.push((record, loc));
                 }
             }
             Ok(out)
-        })
+        })?;
+        // Bodies are read outside the transaction. A segment deleted since
+        // (all its envelopes acked or expired meanwhile) drops its records.
+        let mut out = Vec::with_capacity(waiting.len());
+        for (mut record, loc) in waiting {
+            if let Some(body) = self.inner.segments.read(loc)? {
+                record.body = body;
+                out.push(record);
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes the recipient's own envelopes with these sequence numbers
@@ -109,7 +129,7 @@ impl Store {
         if seqs.is_empty() {
             return Ok(0);
         }
-        self.write_relaxed(OP, |tx| ack_in(tx, OP, recipient, seqs))
+        self.write_relaxed_segments(OP, |tx, dead| ack_in(tx, OP, recipient, seqs, dead))
     }
 
     /// One write transaction for the group-commit writer: stores `appends`
@@ -129,15 +149,16 @@ impl Store {
     ) -> Result<BatchOutcome, StoreError> {
         const OP: &str = "group commit";
         let options = self.inner.options;
-        let fill = |tx: &WriteTransaction| {
+        let segments = &self.inner.segments;
+        let fill = |tx: &WriteTransaction, dead: &mut Vec<u64>| {
             let appended = if appends.is_empty() {
                 Vec::new()
             } else {
-                append_in(tx, OP, appends, options)?
+                append_in(tx, OP, appends, options, segments, dead)?
             };
             let mut acked = Vec::with_capacity(acks.len());
             for (recipient, seqs) in acks {
-                acked.push(ack_in(tx, OP, recipient, seqs)?);
+                acked.push(ack_in(tx, OP, recipient, seqs, dead)?);
             }
             Ok(BatchOutcome { appended, acked })
         };
@@ -145,9 +166,9 @@ impl Store {
             if acks.is_empty() {
                 return Ok(BatchOutcome::default());
             }
-            self.write_relaxed(OP, fill)
+            self.write_relaxed_segments(OP, fill)
         } else {
-            self.write(OP, fill)
+            self.write_segments(OP, fill)
         }
     }
 
@@ -157,7 +178,7 @@ impl Store {
     /// envelopes: call again while [`Purged::more`].
     pub fn purge_expired(&self, now: u64) -> Result<Purged, StoreError> {
         const OP: &str = "purge expired";
-        self.write(OP, |tx| {
+        self.write_segments(OP, |tx, dead| {
             let mut expiry = tx.open_table(EXPIRY).op(OP)?;
             let mut due: Vec<DueRow> = Vec::new();
             let mut keys = 0usize;
@@ -179,6 +200,7 @@ impl Store {
             let mut inbox = tx.open_table(INBOX).op(OP)?;
             let mut dedupe = tx.open_table(DEDUPE).op(OP)?;
             let mut freed: HashMap<&str, (u32, u64)> = HashMap::new();
+            let mut bodies: HashMap<u64, (u64, u64)> = HashMap::new();
             for (key, recipient, ids) in &due {
                 expiry.remove(*key).op(OP)?;
                 for (sender, id) in ids {
@@ -192,9 +214,16 @@ impl Store {
                 };
                 let records = old.value();
                 let slot = freed.entry(recipient.as_str()).or_default();
-                slot.0 += records.len() as u32;
-                slot.1 += records.iter().map(|r| r.6.len() as u64).sum::<u64>();
+                for record in &records {
+                    let (segment, _, len, _) = record.6;
+                    slot.0 += 1;
+                    slot.1 += u64::from(len);
+                    let held = bodies.entry(segment).or_default();
+                    held.0 += 1;
+                    held.1 += u64::from(len);
+                }
             }
+            segments::release(&mut tx.open_table(SEGMENTS).op(OP)?, &bodies, dead)?;
             let mut usage = tx.open_table(MAILBOX_USAGE).op(OP)?;
             let mut envelopes = 0u32;
             for (recipient, (count, bytes)) in freed {
@@ -203,6 +232,162 @@ impl Store {
             }
             Ok(Purged { envelopes, more })
         })
+    }
+
+    /// Moves `inbox/2` rows (bodies inline) to `inbox/3` (bodies in
+    /// segments), at open: up to [`MIGRATE_BATCH`] records per durable
+    /// transaction, each writing and syncing its bodies first, so a crash
+    /// leaves every envelope in one table or the other and the next open
+    /// goes on. The old table is deleted once empty.
+    pub(super) fn migrate_bodies(&self) -> Result<(), StoreError> {
+        const OP: &str = "move bodies to segments";
+        let options = self.inner.options;
+        let segments = &self.inner.segments;
+        while self.write_segments(OP, |tx, dead| {
+            if !tx
+                .list_tables()
+                .op(OP)?
+                .any(|table| table.name() == OLD_INBOX.name())
+            {
+                return Ok(false);
+            }
+            let mut old = tx.open_table(OLD_INBOX).op(OP)?;
+            let mut rows: Vec<((String, u64), Vec<OldRecord>)> = Vec::new();
+            let mut records = 0usize;
+            for entry in old.iter().op(OP)? {
+                if records >= MIGRATE_BATCH {
+                    break;
+                }
+                let (key, value) = entry.op(OP)?;
+                let (recipient, first) = key.value();
+                let held: Vec<OldRecord> = value
+                    .value()
+                    .into_iter()
+                    .map(|(seq, sender, group, id, sent_at, expires_at, body)| OldRecord {
+                        seq,
+                        sender: sender.to_owned(),
+                        group: group.map(str::to_owned),
+                        message_id: *id,
+                        sent_at,
+                        expires_at,
+                        body: body.to_vec(),
+                    })
+                    .collect();
+                records += held.len();
+                rows.push(((recipient.to_owned(), first), held));
+            }
+            if rows.is_empty() {
+                drop(old);
+                tx.delete_table(OLD_INBOX).op(OP)?;
+                return Ok(false);
+            }
+            let bodies: Vec<&[u8]> = rows
+                .iter()
+                .flat_map(|(_, held)| held)
+                .map(|r| r.body.as_slice())
+                .collect();
+            let mut table = tx.open_table(SEGMENTS).op(OP)?;
+            let mut locs = segments::place(
+                segments,
+                &mut table,
+                &bodies,
+                options.segment_max_bytes,
+                dead,
+            )?
+            .into_iter();
+            let mut inbox = tx.open_table(INBOX).op(OP)?;
+            for ((recipient, first), held) in &rows {
+                let mut moved: Vec<InboxRecord<'_>> = Vec::with_capacity(held.len());
+                for r in held {
+                    let loc = locs
+                        .next()
+                        .ok_or_else(|| StoreError::Corrupt("a body was not placed".to_owned()))?;
+                    moved.push((
+                        r.seq,
+                        r.sender.as_str(),
+                        r.group.as_deref(),
+                        &r.message_id,
+                        r.sent_at,
+                        r.expires_at,
+                        loc,
+                    ));
+                }
+                inbox.insert((recipient.as_str(), *first), moved).op(OP)?;
+                old.remove((recipient.as_str(), *first)).op(OP)?;
+            }
+            Ok(true)
+        })? {}
+        Ok(())
+    }
+
+    /// At open: cuts segment files to their committed lengths and deletes
+    /// files no row names ([`Segments::recover`]).
+    pub(super) fn recover_segments(&self) -> Result<(), StoreError> {
+        const OP: &str = "read segments";
+        let rows = self.read(OP, |tx| {
+            let table = tx.open_table(SEGMENTS).op(OP)?;
+            let mut rows = Vec::new();
+            for entry in table.iter().op(OP)? {
+                let (key, value) = entry.op(OP)?;
+                rows.push((key.value(), value.value()));
+            }
+            Ok(rows)
+        })?;
+        self.inner.segments.recover(&rows)
+    }
+
+    /// Reads every waiting body (checking its CRC) and checks that the
+    /// segments' counts match the index. `Corrupt` names what differs.
+    pub(super) fn check_bodies(&self) -> Result<(), StoreError> {
+        const OP: &str = "check bodies";
+        let (locs, rows) = self.read(OP, |tx| {
+            let inbox = tx.open_table(INBOX).op(OP)?;
+            let mut locs = Vec::new();
+            for entry in inbox.iter().op(OP)? {
+                let (_, records) = entry.op(OP)?;
+                locs.extend(records.value().into_iter().map(|r| r.6));
+            }
+            let table = tx.open_table(SEGMENTS).op(OP)?;
+            let mut rows = HashMap::new();
+            for entry in table.iter().op(OP)? {
+                let (key, value) = entry.op(OP)?;
+                rows.insert(key.value(), value.value());
+            }
+            Ok((locs, rows))
+        })?;
+        let mut counted: HashMap<u64, (u64, u64)> = HashMap::new();
+        for loc in locs {
+            let (segment, offset, len, _) = loc;
+            let Some(&(_, _, end)) = rows.get(&segment) else {
+                return Err(StoreError::Corrupt(format!(
+                    "a body lies in segment {segment:016x}, which has no row"
+                )));
+            };
+            if offset.saturating_add(u64::from(len)) > end {
+                return Err(StoreError::Corrupt(format!(
+                    "a body lies past the committed end of segment {segment:016x}"
+                )));
+            }
+            if self.inner.segments.read(loc)?.is_none() {
+                return Err(StoreError::Corrupt(format!(
+                    "segment file {segment:016x} is missing"
+                )));
+            }
+            let slot = counted.entry(segment).or_default();
+            slot.0 += 1;
+            slot.1 += u64::from(len);
+        }
+        for (segment, (live, bytes, _)) in rows {
+            let found = counted.get(&segment).copied().unwrap_or_default();
+            if found != (live, bytes) {
+                return Err(StoreError::Corrupt(format!(
+                    "segment {segment:016x} should hold {live} bodies ({bytes} bytes), \
+                     the index has {} ({} bytes)",
+                    found.0, found.1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// (waiting envelopes, waiting body bytes) of a recipient.
@@ -252,6 +437,8 @@ fn append_in(
     op: &'static str,
     batch: &[NewEnvelope],
     options: StoreOptions,
+    segments: &Segments,
+    dead: &mut Vec<u64>,
 ) -> Result<Vec<Result<AppendOutcome, StoreError>>, StoreError> {
     let accounts = tx.open_table(ACCOUNTS).op(op)?;
     let mut inbox = tx.open_table(INBOX).op(op)?;
@@ -340,27 +527,38 @@ fn append_in(
         state.dirty = true;
         results.push(Ok(AppendOutcome::Stored { seq }));
     }
+    // The bodies, in the order the rows list them (recipient by recipient,
+    // run by run), go to the segment first, synced before this commit.
+    let bodies: Vec<&[u8]> = recipients
+        .iter()
+        .flat_map(|(_, state)| &state.runs)
+        .flat_map(|run| &run.members)
+        .map(|&(at, _)| batch[at].body.as_slice())
+        .collect();
+    let mut table = tx.open_table(SEGMENTS).op(op)?;
+    let locs = segments::place(segments, &mut table, &bodies, options.segment_max_bytes, dead)?;
+    let mut locs = locs.into_iter();
     for (recipient, state) in &recipients {
         for run in &state.runs {
             let Some(&(_, first)) = run.members.first() else {
                 continue;
             };
-            let records: Vec<InboxRecord<'_>> = run
-                .members
-                .iter()
-                .map(|&(at, seq)| {
-                    let env = &batch[at];
-                    (
-                        seq,
-                        env.sender.as_str(),
-                        env.group.as_deref(),
-                        &env.message_id,
-                        env.sent_at,
-                        run.expires_at,
-                        env.body.as_slice(),
-                    )
-                })
-                .collect();
+            let mut records: Vec<InboxRecord<'_>> = Vec::with_capacity(run.members.len());
+            for &(at, seq) in &run.members {
+                let env = &batch[at];
+                let loc = locs
+                    .next()
+                    .ok_or_else(|| StoreError::Corrupt("a body was not placed".to_owned()))?;
+                records.push((
+                    seq,
+                    env.sender.as_str(),
+                    env.group.as_deref(),
+                    &env.message_id,
+                    env.sent_at,
+                    run.expires_at,
+                    loc,
+                ));
+            }
             inbox.insert((*recipient, first), records).op(op)?;
             let ids: Vec<(&str, &[u8; 16])> = run
                 .members
@@ -391,6 +589,7 @@ fn ack_in(
     op: &'static str,
     recipient: &str,
     seqs: &[u64],
+    dead: &mut Vec<u64>,
 ) -> Result<u32, StoreError> {
     if seqs.is_empty() {
         return Ok(0);
@@ -401,6 +600,7 @@ fn ack_in(
     let mut inbox = tx.open_table(INBOX).op(op)?;
     let mut removed = 0u32;
     let mut removed_bytes = 0u64;
+    let mut bodies: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut at = 0;
     while let Some(&seq) = sorted.get(at) {
         // The row that would hold `seq`: the last one starting at or before
@@ -426,8 +626,12 @@ fn ack_in(
                 let mut gone_bytes = 0u64;
                 for record in &records {
                     if acked.binary_search(&record.0).is_ok() {
+                        let (segment, _, len, _) = record.6;
                         gone += 1;
-                        gone_bytes += record.6.len() as u64;
+                        gone_bytes += u64::from(len);
+                        let held = bodies.entry(segment).or_default();
+                        held.0 += 1;
+                        held.1 += u64::from(len);
                     } else {
                         kept.push(OwnedRecord::from(record));
                     }
@@ -457,12 +661,13 @@ fn ack_in(
     if removed > 0 {
         let mut usage = tx.open_table(MAILBOX_USAGE).op(op)?;
         release(&mut usage, op, recipient, removed, removed_bytes)?;
+        segments::release(&mut tx.open_table(SEGMENTS).op(op)?, &bodies, dead)?;
     }
     Ok(removed)
 }
 
-/// An [`InboxRecord`] that owns its bytes.
-struct OwnedRecord {
+/// An `inbox/2` record being moved, body inline.
+struct OldRecord {
     seq: u64,
     sender: String,
     group: Option<String>,
@@ -470,6 +675,17 @@ struct OwnedRecord {
     sent_at: u64,
     expires_at: u64,
     body: Vec<u8>,
+}
+
+/// An [`InboxRecord`] that owns its strings.
+struct OwnedRecord {
+    seq: u64,
+    sender: String,
+    group: Option<String>,
+    message_id: [u8; 16],
+    sent_at: u64,
+    expires_at: u64,
+    body: BodyLoc,
 }
 
 impl From<&InboxRecord<'_>> for OwnedRecord {
@@ -481,7 +697,7 @@ impl From<&InboxRecord<'_>> for OwnedRecord {
             message_id: *r.3,
             sent_at: r.4,
             expires_at: r.5,
-            body: r.6.to_vec(),
+            body: r.6,
         }
     }
 }
@@ -495,7 +711,7 @@ impl OwnedRecord {
             &self.message_id,
             self.sent_at,
             self.expires_at,
-            self.body.as_slice(),
+            self.body,
         )
     }
 }

@@ -63,17 +63,24 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, WriteTransaction};
 
 mod accounts;
 mod create;
 mod mailbox;
+mod segments;
 mod social;
 mod tables;
 
 pub use redb::StorageBackend;
+
+/// The directory where [`Store::open`] keeps the envelope bodies of the
+/// database file `database`: `<file name>.bodies` beside it.
+pub fn bodies_dir(database: &Path) -> PathBuf {
+    segments::dir_for(database)
+}
 
 /// Default maximum number of envelopes waiting in one mailbox: a month of
 /// heavy use (300 messages a day) for someone offline, while one abusive
@@ -102,6 +109,12 @@ pub const MAX_ONE_TIME_PREKEYS: u32 = 1_000;
 /// appends; the caller repeats while [`Purged::more`] is true.
 pub const PURGE_BATCH: usize = 10_000;
 
+/// Default size at which the store starts a new segment file of envelope
+/// bodies (16 MiB): a segment is deleted once its last body is acknowledged
+/// or expired, so smaller segments give space back sooner; larger ones
+/// mean fewer files (one per 16 MiB: 64 per GiB waiting).
+pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Most announcements one [`Store::announcements_after`] call returns, so a
 /// user returning after a long time gets them in bounded pages.
 pub const MAX_ANNOUNCEMENTS_PER_CALL: usize = 1_000;
@@ -124,6 +137,9 @@ pub struct StoreOptions {
     /// weaker against an attacker who can shape the bytes being written
     /// (redb's documentation of `set_two_phase_commit`).
     pub two_phase_commit: bool,
+    /// Size at which a new segment file of bodies is started
+    /// ([`DEFAULT_SEGMENT_MAX_BYTES`]).
+    pub segment_max_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -133,6 +149,7 @@ impl Default for StoreOptions {
             mailbox_max_bytes: DEFAULT_MAILBOX_MAX_BYTES,
             envelope_ttl_secs: DEFAULT_ENVELOPE_TTL_SECS,
             two_phase_commit: true,
+            segment_max_bytes: DEFAULT_SEGMENT_MAX_BYTES,
         }
     }
 }
@@ -403,17 +420,31 @@ impl Store {
     /// and synced, so a crash during the first creation leaves nothing at
     /// `path`; a temporary file left by such a crash is removed here. An
     /// existing database is opened as it is.
+    ///
+    /// Envelope bodies are kept in segment files in the directory
+    /// `<file name>.bodies` beside it (created if missing); the database and
+    /// that directory belong together (docs/storage.md, docs/operations.md).
     pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         create::ensure_created(path, options)?;
         let owned: PathBuf = path.to_owned();
         let opener = move || Database::builder().create(&owned);
-        Self::from_opener(Box::new(opener), format!("{}", path.display()), options)
+        Self::from_opener(
+            Box::new(opener),
+            &segments::dir_for(path),
+            format!("{}", path.display()),
+            options,
+        )
     }
 
     /// Opens a database on backends made by `factory`, which is called again
     /// whenever the store reopens after an I/O error (so it must give a
-    /// backend over the same storage). For fault-injection tests.
-    pub fn open_with_backend<B, F>(factory: F, options: StoreOptions) -> Result<Store, StoreError>
+    /// backend over the same storage), with envelope bodies in segment files
+    /// in the directory `bodies`. For fault-injection tests.
+    pub fn open_with_backend<B, F>(
+        factory: F,
+        bodies: &Path,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError>
     where
         B: StorageBackend,
         F: Fn() -> io::Result<B> + Send + Sync + 'static,
@@ -422,7 +453,12 @@ impl Store {
             let backend = factory()?;
             Database::builder().create_with_backend(backend)
         };
-        Self::from_opener(Box::new(opener), "custom backend".to_owned(), options)
+        Self::from_opener(
+            Box::new(opener),
+            bodies,
+            "custom backend".to_owned(),
+            options,
+        )
     }
 
     /// The options the store was opened with.
@@ -431,8 +467,10 @@ impl Store {
     }
 
     /// Runs redb's full integrity check (checksums of every page) and
-    /// repairs the allocator state; `Ok(true)` when nothing needed repair.
-    /// Waits for all running operations.
+    /// repairs the allocator state, then reads every waiting body from the
+    /// segment files (checking its CRC-32) and checks the segments' counts
+    /// against the index; `Ok(true)` when nothing needed repair, `Corrupt`
+    /// when a body or count is wrong. Waits for all running operations.
     pub fn check_integrity(&self) -> Result<bool, StoreError> {
         const OP: &str = "check integrity";
         let mut slot = self
@@ -449,14 +487,20 @@ impl Store {
         let Some(db) = slot.db.as_mut() else {
             return Err(StoreError::Corrupt("database not open".to_owned()));
         };
-        db.check_integrity().map_err(|e| classify(OP, e.into()))
+        let intact = db.check_integrity().map_err(|e| classify(OP, e.into()))?;
+        drop(slot);
+        self.check_bodies()?;
+        Ok(intact)
     }
 
     fn from_opener(
         opener: Opener,
+        bodies: &Path,
         source: String,
         options: StoreOptions,
     ) -> Result<Store, StoreError> {
+        let segments =
+            segments::Segments::open(bodies).map_err(|e| segments::io_error("open", e))?;
         let db = opener().map_err(|e| classify("open", e.into()))?;
         let store = Store {
             inner: Arc::new(Inner {
@@ -468,9 +512,13 @@ impl Store {
                 opener,
                 source,
                 options,
+                segments,
+                deferred: Mutex::new(Vec::new()),
             }),
         };
         store.write("create tables", tables::create_all)?;
+        store.migrate_bodies()?;
+        store.recover_segments()?;
         Ok(store)
     }
 
@@ -527,6 +575,13 @@ impl Store {
         let db = (self.inner.opener)().map_err(|e| classify("reopen", e.into()))?;
         slot.db = Some(db);
         self.inner.failed.store(false, Ordering::Release);
+        // Relaxed commits whose segment deletions wait may not have survived
+        // the failure; their files stay until the next open cleans up.
+        self.inner
+            .deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         Ok(())
     }
 
@@ -547,6 +602,57 @@ impl Store {
             tx.commit().map_err(|e| classify(op, e.into()))?;
             Ok(value)
         })
+        .inspect(|_| {
+            // Everything committed before is durable now: segments that
+            // relaxed commits emptied can go.
+            let waiting = std::mem::take(
+                &mut *self
+                    .inner
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            self.inner.segments.delete(&waiting);
+        })
+    }
+
+    /// A durable write transaction that may empty segments of bodies: `f`
+    /// lists them in its second argument, and they are deleted once the
+    /// commit is durable.
+    fn write_segments<T>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&WriteTransaction, &mut Vec<u64>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let (value, dead) = self.write(op, |tx| {
+            let mut dead = Vec::new();
+            let value = f(tx, &mut dead)?;
+            Ok((value, dead))
+        })?;
+        self.inner.segments.delete(&dead);
+        Ok(value)
+    }
+
+    /// [`Store::write_segments`] without `fsync`: the emptied segments are
+    /// deleted after the next durable commit.
+    fn write_relaxed_segments<T>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&WriteTransaction, &mut Vec<u64>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let (value, dead) = self.write_relaxed(op, |tx| {
+            let mut dead = Vec::new();
+            let value = f(tx, &mut dead)?;
+            Ok((value, dead))
+        })?;
+        if !dead.is_empty() {
+            self.inner
+                .deferred
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(dead);
+        }
+        Ok(value)
     }
 
     /// One write transaction that its own commit does not make durable
@@ -591,6 +697,11 @@ struct Inner {
     opener: Opener,
     source: String,
     options: StoreOptions,
+    /// The segment files of envelope bodies.
+    segments: segments::Segments,
+    /// Segments emptied by relaxed commits, deleted after the next durable
+    /// one (before it, a crash could bring their rows back).
+    deferred: Mutex<Vec<u64>>,
 }
 
 struct Slot {

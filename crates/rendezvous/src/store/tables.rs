@@ -5,6 +5,7 @@
 
 use redb::{ReadableTable as _, TableDefinition, TableHandle as _, WriteTransaction};
 
+use super::segments::{BodyLoc, SegmentRow};
 use super::{OpResult, StoreError};
 
 /// username -> (identity, signed prekey, registered_at)
@@ -33,8 +34,33 @@ pub(super) const NEXT_SEQ: &str = "next_seq";
 pub(super) const NEXT_ANNOUNCEMENT: &str = "next_announcement";
 
 /// One stored envelope in an [`INBOX`] row: (seq, sender, group, message
-/// id, sent_at, expires_at, body).
+/// id, sent_at, expires_at, where its body lies in the segment files).
 pub(super) type InboxRecord<'a> = (
+    u64,
+    &'a str,
+    Option<&'a str>,
+    &'a [u8; 16],
+    u64,
+    u64,
+    BodyLoc,
+);
+
+/// (recipient, first seq) -> the recipient's envelopes from one group
+/// commit that share an expiry time, in sequence order. A recipient's rows
+/// cover disjoint sequence ranges, so the row holding a sequence number is
+/// the last one whose key is at or before it. One row per recipient per
+/// commit instead of one per envelope: a commit inserts a tenth of the
+/// B-tree entries under load (docs/storage.md, docs/benchmarks.md §1). The
+/// bodies are in the segment files ([`super::segments`]).
+pub(super) const INBOX: TableDefinition<(&str, u64), Vec<InboxRecord<'static>>> =
+    TableDefinition::new("inbox/3");
+
+/// segment number -> (bodies it still holds, their bytes, committed length)
+pub(super) const SEGMENTS: TableDefinition<u64, SegmentRow> = TableDefinition::new("segments/1");
+
+/// Before `inbox/3`: the same rows with each body inline, as the record's
+/// last element (moved at open, bodies into segments).
+pub(super) type OldInboxRecord<'a> = (
     u64,
     &'a str,
     Option<&'a str>,
@@ -43,14 +69,7 @@ pub(super) type InboxRecord<'a> = (
     u64,
     &'a [u8],
 );
-
-/// (recipient, first seq) -> the recipient's envelopes from one group
-/// commit that share an expiry time, in sequence order. A recipient's rows
-/// cover disjoint sequence ranges, so the row holding a sequence number is
-/// the last one whose key is at or before it. One row per recipient per
-/// commit instead of one per envelope: a commit inserts a tenth of the
-/// B-tree entries under load (docs/storage.md, docs/benchmarks.md §1).
-pub(super) const INBOX: TableDefinition<(&str, u64), Vec<InboxRecord<'static>>> =
+pub(super) const OLD_INBOX: TableDefinition<(&str, u64), Vec<OldInboxRecord<'static>>> =
     TableDefinition::new("inbox/2");
 
 /// recipient -> (waiting envelopes, waiting body bytes)
@@ -138,6 +157,7 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(REDEEMED_INVITES).op(OP)?;
     tx.open_table(COUNTERS).op(OP)?;
     tx.open_table(INBOX).op(OP)?;
+    tx.open_table(SEGMENTS).op(OP)?;
     tx.open_table(MAILBOX_USAGE).op(OP)?;
     tx.open_table(DEDUPE).op(OP)?;
     tx.open_table(EXPIRY).op(OP)?;
@@ -176,8 +196,9 @@ fn migrate_expiry(tx: &WriteTransaction) -> Result<(), StoreError> {
 
 /// Layouts before `inbox/2` kept one `mailbox/1` row and one `expiry/1` row
 /// per envelope. Each waiting envelope becomes an `inbox/2` row of its own
-/// (keyed by its seq, so sequence ranges stay disjoint) and each expiry row
-/// an `expiry/2` row with one dedupe key; both old tables are then deleted.
+/// (keyed by its seq, so sequence ranges stay disjoint; moved on to
+/// `inbox/3` by [`super::mailbox::migrate_bodies`]) and each expiry row an
+/// `expiry/2` row with one dedupe key; both old tables are then deleted.
 /// In the opening transaction, so a crash leaves the old layout or the new.
 fn migrate_inbox(tx: &WriteTransaction) -> Result<(), StoreError> {
     const OP: &str = "migrate mailbox to inbox rows";
@@ -189,7 +210,7 @@ fn migrate_inbox(tx: &WriteTransaction) -> Result<(), StoreError> {
     }
     if old_mailbox {
         let mailbox = tx.open_table(OLD_MAILBOX).op(OP)?;
-        let mut inbox = tx.open_table(INBOX).op(OP)?;
+        let mut inbox = tx.open_table(OLD_INBOX).op(OP)?;
         for entry in mailbox.iter().op(OP)? {
             let (key, value) = entry.op(OP)?;
             let (recipient, seq) = key.value();

@@ -633,7 +633,7 @@ fn old_layouts_move_to_inbox_rows_at_open() {
             .collect();
         names.retain(|n| n.contains("expiry") || n.contains("mailbox/") || n.contains("inbox"));
         names.sort();
-        assert_eq!(names, ["expiry/2", "inbox/2"], "oldest {oldest}");
+        assert_eq!(names, ["expiry/2", "inbox/3"], "oldest {oldest}");
     }
 }
 
