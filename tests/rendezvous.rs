@@ -325,11 +325,24 @@ fn end_to_end_exchange_leaves_no_plaintext_on_the_server() {
         logs.contains("TRACE") || logs.contains("DEBUG") || logs.contains("INFO"),
         "logs were captured"
     );
+    // Every file of the data dir, subdirectories included (envelope bodies
+    // live in segment files under `rendezvous.redb.bodies/`).
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let path = entry.unwrap().path();
-        files.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+    let mut dirs = vec![dir.path().to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+            }
+        }
     }
+    assert!(
+        files.iter().any(|(name, _)| name.ends_with(".seg")),
+        "the search covers the segment files of bodies"
+    );
     files.push(("server log".into(), logs.into_bytes()));
     let found = |needle: &[u8]| {
         files
