@@ -195,8 +195,14 @@ pub fn server_key_pair(secret: &[u8; 64]) -> IdentityKeyPair {
 /// lifetime is kept to within minutes, rarely enough to cost nothing.
 pub const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Most [`Store::compact_segments`] calls per purge round (16 MiB of bodies
+/// each): a round never runs for long, and what is left waits for the next.
+pub const COMPACT_CALLS_PER_ROUND: usize = 16;
+
 /// Purges expired envelopes now and every [`PURGE_INTERVAL`] until the store
-/// is dropped. Call inside a tokio runtime.
+/// is dropped, then moves the few bodies left in mostly empty segment files
+/// so those files can go ([`Store::compact_segments`]). Call inside a tokio
+/// runtime.
 pub fn spawn_purger(store: Store) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PURGE_INTERVAL);
@@ -210,22 +216,31 @@ pub fn spawn_purger(store: Store) {
                     .unwrap_or(0);
                 let mut total = 0u64;
                 loop {
-                    match store.purge_expired(now) {
-                        Ok(purged) => {
-                            total += u64::from(purged.envelopes);
-                            if !purged.more {
-                                return Ok(total);
-                            }
-                        }
-                        Err(e) => return Err(e),
+                    let purged = store.purge_expired(now)?;
+                    total += u64::from(purged.envelopes);
+                    if !purged.more {
+                        break;
                     }
                 }
+                let mut freed = 0usize;
+                for _ in 0..COMPACT_CALLS_PER_ROUND {
+                    let compacted = store.compact_segments()?;
+                    freed += compacted.segments;
+                    if !compacted.more {
+                        break;
+                    }
+                }
+                Ok::<_, crate::store::StoreError>((total, freed))
             })
             .await;
             match purged {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(envelopes = n, "purged expired envelopes"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "purging expired envelopes failed"),
+                Ok(Ok((0, 0))) => {}
+                Ok(Ok((envelopes, segments))) => tracing::info!(
+                    envelopes,
+                    segments,
+                    "purged expired envelopes, compacted segment files"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "purging or compacting failed"),
                 Err(_) => tracing::warn!("purge task failed"),
             }
         }

@@ -14,6 +14,25 @@ use super::{
     QuotaKind, Store, StoreError, StoreOptions,
 };
 
+/// About the most body bytes one [`Store::compact_segments`] call moves
+/// (one segment's worth at the default size), so its transaction stays
+/// well under a second and does not hold up group commits for long.
+pub const COMPACT_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+/// What one [`Store::compact_segments`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Compacted {
+    /// Segment files it emptied (deleted after its commit).
+    pub segments: usize,
+    /// Bodies moved to the current segment.
+    pub bodies: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Whether more segments qualified than one call moves.
+    pub more: bool,
+}
+
 /// Most `inbox/2` records one migration transaction moves (about 16 MiB of
 /// 1 KiB bodies), so a large old mailbox table never sits in memory whole.
 const MIGRATE_BATCH: usize = 16 * 1024;
@@ -231,6 +250,129 @@ impl Store {
                 envelopes += count;
             }
             Ok(Purged { envelopes, more })
+        })
+    }
+
+    /// Moves the bodies still waiting in mostly empty sealed segments to
+    /// the current one, so those segments can be deleted: a segment is
+    /// deleted only when its last body goes, and one long-waiting envelope
+    /// would otherwise keep its whole segment on disk until it expires.
+    ///
+    /// A sealed segment (not the newest) qualifies when under a quarter of
+    /// its committed bytes are still waiting. One call moves at most about
+    /// [`COMPACT_BATCH_BYTES`], emptiest segments first, in one durable
+    /// transaction (bodies written and synced before it commits, as for an
+    /// append); call again while [`Compacted::more`]. Nothing a recipient
+    /// sees changes: sequence numbers, rows and order stay; only where the
+    /// bodies lie does.
+    pub fn compact_segments(&self) -> Result<Compacted, StoreError> {
+        const OP: &str = "compact segments";
+        // Which segments, and which rows hold their bodies, from a snapshot;
+        // the write transaction re-reads those rows.
+        let plan = self.read(OP, |tx| {
+            let table = tx.open_table(SEGMENTS).op(OP)?;
+            let mut rows = Vec::new();
+            for entry in table.iter().op(OP)? {
+                let (key, value) = entry.op(OP)?;
+                rows.push((key.value(), value.value()));
+            }
+            let newest = rows.last().map(|r| r.0);
+            let mut sealed: Vec<(u64, u64)> = rows
+                .iter()
+                .filter(|&&(segment, (live, bytes, end))| {
+                    Some(segment) != newest && live > 0 && bytes.saturating_mul(4) < end
+                })
+                .map(|&(segment, (_, bytes, _))| (segment, bytes))
+                .collect();
+            sealed.sort_by_key(|&(_, bytes)| bytes);
+            let mut chosen = Vec::new();
+            let mut budget = 0u64;
+            let mut more = false;
+            for (segment, bytes) in sealed {
+                if !chosen.is_empty() && budget + bytes > COMPACT_BATCH_BYTES {
+                    more = true;
+                    break;
+                }
+                budget += bytes;
+                chosen.push(segment);
+            }
+            if chosen.is_empty() {
+                return Ok((chosen, Vec::new(), false));
+            }
+            let inbox = tx.open_table(INBOX).op(OP)?;
+            let mut keys = Vec::new();
+            for entry in inbox.iter().op(OP)? {
+                let (key, records) = entry.op(OP)?;
+                if records
+                    .value()
+                    .iter()
+                    .any(|r| chosen.contains(&r.6.0))
+                {
+                    let (recipient, first) = key.value();
+                    keys.push((recipient.to_owned(), first));
+                }
+            }
+            Ok((chosen, keys, more))
+        })?;
+        let (chosen, keys, more) = plan;
+        if chosen.is_empty() {
+            return Ok(Compacted::default());
+        }
+        let options = self.inner.options;
+        let segments = &self.inner.segments;
+        self.write_segments(OP, |tx, dead| {
+            let mut inbox = tx.open_table(INBOX).op(OP)?;
+            let mut rows: Vec<(&(String, u64), Vec<OwnedRecord>)> = Vec::new();
+            for key in &keys {
+                if let Some(row) = inbox.get((key.0.as_str(), key.1)).op(OP)? {
+                    let held: Vec<OwnedRecord> =
+                        row.value().iter().map(OwnedRecord::from).collect();
+                    rows.push((key, held));
+                }
+            }
+            let mut bodies = Vec::new();
+            let mut released: HashMap<u64, (u64, u64)> = HashMap::new();
+            for (_, held) in &rows {
+                for r in held.iter().filter(|r| chosen.contains(&r.body.0)) {
+                    let body = segments.read(r.body)?.ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "segment file {:016x} is missing",
+                            r.body.0
+                        ))
+                    })?;
+                    bodies.push(body);
+                    let slot = released.entry(r.body.0).or_default();
+                    slot.0 += 1;
+                    slot.1 += u64::from(r.body.2);
+                }
+            }
+            let views: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+            let mut table = tx.open_table(SEGMENTS).op(OP)?;
+            let mut locs =
+                segments::place(segments, &mut table, &views, options.segment_max_bytes, dead)?
+                    .into_iter();
+            for (key, held) in &mut rows {
+                let mut changed = false;
+                for r in held.iter_mut().filter(|r| chosen.contains(&r.body.0)) {
+                    r.body = locs
+                        .next()
+                        .ok_or_else(|| StoreError::Corrupt("a body was not placed".to_owned()))?;
+                    changed = true;
+                }
+                if changed {
+                    let records: Vec<InboxRecord<'_>> =
+                        held.iter().map(OwnedRecord::as_record).collect();
+                    inbox.insert((key.0.as_str(), key.1), records).op(OP)?;
+                }
+            }
+            segments::release(&mut table, &released, dead)?;
+            let moved = released.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+            Ok(Compacted {
+                segments: dead.len(),
+                bodies: moved.0,
+                bytes: moved.1,
+                more,
+            })
         })
     }
 

@@ -70,6 +70,8 @@ use redb::{Database, DatabaseError, Durability, ReadableDatabase, WriteTransacti
 mod accounts;
 mod create;
 mod mailbox;
+
+pub use mailbox::{COMPACT_BATCH_BYTES, Compacted};
 mod segments;
 mod social;
 mod tables;

@@ -890,3 +890,82 @@ fn full_disk_errors_are_recognised_in_the_chain() {
         "storage full during append"
     );
 }
+
+/// The segment files of a store opened by [`store_with`].
+fn segment_files(dir: &tempfile::TempDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(super::bodies_dir(&dir.path().join("s.redb")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn compaction_moves_the_last_bodies_of_mostly_empty_segments() {
+    let (dir, s) = store_with(StoreOptions {
+        segment_max_bytes: 2000,
+        ..StoreOptions::default()
+    });
+    users(&s, &["bob", "carol"]);
+    let to = |n: usize| if n % 5 % 2 == 0 { "bob" } else { "carol" };
+    // Ten commits of five 400-byte bodies: each fills a segment to its
+    // bound, so the next commit starts a new one.
+    let mut seqs = Vec::new();
+    for round in 0..10u8 {
+        let batch = (0..5u8)
+            .map(|i| {
+                let id = round * 5 + i;
+                env(to(usize::from(id)), "alice", id, 100, &[id; 400])
+            })
+            .collect();
+        seqs.extend(s.append(batch).iter().map(stored));
+    }
+    assert_eq!(segment_files(&dir).len(), 10);
+    // Nothing qualifies while the segments are full.
+    assert_eq!(s.compact_segments().unwrap(), super::Compacted::default());
+    // Two bodies (40 %) left in every segment: still nothing to do.
+    for (n, seq) in seqs.iter().enumerate() {
+        if n % 5 >= 2 {
+            s.ack(to(n), &[*seq]).unwrap();
+        }
+    }
+    assert_eq!(s.compact_segments().unwrap().bodies, 0);
+    // One body (20 %) left in each of the first nine segments.
+    for (n, seq) in seqs.iter().enumerate().take(45) {
+        if n % 5 == 1 {
+            s.ack(to(n), &[*seq]).unwrap();
+        }
+    }
+    let usage = |s: &Store| (s.mailbox_usage("bob").unwrap(), s.mailbox_usage("carol").unwrap());
+    let before_usage = usage(&s);
+    let waiting = |s: &Store| -> Vec<(u64, Vec<u8>)> {
+        ["bob", "carol"]
+            .iter()
+            .flat_map(|r| s.pending(r, 0, 100).unwrap())
+            .map(|e| (e.seq, e.body))
+            .collect()
+    };
+    let before = waiting(&s);
+    assert_eq!(before.len(), 9 + 2);
+    // The nine bodies move to a new segment (the tenth is full) and the
+    // nine files go; the tenth keeps its two bodies.
+    let done = s.compact_segments().unwrap();
+    assert_eq!(done.bodies, 9);
+    assert_eq!(done.bytes, 9 * 400);
+    assert_eq!(done.segments, 9);
+    assert!(!done.more);
+    assert_eq!(waiting(&s), before, "same seqs, same bytes, same order");
+    assert_eq!(usage(&s), before_usage);
+    assert_eq!(
+        segment_files(&dir),
+        ["000000000000000a.seg", "000000000000000b.seg"]
+    );
+    assert!(s.check_integrity().unwrap());
+    // Nothing left to do; and the result survives a reopen.
+    assert_eq!(s.compact_segments().unwrap().bodies, 0);
+    drop(s);
+    let s = Store::open(&dir.path().join("s.redb"), StoreOptions::default()).unwrap();
+    assert_eq!(waiting(&s), before);
+    assert!(s.check_integrity().unwrap());
+}
