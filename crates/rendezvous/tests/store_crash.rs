@@ -374,7 +374,9 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
     let mut check = |image: &[u8], k: usize, lowest: usize, highest: usize, what: String| {
         checked += 1;
         let bodies = snapshots.get(k).unwrap_or(&last);
-        if check_image(&path, image, bodies, options, &steps, lowest, highest, &what) == usize::MAX
+        if check_image(
+            &path, image, bodies, options, &steps, lowest, highest, &what,
+        ) == usize::MAX
         {
             refused_unformatted += 1;
         }

@@ -97,8 +97,7 @@ impl Store {
                 .op(OP)?
             {
                 let (_, records) = entry.op(OP)?;
-                for (seq, sender, group, message_id, sent_at, _expires_at, loc) in records.value()
-                {
+                for (seq, sender, group, message_id, sent_at, _expires_at, loc) in records.value() {
                     if seq < start {
                         continue;
                     }
@@ -303,11 +302,7 @@ impl Store {
             let mut keys = Vec::new();
             for entry in inbox.iter().op(OP)? {
                 let (key, records) = entry.op(OP)?;
-                if records
-                    .value()
-                    .iter()
-                    .any(|r| chosen.contains(&r.6.0))
-                {
+                if records.value().iter().any(|r| chosen.contains(&r.6.0)) {
                     let (recipient, first) = key.value();
                     keys.push((recipient.to_owned(), first));
                 }
@@ -335,10 +330,7 @@ impl Store {
             for (_, held) in &rows {
                 for r in held.iter().filter(|r| chosen.contains(&r.body.0)) {
                     let body = segments.read(r.body)?.ok_or_else(|| {
-                        StoreError::Corrupt(format!(
-                            "segment file {:016x} is missing",
-                            r.body.0
-                        ))
+                        StoreError::Corrupt(format!("segment file {:016x} is missing", r.body.0))
                     })?;
                     bodies.push(body);
                     let slot = released.entry(r.body.0).or_default();
@@ -348,9 +340,14 @@ impl Store {
             }
             let views: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
             let mut table = tx.open_table(SEGMENTS).op(OP)?;
-            let mut locs =
-                segments::place(segments, &mut table, &views, options.segment_max_bytes, dead)?
-                    .into_iter();
+            let mut locs = segments::place(
+                segments,
+                &mut table,
+                &views,
+                options.segment_max_bytes,
+                dead,
+            )?
+            .into_iter();
             for (key, held) in &mut rows {
                 let mut changed = false;
                 for r in held.iter_mut().filter(|r| chosen.contains(&r.body.0)) {
@@ -366,7 +363,9 @@ impl Store {
                 }
             }
             segments::release(&mut table, &released, dead)?;
-            let moved = released.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+            let moved = released
+                .values()
+                .fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
             Ok(Compacted {
                 segments: dead.len(),
                 bodies: moved.0,
@@ -405,15 +404,17 @@ impl Store {
                 let held: Vec<OldRecord> = value
                     .value()
                     .into_iter()
-                    .map(|(seq, sender, group, id, sent_at, expires_at, body)| OldRecord {
-                        seq,
-                        sender: sender.to_owned(),
-                        group: group.map(str::to_owned),
-                        message_id: *id,
-                        sent_at,
-                        expires_at,
-                        body: body.to_vec(),
-                    })
+                    .map(
+                        |(seq, sender, group, id, sent_at, expires_at, body)| OldRecord {
+                            seq,
+                            sender: sender.to_owned(),
+                            group: group.map(str::to_owned),
+                            message_id: *id,
+                            sent_at,
+                            expires_at,
+                            body: body.to_vec(),
+                        },
+                    )
                     .collect();
                 records += held.len();
                 rows.push(((recipient.to_owned(), first), held));
@@ -678,7 +679,13 @@ fn append_in(
         .map(|&(at, _)| batch[at].body.as_slice())
         .collect();
     let mut table = tx.open_table(SEGMENTS).op(op)?;
-    let locs = segments::place(segments, &mut table, &bodies, options.segment_max_bytes, dead)?;
+    let locs = segments::place(
+        segments,
+        &mut table,
+        &bodies,
+        options.segment_max_bytes,
+        dead,
+    )?;
     let mut locs = locs.into_iter();
     for (recipient, state) in &recipients {
         for run in &state.runs {

@@ -288,7 +288,11 @@ pub(super) fn place(
     table
         .insert(
             segment,
-            (live + bodies.len() as u64, bytes + total as u64, end + total as u64),
+            (
+                live + bodies.len() as u64,
+                bytes + total as u64,
+                end + total as u64,
+            ),
         )
         .map_err(|e| super::classify(OP, e.into()))?;
     Ok(locs)

@@ -908,7 +908,13 @@ fn compaction_moves_the_last_bodies_of_mostly_empty_segments() {
         ..StoreOptions::default()
     });
     users(&s, &["bob", "carol"]);
-    let to = |n: usize| if n % 5 % 2 == 0 { "bob" } else { "carol" };
+    let to = |n: usize| {
+        if (n % 5).is_multiple_of(2) {
+            "bob"
+        } else {
+            "carol"
+        }
+    };
     // Ten commits of five 400-byte bodies: each fills a segment to its
     // bound, so the next commit starts a new one.
     let mut seqs = Vec::new();
@@ -937,7 +943,12 @@ fn compaction_moves_the_last_bodies_of_mostly_empty_segments() {
             s.ack(to(n), &[*seq]).unwrap();
         }
     }
-    let usage = |s: &Store| (s.mailbox_usage("bob").unwrap(), s.mailbox_usage("carol").unwrap());
+    let usage = |s: &Store| {
+        (
+            s.mailbox_usage("bob").unwrap(),
+            s.mailbox_usage("carol").unwrap(),
+        )
+    };
     let before_usage = usage(&s);
     let waiting = |s: &Store| -> Vec<(u64, Vec<u8>)> {
         ["bob", "carol"]
