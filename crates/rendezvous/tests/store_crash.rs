@@ -294,8 +294,7 @@ fn record_workload(
 /// a step in `lowest..=highest`; returns that step.
 fn check_image(
     path: &Path,
-    image: &[u8],
-    bodies: &Snapshot,
+    (image, bodies): (&[u8], &Snapshot),
     options: StoreOptions,
     steps: &[Step],
     lowest: usize,
