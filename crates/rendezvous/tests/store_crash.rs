@@ -374,7 +374,13 @@ fn crash_images(options: StoreOptions, steps: usize, seed: u64) -> usize {
         checked += 1;
         let bodies = snapshots.get(k).unwrap_or(&last);
         if check_image(
-            &path, image, bodies, options, &steps, lowest, highest, &what,
+            &path,
+            (image, bodies),
+            options,
+            &steps,
+            lowest,
+            highest,
+            &what,
         ) == usize::MAX
         {
             refused_unformatted += 1;
