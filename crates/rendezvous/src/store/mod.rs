@@ -63,7 +63,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use redb::{Database, DatabaseError, Durability, ReadableDatabase, WriteTransaction};
 
@@ -579,11 +579,7 @@ impl Store {
         self.inner.failed.store(false, Ordering::Release);
         // Relaxed commits whose segment deletions wait may not have survived
         // the failure; their files stay until the next open cleans up.
-        self.inner
-            .deferred
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.deferred().clear();
         Ok(())
     }
 
@@ -595,27 +591,36 @@ impl Store {
         op: &'static str,
         f: impl Fn(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.run(|db| {
+        let (value, emptied) = self.run(|db| {
             let mut tx = db.begin_write().map_err(|e| classify(op, e.into()))?;
             tx.set_durability(Durability::Immediate)
                 .map_err(|e| classify(op, e.into()))?;
             tx.set_two_phase_commit(self.inner.options.two_phase_commit);
             let value = f(&tx)?;
-            tx.commit().map_err(|e| classify(op, e.into()))?;
-            Ok(value)
-        })
-        .inspect(|_| {
-            // Everything committed before is durable now: segments that
-            // relaxed commits emptied can go.
-            let waiting = std::mem::take(
-                &mut *self
-                    .inner
-                    .deferred
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
-            self.inner.segments.delete(&waiting);
-        })
+            // Taken while this transaction holds redb's single write slot:
+            // each relaxed commit lists its emptied segments only after it
+            // committed, so everything listed now committed before this
+            // transaction and this commit makes it durable. Taken after the
+            // commit instead, the list could hold segments of a relaxed
+            // commit made in between, which a crash would still roll back
+            // (their rows back, their files gone: `Corrupt` at open).
+            let emptied = std::mem::take(&mut *self.deferred());
+            if let Err(e) = tx.commit() {
+                self.deferred().extend(emptied);
+                return Err(classify(op, e.into()));
+            }
+            Ok((value, emptied))
+        })?;
+        self.inner.segments.delete(&emptied);
+        Ok(value)
+    }
+
+    /// The segments relaxed commits emptied, waiting for a durable commit.
+    fn deferred(&self) -> MutexGuard<'_, Vec<u64>> {
+        self.inner
+            .deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A durable write transaction that may empty segments of bodies: `f`
@@ -648,11 +653,7 @@ impl Store {
             Ok((value, dead))
         })?;
         if !dead.is_empty() {
-            self.inner
-                .deferred
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(dead);
+            self.deferred().extend(dead);
         }
         Ok(value)
     }
