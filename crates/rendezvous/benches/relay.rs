@@ -531,13 +531,9 @@ async fn ours_run(people: Rc<Vec<Person>>) -> Outcome {
         // Sender: envelopes while the window has room.
         tasks.spawn_local(async move {
             let mut id = FIRST_ID;
-            let mut counter = 0u64;
             while let Some(body) = r.next_body(&pair).await {
                 id += 1;
-                counter += 1;
-                let mut mid = [0u8; 16];
-                mid[..4].copy_from_slice(&(i as u32).to_be_bytes());
-                mid[8..].copy_from_slice(&counter.to_be_bytes());
+                let mid = common::client_message_id();
                 let frame = ClientFrame {
                     id,
                     request: Request::Send(OutgoingEnvelope {

@@ -310,14 +310,12 @@ async fn store_run(two_phase: bool) -> StoreRun {
         let to = format!("rcpt{i}");
         set.spawn_local(async move {
             let body = vec![0xA5u8; BODY];
-            let mut counter = 0u64;
             let mut in_flight: VecDeque<(u32, Instant)> = VecDeque::new();
             let mut latencies = Vec::new();
             let mut accepted = 0u64;
             for _ in 0..IN_FLIGHT {
                 let at = Instant::now();
-                counter += 1;
-                let id = c.send_request(envelope(i, counter, &to, &body)).await;
+                let id = c.send_request(envelope(&to, &body)).await;
                 in_flight.push_back((id, at));
             }
             while let Some((want, at)) = in_flight.pop_front() {
@@ -338,8 +336,7 @@ async fn store_run(two_phase: bool) -> StoreRun {
                 }
                 if now < end {
                     let at = Instant::now();
-                    counter += 1;
-                    let id = c.send_request(envelope(i, counter, &to, &body)).await;
+                    let id = c.send_request(envelope(&to, &body)).await;
                     in_flight.push_back((id, at));
                 }
             }
@@ -367,14 +364,11 @@ async fn store_run(two_phase: bool) -> StoreRun {
     }
 }
 
-fn envelope(sender: usize, counter: u64, to: &str, body: &[u8]) -> Request {
-    let mut id = [0u8; 16];
-    id[..4].copy_from_slice(&(sender as u32).to_be_bytes());
-    id[8..].copy_from_slice(&counter.to_be_bytes());
+fn envelope(to: &str, body: &[u8]) -> Request {
     Request::Send(OutgoingEnvelope {
         to: to.to_owned(),
         to_device: DEFAULT_DEVICE,
-        id,
+        id: common::client_message_id(),
         body: body.to_vec(),
     })
 }

@@ -147,23 +147,25 @@ fn bench_group_commit_cpu(c: &mut Criterion) {
             .create_account(account(&format!("user{r}")), Vec::new())
             .unwrap();
     }
-    // Like the client's ids: 8 bytes of send time (one second per 40
-    // commits, about the live server's rate), then 8 random bytes.
+    // Like the client's ids: 8 bytes of send time in milliseconds (a commit
+    // every 10 ms, about the live server's rate, its envelopes sent over
+    // those 10 ms), then 8 random bytes.
     let mut commits = 0u64;
     let mut batch = || -> Vec<NewEnvelope> {
         commits += 1;
-        let second = 1_700_000_000 + commits / 40;
+        let base = 1_700_000_000_000 + commits * 10;
         (0..SENDERS * IN_FLIGHT)
             .map(|i| {
+                let millis = base + (i * 10 / (SENDERS * IN_FLIGHT)) as u64;
                 let mut message_id = [0u8; 16];
-                message_id[..8].copy_from_slice(&second.to_be_bytes());
+                message_id[..8].copy_from_slice(&millis.to_be_bytes());
                 message_id[8..].copy_from_slice(&rand::random::<[u8; 8]>());
                 NewEnvelope {
                     recipient: format!("user{}", i % SENDERS),
                     sender: format!("sender{}", i % SENDERS),
                     group: None,
                     message_id,
-                    sent_at: second,
+                    sent_at: millis / 1000,
                     body: vec![0x5A; 1024],
                 }
             })

@@ -454,11 +454,26 @@ fn inbox_2_bodies_move_to_segments_at_open() {
         results[1],
         Ok(AppendOutcome::Stored { seq }) if seq == OLD_RECORDS + 1
     ));
+
+    // Every old dedupe record was re-keyed (two chunks of `dedupe/1`):
+    // each migrated message sent again is a duplicate of its own seq.
+    let again: Vec<NewEnvelope> = (1..=OLD_RECORDS)
+        .map(|seq| env(old_record(seq).0, seq, 2_000))
+        .collect();
+    let results = store.append(again);
+    for (seq, result) in (1..=OLD_RECORDS).zip(&results) {
+        assert!(
+            matches!(result, Ok(AppendOutcome::Duplicate { seq: s }) if *s == seq),
+            "seq {seq}: {result:?}"
+        );
+    }
     drop(store);
 
     let names = table_names(&path);
     assert!(!names.iter().any(|n| n == "inbox/2"), "{names:?}");
     assert!(names.iter().any(|n| n == "inbox/3"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "dedupe/1"), "{names:?}");
+    assert!(names.iter().any(|n| n == "dedupe/2"), "{names:?}");
     let store = Store::open(&path, opts).unwrap();
     let carol_rows = (0..OLD_RECORDS / PER_ROW)
         .filter(|row| row % 3 == 1)

@@ -108,6 +108,21 @@ fn clk_tck() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// A message id as the client makes one (`messenger-client`'s
+/// `engine::message_id`): the send time in milliseconds since the Unix
+/// epoch, big-endian, then 8 random bytes. The server's dedupe index is
+/// keyed by it first, so the bench must not use friendlier ids than real
+/// clients do.
+pub fn client_message_id() -> [u8; 16] {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&millis.to_be_bytes());
+    id[8..].copy_from_slice(&rand::random::<[u8; 8]>());
+    id
+}
+
 /// utime + stime of `pid` in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

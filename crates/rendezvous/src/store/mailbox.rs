@@ -6,8 +6,8 @@ use redb::{ReadableTable, Table, TableHandle as _, WriteTransaction};
 
 use super::segments::{self, BodyLoc, Segments};
 use super::tables::{
-    ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, INBOX, InboxRecord, MAILBOX_USAGE, NEXT_SEQ, OLD_INBOX,
-    SEGMENTS,
+    ACCOUNTS, COUNTERS, DEDUPE, EXPIRY, INBOX, InboxRecord, MAILBOX_USAGE, NEXT_SEQ, OLD_DEDUPE,
+    OLD_INBOX, SEGMENTS,
 };
 use super::{
     AppendOutcome, BatchOutcome, EnvelopeRecord, NewEnvelope, OpResult, PURGE_BATCH, Purged,
@@ -33,8 +33,9 @@ pub struct Compacted {
     pub more: bool,
 }
 
-/// Most `inbox/2` records one migration transaction moves (about 16 MiB of
-/// 1 KiB bodies), so a large old mailbox table never sits in memory whole.
+/// Most `inbox/2` records (about 16 MiB of 1 KiB bodies) or `dedupe/1` rows
+/// one migration transaction moves, so a large old table never sits in
+/// memory whole.
 const MIGRATE_BATCH: usize = 16 * 1024;
 
 impl Store {
@@ -223,7 +224,7 @@ impl Store {
                 expiry.remove(*key).op(OP)?;
                 for (sender, id) in ids {
                     dedupe
-                        .remove((recipient.as_str(), sender.as_str(), id))
+                        .remove((id, recipient.as_str(), sender.as_str()))
                         .op(OP)?;
                 }
                 // What acks left of the row; gone if all were acked.
@@ -463,6 +464,51 @@ impl Store {
         Ok(())
     }
 
+    /// Moves `dedupe/1` rows ((recipient, sender, id) keys) to `dedupe/2`
+    /// ((id, recipient, sender) keys), at open: up to [`MIGRATE_BATCH`] rows
+    /// per durable transaction, so a crash leaves each row in one table or
+    /// the other and the next open goes on; the old table is deleted once
+    /// empty.
+    pub(super) fn migrate_dedupe(&self) -> Result<(), StoreError> {
+        const OP: &str = "re-key dedupe records";
+        while self.write(OP, |tx| {
+            if !tx
+                .list_tables()
+                .op(OP)?
+                .any(|table| table.name() == OLD_DEDUPE.name())
+            {
+                return Ok(false);
+            }
+            let mut old = tx.open_table(OLD_DEDUPE).op(OP)?;
+            let mut rows: Vec<(OldDedupeKey, (u64, u64))> = Vec::new();
+            for entry in old.iter().op(OP)? {
+                if rows.len() >= MIGRATE_BATCH {
+                    break;
+                }
+                let (key, value) = entry.op(OP)?;
+                let (recipient, sender, id) = key.value();
+                rows.push((
+                    (recipient.to_owned(), sender.to_owned(), *id),
+                    value.value(),
+                ));
+            }
+            if rows.is_empty() {
+                drop(old);
+                tx.delete_table(OLD_DEDUPE).op(OP)?;
+                return Ok(false);
+            }
+            let mut new = tx.open_table(DEDUPE).op(OP)?;
+            for ((recipient, sender, id), value) in &rows {
+                new.insert((id, recipient.as_str(), sender.as_str()), value)
+                    .op(OP)?;
+                old.remove((recipient.as_str(), sender.as_str(), id))
+                    .op(OP)?;
+            }
+            Ok(true)
+        })? {}
+        Ok(())
+    }
+
     /// At open: cuts segment files to their committed lengths and deletes
     /// files no row names ([`Segments::recover`]).
     pub(super) fn recover_segments(&self) -> Result<(), StoreError> {
@@ -598,7 +644,7 @@ fn append_in(
     let mut results = Vec::with_capacity(batch.len());
     for (at, env) in batch.iter().enumerate() {
         let recipient = env.recipient.as_str();
-        let dedupe_key = (recipient, env.sender.as_str(), &env.message_id);
+        let dedupe_key = (&env.message_id, recipient, env.sender.as_str());
         let seq = next_seq;
         let expires_at = env.sent_at.saturating_add(options.envelope_ttl_secs);
         // Insert first and look at what was there: one descent of the tree
@@ -814,6 +860,9 @@ fn ack_in(
     }
     Ok(removed)
 }
+
+/// A `dedupe/1` key being moved: (recipient, sender, message id).
+type OldDedupeKey = (String, String, [u8; 16]);
 
 /// An `inbox/2` record being moved, body inline.
 struct OldRecord {

@@ -520,6 +520,7 @@ impl Store {
         };
         store.write("create tables", tables::create_all)?;
         store.migrate_bodies()?;
+        store.migrate_dedupe()?;
         store.recover_segments()?;
         Ok(store)
     }

@@ -76,8 +76,17 @@ pub(super) const OLD_INBOX: TableDefinition<(&str, u64), Vec<OldInboxRecord<'sta
 pub(super) const MAILBOX_USAGE: TableDefinition<&str, (u32, u64)> =
     TableDefinition::new("mailbox_usage/1");
 
-/// (recipient, sender, message id) -> (seq, expires_at)
-pub(super) const DEDUPE: TableDefinition<(&str, &str, &[u8; 16]), (u64, u64)> =
+/// (message id, recipient, sender) -> (seq, expires_at). The message id
+/// comes first: clients make ids that start with the send time in
+/// milliseconds, so one group commit's inserts land next to each other at
+/// the tree's end instead of on a leaf per (recipient, sender) pair
+/// (docs/benchmarks.md §1, "Sixth round").
+pub(super) const DEDUPE: TableDefinition<(&[u8; 16], &str, &str), (u64, u64)> =
+    TableDefinition::new("dedupe/2");
+
+/// Before `dedupe/2`: the same rows keyed (recipient, sender, message id)
+/// (moved at open by [`super::mailbox::migrate_dedupe`]).
+pub(super) const OLD_DEDUPE: TableDefinition<(&str, &str, &[u8; 16]), (u64, u64)> =
     TableDefinition::new("dedupe/1");
 
 /// (expires_at, first seq) -> (recipient, [(sender, message id)]): one row

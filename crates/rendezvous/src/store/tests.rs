@@ -533,7 +533,7 @@ fn write_old_layout(path: &std::path::Path, ttl: u64, oldest: bool) {
                 ),
             )
             .unwrap();
-        let mut dedupe = tx.open_table(tables::DEDUPE).unwrap();
+        let mut dedupe = tx.open_table(tables::OLD_DEDUPE).unwrap();
         dedupe
             .insert(("bob", "alice", &[1; 16]), (1, 100 + ttl))
             .unwrap();
@@ -631,9 +631,18 @@ fn old_layouts_move_to_inbox_rows_at_open() {
             .unwrap()
             .map(|t| redb::TableHandle::name(&t).to_owned())
             .collect();
-        names.retain(|n| n.contains("expiry") || n.contains("mailbox/") || n.contains("inbox"));
+        names.retain(|n| {
+            n.contains("expiry")
+                || n.contains("mailbox/")
+                || n.contains("inbox")
+                || n.contains("dedupe")
+        });
         names.sort();
-        assert_eq!(names, ["expiry/2", "inbox/3"], "oldest {oldest}");
+        assert_eq!(
+            names,
+            ["dedupe/2", "expiry/2", "inbox/3"],
+            "oldest {oldest}"
+        );
     }
 }
 
