@@ -14,6 +14,12 @@ use super::{
     QuotaKind, Store, StoreError, StoreOptions,
 };
 
+/// How many snapshots [`Store::pending`] and the body check try before
+/// giving up: each retry means a segment was deleted between a snapshot and
+/// its reads (acks, expiry or compaction in between), which a fresh
+/// snapshot no longer refers to.
+const READ_ATTEMPTS: usize = 8;
+
 /// About the most body bytes one [`Store::compact_segments`] call moves
 /// (one segment's worth at the default size), so its transaction stays
 /// well under a second and does not hold up group commits for long.
@@ -77,10 +83,34 @@ impl Store {
         after_seq: u64,
         max: usize,
     ) -> Result<Vec<EnvelopeRecord>, StoreError> {
-        const OP: &str = "read pending";
         let Some(start) = after_seq.checked_add(1) else {
             return Ok(Vec::new());
         };
+        // Bodies are read after the transaction, from the places its
+        // snapshot named. A segment deleted since then had all its bodies
+        // acked, expired or moved by compaction meanwhile: the answer is
+        // made again from a fresh snapshot rather than leave a gap (a
+        // client pulls "after" the last seq it got, so a skipped envelope
+        // would not be asked for again).
+        for _ in 0..READ_ATTEMPTS {
+            if let Some(out) = self.pending_once(recipient, start, max)? {
+                return Ok(out);
+            }
+        }
+        Err(StoreError::Corrupt(
+            "segment files kept changing while bodies were read".to_owned(),
+        ))
+    }
+
+    /// One attempt of [`Store::pending`]; `None` when a segment named by
+    /// the snapshot was deleted before its bodies were read.
+    fn pending_once(
+        &self,
+        recipient: &str,
+        start: u64,
+        max: usize,
+    ) -> Result<Option<Vec<EnvelopeRecord>>, StoreError> {
+        const OP: &str = "read pending";
         let waiting = self.read(OP, |tx| {
             let inbox = tx.open_table(INBOX).op(OP)?;
             // The row holding `start` (if any) begins at or before it.
@@ -119,16 +149,15 @@ impl Store {
             }
             Ok(out)
         })?;
-        // Bodies are read outside the transaction. A segment deleted since
-        // (all its envelopes acked or expired meanwhile) drops its records.
         let mut out = Vec::with_capacity(waiting.len());
         for (mut record, loc) in waiting {
-            if let Some(body) = self.inner.segments.read(loc)? {
-                record.body = body;
-                out.push(record);
-            }
+            let Some(body) = self.inner.segments.read(loc)? else {
+                return Ok(None);
+            };
+            record.body = body;
+            out.push(record);
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Deletes the recipient's own envelopes with these sequence numbers
@@ -528,6 +557,21 @@ impl Store {
     /// Reads every waiting body (checking its CRC) and checks that the
     /// segments' counts match the index. `Corrupt` names what differs.
     pub(super) fn check_bodies(&self) -> Result<(), StoreError> {
+        // As in `pending`: a segment deleted between the snapshot and the
+        // reads means the snapshot is stale, not that a body is lost.
+        for _ in 0..READ_ATTEMPTS {
+            if self.check_bodies_once()? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Corrupt(
+            "segment files kept changing while bodies were checked".to_owned(),
+        ))
+    }
+
+    /// One attempt of [`Store::check_bodies`]; `false` when a segment named
+    /// by the snapshot was deleted before its bodies were read.
+    fn check_bodies_once(&self) -> Result<bool, StoreError> {
         const OP: &str = "check bodies";
         let (locs, rows) = self.read(OP, |tx| {
             let inbox = tx.open_table(INBOX).op(OP)?;
@@ -558,9 +602,7 @@ impl Store {
                 )));
             }
             if self.inner.segments.read(loc)?.is_none() {
-                return Err(StoreError::Corrupt(format!(
-                    "segment file {segment:016x} is missing"
-                )));
+                return Ok(false);
             }
             let slot = counted.entry(segment).or_default();
             slot.0 += 1;
@@ -576,7 +618,7 @@ impl Store {
                 )));
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// (waiting envelopes, waiting body bytes) of a recipient.

@@ -519,9 +519,12 @@ impl Store {
             }),
         };
         store.write("create tables", tables::create_all)?;
+        // Recovery first, so the moves below start from a directory that
+        // matches the committed rows (and a missing segment is reported as
+        // such); a crash during a move leaves what the next open recovers.
+        store.recover_segments()?;
         store.migrate_bodies()?;
         store.migrate_dedupe()?;
-        store.recover_segments()?;
         Ok(store)
     }
 

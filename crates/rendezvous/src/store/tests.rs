@@ -989,3 +989,51 @@ fn compaction_moves_the_last_bodies_of_mostly_empty_segments() {
     assert_eq!(waiting(&s), before);
     assert!(s.check_integrity().unwrap());
 }
+
+#[test]
+fn pending_never_skips_an_envelope_whose_segment_is_compacted_meanwhile() {
+    let (_dir, s) = store_with(StoreOptions {
+        segment_max_bytes: 2000,
+        ..StoreOptions::default()
+    });
+    users(&s, &["keep", "churn"]);
+    const ROUNDS: u8 = 120;
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            for round in 0..ROUNDS {
+                // One body for `keep`, nine for `churn`: a segment each.
+                let mut batch = vec![env("keep", "alice", round, 100, &[round; 400])];
+                batch.extend((0..9).map(|i| env("churn", &format!("c{i}"), round, 100, &[0; 400])));
+                let seqs: Vec<u64> = s.append(batch).iter().map(stored).collect();
+                // Acking churn's nine leaves `keep`'s body alone in a
+                // sealed segment, which compaction moves; the old file goes.
+                s.ack("churn", &seqs[1..]).unwrap();
+                s.compact_segments().unwrap();
+            }
+        })
+    };
+    let mut seen = 0usize;
+    let mut reads = 0usize;
+    while !writer.is_finished() || reads == 0 {
+        let waiting = s.pending("keep", 0, 1000).unwrap();
+        // Every `keep` envelope stays waiting: each answer holds all that
+        // the one before held, in order, with the right bytes.
+        assert!(waiting.len() >= seen, "{} after {seen}", waiting.len());
+        for (round, e) in waiting.iter().enumerate() {
+            assert_eq!(e.body, vec![round as u8; 400], "envelope {round}");
+        }
+        seen = waiting.len();
+        reads += 1;
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        s.pending("keep", 0, 1000).unwrap().len(),
+        usize::from(ROUNDS)
+    );
+    assert!(s.check_integrity().unwrap());
+    assert!(
+        reads > 10,
+        "the reader overlapped the writer ({reads} reads)"
+    );
+}
