@@ -301,6 +301,9 @@ pub enum ClosedReason {
     ShuttingDown,
     /// The server dropped this client for not reading its pushes (702).
     TooSlow,
+    /// The connection did not log in within the server's login timeout
+    /// (705), e.g. a client stopped between the handshake and its login.
+    LoginTimedOut,
     /// The server ended the connection normally (0), e.g. after
     /// [`Connection::close`].
     Done,
@@ -335,6 +338,9 @@ impl fmt::Display for ClosedReason {
             Self::ShuttingDown => f.write_str("the server is shutting down"),
             Self::TooSlow => {
                 f.write_str("the server dropped this client for not reading its pushes in time")
+            }
+            Self::LoginTimedOut => {
+                f.write_str("the server closed the connection because it did not log in in time")
             }
             Self::Done => f.write_str("the server ended the connection"),
             Self::Refused => f.write_str(
@@ -1022,6 +1028,7 @@ fn closed_reason(error: &quinn::ConnectionError) -> ClosedReason {
             700 => ClosedReason::ShuttingDown,
             702 => ClosedReason::TooSlow,
             703 => ClosedReason::Replaced,
+            705 => ClosedReason::LoginTimedOut,
             code => ClosedReason::ByServer {
                 code,
                 reason: printable(&close.reason),
@@ -1072,6 +1079,10 @@ mod tests {
         assert_eq!(closed_reason(&app(703, b"x")), ClosedReason::Replaced);
         assert_eq!(closed_reason(&app(700, b"x")), ClosedReason::ShuttingDown);
         assert_eq!(closed_reason(&app(702, b"x")), ClosedReason::TooSlow);
+        assert_eq!(
+            closed_reason(&app(705, b"not logged in in time")),
+            ClosedReason::LoginTimedOut
+        );
         assert_eq!(closed_reason(&app(0, b"done")), ClosedReason::Done);
         assert_eq!(
             closed_reason(&app(101, b"unsupported_version\n\x1b[31m")),
