@@ -5,157 +5,15 @@
 //! still there, and `check_integrity` passes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::fs::OpenOptions;
-use std::io;
-use std::ops::Bound;
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
+use common::{Fault, open_faulty};
 use messenger_rendezvous::store::{
-    AccountRecord, AppendOutcome, NewEnvelope, StorageBackend, Store, StoreError, StoreOptions,
+    AccountRecord, AppendOutcome, NewEnvelope, Store, StoreError, StoreOptions,
 };
-use redb::backends::FileBackend;
-
-/// Shared switch of the fault backends made for one test.
-#[derive(Debug, Default)]
-struct Fault {
-    armed: AtomicBool,
-    /// Bytes that may still be written while armed.
-    budget: AtomicU64,
-    /// Failures injected so far.
-    failures: AtomicU64,
-}
-
-impl Fault {
-    fn arm(&self, budget: u64) {
-        self.budget.store(budget, Ordering::SeqCst);
-        self.armed.store(true, Ordering::SeqCst);
-    }
-
-    fn disarm(&self) {
-        self.armed.store(false, Ordering::SeqCst);
-    }
-
-    /// Takes `bytes` from the budget, or fails like a full disk.
-    fn spend(&self, bytes: u64) -> io::Result<()> {
-        if !self.armed.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let ok = self
-            .budget
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(bytes))
-            .is_ok();
-        if ok {
-            Ok(())
-        } else {
-            self.budget.store(0, Ordering::SeqCst);
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            Err(io::Error::from(io::ErrorKind::StorageFull))
-        }
-    }
-}
-
-#[derive(Debug)]
-struct FaultBackend {
-    inner: FileBackend,
-    fault: Arc<Fault>,
-}
-
-impl StorageBackend for FaultBackend {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.inner.read(offset, out)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let current = self.inner.len()?;
-        if len > current {
-            self.fault.spend(len - current)?;
-        }
-        self.inner.set_len(len)
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        self.inner.sync_data()
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.fault.spend(data.len() as u64)?;
-        self.inner.write(offset, data)
-    }
-
-    fn close(&self) -> io::Result<()> {
-        self.inner.close()
-    }
-
-    fn try_lock_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
-        self.inner.lock_range(start, end)
-    }
-
-    fn lock_shared_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-
-    fn query_lock_range(
-        &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.inner.query_lock_range(start, end)
-    }
-}
-
-fn open_faulty(path: &Path, fault: &Arc<Fault>) -> Store {
-    let bodies = messenger_rendezvous::store::bodies_dir(path);
-    let path: PathBuf = path.to_owned();
-    let fault = Arc::clone(fault);
-    Store::open_with_backend(
-        move || {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
-            let inner = FileBackend::new(file).map_err(io::Error::other)?;
-            Ok(FaultBackend {
-                inner,
-                fault: Arc::clone(&fault),
-            })
-        },
-        &bodies,
-        StoreOptions::default(),
-    )
-    .unwrap()
-}
 
 fn account(name: &str) -> AccountRecord {
     AccountRecord {
@@ -195,7 +53,7 @@ fn run_with_budget(budget: u64) -> (usize, u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fault.redb");
     let fault = Arc::new(Fault::default());
-    let store = open_faulty(&path, &fault);
+    let store = open_faulty(&path, &fault, StoreOptions::default()).unwrap();
     for name in ["bob", "carol"] {
         store.create_account(account(name), Vec::new()).unwrap();
     }

@@ -206,7 +206,8 @@ fn open_cuts_uncommitted_bytes_and_removes_stray_files() {
         .unwrap();
     newest.write_all(&[0xAB; 3000]).unwrap();
     drop(newest);
-    fs::write(bodies.join(seg(0xff)), b"left by an uncommitted batch").unwrap();
+    // Segment 3 is the one a batch whose commit never happened would start.
+    fs::write(bodies.join(seg(3)), b"left by an uncommitted batch").unwrap();
     fs::write(bodies.join("notes.txt"), b"not a segment").unwrap();
 
     let store = Store::open(&path, options(SEGMENT)).unwrap();

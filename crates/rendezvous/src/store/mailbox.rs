@@ -397,7 +397,9 @@ impl Store {
                 .values()
                 .fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
             Ok(Compacted {
-                segments: dead.len(),
+                // Not a full, empty newest segment that `place` dropped
+                // when it started a new one: only those compacted here.
+                segments: dead.iter().filter(|s| chosen.contains(s)).count(),
                 bodies: moved.0,
                 bytes: moved.1,
                 more,
@@ -539,7 +541,14 @@ impl Store {
     }
 
     /// At open: cuts segment files to their committed lengths and deletes
-    /// files no row names ([`Segments::recover`]).
+    /// leftover files no row names, or refuses a directory that does not
+    /// belong to the database ([`Segments::recover`]).
+    ///
+    /// A database without segments gets the row of segment 1 (and its empty
+    /// file) here, before any body is written, so that the table is never
+    /// empty once the store has opened: segment files beside an empty
+    /// table then belong to another database (or to one restored without
+    /// its bodies), never to a first batch whose commit failed.
     pub(super) fn recover_segments(&self) -> Result<(), StoreError> {
         const OP: &str = "read segments";
         let rows = self.read(OP, |tx| {
@@ -551,7 +560,21 @@ impl Store {
             }
             Ok(rows)
         })?;
-        self.inner.segments.recover(&rows)
+        self.inner.segments.recover(&rows)?;
+        if !rows.is_empty() {
+            return Ok(());
+        }
+        const FIRST: &str = "start segments";
+        let first = (1, (0, 0, 0));
+        self.write(FIRST, |tx| {
+            let mut table = tx.open_table(SEGMENTS).op(FIRST)?;
+            if table.last().op(FIRST)?.is_none() {
+                table.insert(first.0, first.1).op(FIRST)?;
+            }
+            Ok(())
+        })?;
+        // Creates the missing file of a row with nothing committed.
+        self.inner.segments.recover(&[first])
     }
 
     /// Reads every waiting body (checking its CRC) and checks that the

@@ -22,7 +22,8 @@
 //! `PreviousIo` until the database is reopened. The store does that itself:
 //! after a failed operation it drops the database and reopens it from the
 //! same path (or the same backend factory) before the next operation, and an
-//! operation that meets `PreviousIo` reopens and retries once. While the disk
+//! operation that redb refuses with `PreviousIo` before it began reopens and
+//! retries once (a commit that fails is never retried). While the disk
 //! stays full, operations fail with [`StoreError::StorageFull`]; once space
 //! returns, service resumes without a restart. `docs/storage.md` has the
 //! table layout and the reasons behind each bound.
@@ -373,14 +374,15 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the database must be reopened before it serves again (an I/O
-    /// error, a full disk, or redb's `PreviousIo`).
+    /// error, a full disk, or redb's `PreviousIo`). An error of a segment
+    /// file ([`segments::io_error`]) does not: redb did not see it.
     fn needs_reopen(&self) -> bool {
         match self {
-            Self::StorageFull { .. } => true,
-            Self::Storage { source, .. } => matches!(
-                **source,
-                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::Backend(_)
-            ),
+            Self::StorageFull { source, .. } | Self::Storage { source, .. } => match &**source {
+                redb::Error::Io(io) => !segments::is_segment_error(io),
+                redb::Error::PreviousIo | redb::Error::Backend(_) => true,
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -481,15 +483,17 @@ impl Store {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         if slot.db.is_none() || self.inner.failed.load(Ordering::Acquire) {
-            slot.db = None;
-            slot.db = Some((self.inner.opener)().map_err(|e| classify(OP, e.into()))?);
-            self.inner.failed.store(false, Ordering::Release);
-            slot.generation += 1;
+            self.reopen_locked(&mut slot, OP)?;
         }
         let Some(db) = slot.db.as_mut() else {
             return Err(StoreError::Corrupt("database not open".to_owned()));
         };
-        let intact = db.check_integrity().map_err(|e| classify(OP, e.into()))?;
+        // A failed check discards redb's allocator state: no write
+        // transaction begins until the database is reopened.
+        let intact = db.check_integrity().map_err(|e| {
+            self.inner.failed.store(true, Ordering::Release);
+            classify(OP, e.into())
+        })?;
         drop(slot);
         self.check_bodies()?;
         Ok(intact)
@@ -530,8 +534,12 @@ impl Store {
 
     /// Runs `f` on the open database, reopening it first if an earlier
     /// operation failed with an I/O error, and once more (with a retry) if
-    /// `f` meets `PreviousIo`.
-    fn run<T>(&self, f: impl Fn(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    /// redb refused to begin `f`'s transaction with `PreviousIo`: only then
+    /// is it known that nothing was done. A later `PreviousIo` (a commit
+    /// can return it after its durable part) is not retried: the first try
+    /// may have been committed, and a retry would answer `Duplicate` or
+    /// `UserExists` to what the caller sees as its first try.
+    fn run<T>(&self, f: impl Fn(&Database) -> Result<T, RunError>) -> Result<T, StoreError> {
         let mut retried = false;
         loop {
             let generation;
@@ -546,16 +554,16 @@ impl Store {
                     && !self.inner.failed.load(Ordering::Acquire)
                 {
                     match f(db) {
-                        Err(e) if e.is_previous_io() && !retried => {
+                        Ok(value) => return Ok(value),
+                        Err(RunError::Begin(e)) if e.is_previous_io() && !retried => {
                             self.inner.failed.store(true, Ordering::Release);
                         }
-                        Err(e) => {
+                        Err(RunError::Begin(e) | RunError::Op(e)) => {
                             if e.needs_reopen() {
                                 self.inner.failed.store(true, Ordering::Release);
                             }
                             return Err(e);
                         }
-                        ok => return ok,
                     }
                 }
             }
@@ -575,16 +583,65 @@ impl Store {
         if slot.generation != seen_generation {
             return Ok(());
         }
+        self.reopen_locked(&mut slot, "reopen")
+    }
+
+    /// Drops and reopens the database, with the slot's write lock held (so
+    /// no operation runs), and brings the deferred segment deletions in
+    /// line with what the reopened database holds.
+    ///
+    /// Relaxed commits not yet made durable may have been rolled back (after
+    /// an I/O error redb does not write them out when it closes), bringing
+    /// back the rows of segments they emptied: those segments are dropped
+    /// from the list (deleting them would lose bodies that rows name). A
+    /// listed segment without a row was truly emptied by a commit that
+    /// survived, and stays listed for deletion after the next durable
+    /// commit (forgetting it would leave its file until the next open).
+    fn reopen_locked(&self, slot: &mut Slot, op: &'static str) -> Result<(), StoreError> {
         // The old handle must be closed (file lock released) before the new open.
         slot.db = None;
         slot.generation += 1;
-        let db = (self.inner.opener)().map_err(|e| classify("reopen", e.into()))?;
+        let db = (self.inner.opener)().map_err(|e| classify(op, e.into()))?;
+        let mut deferred = self.deferred();
+        let kept = if deferred.is_empty() {
+            Ok(Vec::new())
+        } else {
+            without_rows(&db, op, &deferred)
+        };
         slot.db = Some(db);
-        self.inner.failed.store(false, Ordering::Release);
-        // Relaxed commits whose segment deletions wait may not have survived
-        // the failure; their files stay until the next open cleans up.
-        self.deferred().clear();
-        Ok(())
+        match kept {
+            Ok(kept) => {
+                *deferred = kept;
+                self.inner.failed.store(false, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                // Unknown which rows came back: keeping the files is safe.
+                deferred.clear();
+                self.inner.failed.store(e.needs_reopen(), Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    /// Commits `tx`. A commit that fails (or panics) part way leaves redb
+    /// refusing new write transactions until the database is reopened (its
+    /// allocator state is discarded), whatever the error: every failure but
+    /// a poisoned transaction (refused before anything was written) marks
+    /// the store failed, so the next operation reopens first.
+    fn commit(&self, op: &'static str, tx: WriteTransaction) -> Result<(), StoreError> {
+        let pending = FailUnlessDone(&self.inner.failed, true);
+        match tx.commit() {
+            Ok(()) => {
+                pending.done();
+                Ok(())
+            }
+            Err(redb::CommitError::TransactionPoisoned) => {
+                pending.done();
+                Err(classify(op, redb::Error::TransactionPoisoned))
+            }
+            Err(e) => Err(classify(op, e.into())),
+        }
     }
 
     /// One durable write transaction: `f` fills it, then it commits with
@@ -596,7 +653,7 @@ impl Store {
         f: impl Fn(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let (value, emptied) = self.run(|db| {
-            let mut tx = db.begin_write().map_err(|e| classify(op, e.into()))?;
+            let mut tx = db.begin_write().map_err(|e| RunError::begin(op, e))?;
             tx.set_durability(Durability::Immediate)
                 .map_err(|e| classify(op, e.into()))?;
             tx.set_two_phase_commit(self.inner.options.two_phase_commit);
@@ -609,9 +666,10 @@ impl Store {
             // commit made in between, which a crash would still roll back
             // (their rows back, their files gone: `Corrupt` at open).
             let emptied = std::mem::take(&mut *self.deferred());
-            if let Err(e) = tx.commit() {
+            if let Err(e) = self.commit(op, tx) {
+                // Maybe committed after all: the reopen sorts them out.
                 self.deferred().extend(emptied);
-                return Err(classify(op, e.into()));
+                return Err(e.into());
             }
             Ok((value, emptied))
         })?;
@@ -644,42 +702,36 @@ impl Store {
         Ok(value)
     }
 
-    /// [`Store::write_segments`] without `fsync`: the emptied segments are
-    /// deleted after the next durable commit.
+    /// [`Store::write_segments`] without `fsync`: one write transaction that
+    /// its own commit does not make durable ([`Durability::None`]): it
+    /// becomes durable with the next durable commit (the group commit,
+    /// continuous under load) or when the database closes; a crash before
+    /// then rolls it back whole. Only for changes whose loss is harmless.
+    ///
+    /// The segments it emptied are listed for deletion after the next
+    /// durable commit, right after its commit and before the slot's read
+    /// lock is released: a reopen (which sorts the list against the rows
+    /// that survived) cannot come in between.
     fn write_relaxed_segments<T>(
         &self,
         op: &'static str,
         f: impl Fn(&WriteTransaction, &mut Vec<u64>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let (value, dead) = self.write_relaxed(op, |tx| {
-            let mut dead = Vec::new();
-            let value = f(tx, &mut dead)?;
-            Ok((value, dead))
-        })?;
-        if !dead.is_empty() {
-            self.deferred().extend(dead);
-        }
-        Ok(value)
-    }
-
-    /// One write transaction that its own commit does not make durable
-    /// ([`Durability::None`]: no `fsync`): it becomes durable with the next
-    /// durable commit (the group commit, continuous under load) or when the
-    /// database closes; a crash before then rolls it back whole. Only for
-    /// changes whose loss is harmless.
-    fn write_relaxed<T>(
-        &self,
-        op: &'static str,
-        f: impl Fn(&WriteTransaction) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.run(|db| {
-            let mut tx = db.begin_write().map_err(|e| classify(op, e.into()))?;
+        let value = self.run(|db| {
+            let mut tx = db.begin_write().map_err(|e| RunError::begin(op, e))?;
             tx.set_durability(Durability::None)
                 .map_err(|e| classify(op, e.into()))?;
-            let value = f(&tx)?;
-            tx.commit().map_err(|e| classify(op, e.into()))?;
+            let mut dead = Vec::new();
+            let value = f(&tx, &mut dead)?;
+            self.commit(op, tx)?;
+            if !dead.is_empty() {
+                self.deferred().extend(dead);
+            }
             Ok(value)
-        })
+        })?;
+        #[cfg(test)]
+        tests::after_relaxed_write(self);
+        Ok(value)
     }
 
     /// One read transaction.
@@ -689,9 +741,70 @@ impl Store {
         f: impl Fn(&redb::ReadTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.run(|db| {
-            let tx = db.begin_read().map_err(|e| classify(op, e.into()))?;
-            f(&tx)
+            let tx = db.begin_read().map_err(|e| RunError::begin(op, e))?;
+            Ok(f(&tx)?)
         })
+    }
+}
+
+/// Of `segments` (emptied by relaxed commits), those that have no row in
+/// the segments table of `db`, read in one read transaction.
+fn without_rows(db: &Database, op: &'static str, segments: &[u64]) -> Result<Vec<u64>, StoreError> {
+    let tx = db.begin_read().op(op)?;
+    let table = tx.open_table(tables::SEGMENTS).op(op)?;
+    let mut kept = Vec::with_capacity(segments.len());
+    for &segment in segments {
+        if table.get(segment).op(op)?.is_none() {
+            kept.push(segment);
+        }
+    }
+    Ok(kept)
+}
+
+/// How an operation run by [`Store::run`] failed.
+enum RunError {
+    /// redb refused to begin its transaction: nothing was done.
+    Begin(StoreError),
+    /// Anything later, the commit included.
+    Op(StoreError),
+}
+
+impl RunError {
+    /// The error of `begin_write` or `begin_read`.
+    fn begin(op: &'static str, err: redb::TransactionError) -> Self {
+        Self::Begin(classify(op, err.into()))
+    }
+}
+
+impl From<StoreError> for RunError {
+    fn from(err: StoreError) -> Self {
+        Self::Op(err)
+    }
+}
+
+impl From<RunError> for StoreError {
+    fn from(err: RunError) -> Self {
+        match err {
+            RunError::Begin(e) | RunError::Op(e) => e,
+        }
+    }
+}
+
+/// Marks the store failed when dropped while still armed: a commit that
+/// returns an error, or unwinds.
+struct FailUnlessDone<'a>(&'a AtomicBool, bool);
+
+impl FailUnlessDone<'_> {
+    fn done(mut self) {
+        self.1 = false;
+    }
+}
+
+impl Drop for FailUnlessDone<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.store(true, Ordering::Release);
+        }
     }
 }
 

@@ -16,7 +16,7 @@
 //! the committing thread's time (docs/benchmarks.md §1); here it is written
 //! once, sequentially.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt as _;
@@ -68,9 +68,50 @@ pub(super) fn dir_for(database: &Path) -> PathBuf {
     database.with_file_name(name)
 }
 
-/// Maps an I/O error of a segment file to a [`StoreError`].
+/// Maps an I/O error of a segment file to a [`StoreError`]: `StorageFull`
+/// or `Storage` as for redb's own I/O errors, but marked as the segment's
+/// ([`is_segment_error`]), since redb did not see it and the database need
+/// not be reopened.
 pub(super) fn io_error(op: &'static str, err: io::Error) -> StoreError {
-    super::classify(op, redb::Error::Io(err))
+    let kind = err.kind();
+    super::classify(op, redb::Error::Io(io::Error::new(kind, SegmentError(err))))
+}
+
+/// Whether `err` was made by [`io_error`].
+pub(super) fn is_segment_error(err: &io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|inner| inner.is::<SegmentError>())
+}
+
+/// An I/O error of a segment file (not of the database).
+#[derive(Debug)]
+struct SegmentError(io::Error);
+
+impl std::fmt::Display for SegmentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "segment file: {}", self.0)
+    }
+}
+
+impl std::error::Error for SegmentError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// The segment number of a file name the store writes: exactly 16
+/// lower-case hex digits and [`SUFFIX`]. Anything else (upper case, a sign,
+/// another length) is not a segment: left alone and not counted.
+fn parse_name(name: &std::ffi::OsStr) -> Option<u64> {
+    let digits = name.to_str()?.strip_suffix(SUFFIX)?;
+    if digits.len() != 16
+        || !digits
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    u64::from_str_radix(digits, 16).ok()
 }
 
 impl Segments {
@@ -144,6 +185,17 @@ impl Segments {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error(OP, e)),
         };
+        // Checked before the buffer is made: a damaged row must not make the
+        // server allocate up to 4 GiB for a body that cannot be there.
+        let file_len = file.metadata().map_err(|e| io_error(OP, e))?.len();
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "a body lies past the end of segment {segment:016x}"
+            )));
+        }
         let mut body = vec![0; len as usize];
         match file.read_exact_at(&mut body, offset) {
             Ok(()) => {}
@@ -182,14 +234,52 @@ impl Segments {
 
     /// Brings the directory in line with the committed rows, at open: cuts
     /// each segment to its committed length (a crash may have left bytes of
-    /// an uncommitted batch) and deletes files no row names (a segment
-    /// started by an uncommitted batch, or one whose deletion a crash
-    /// interrupted). A missing or short segment is corruption.
+    /// an uncommitted batch) and deletes the files no row names that a crash
+    /// can leave: the segment after the newest (started by a batch whose
+    /// commit never happened) and older ones (whose deletion a crash
+    /// interrupted). A missing or short segment is corruption; so are
+    /// segment files when no row names any segment, or a file numbered past
+    /// the one after the newest: the database and the directory do not
+    /// belong together (a database restored or recreated without its
+    /// bodies), and deleting them could destroy the only copy of bodies an
+    /// operator still means to restore.
     pub(super) fn recover(&self, rows: &[(u64, SegmentRow)]) -> Result<(), StoreError> {
         const OP: &str = "recover segments";
-        let mut known = HashMap::new();
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(|e| io_error(OP, e))? {
+            let entry = entry.map_err(|e| io_error(OP, e))?;
+            if let Some(number) = parse_name(&entry.file_name()) {
+                found.push(number);
+            }
+        }
+        let Some(newest) = rows.iter().map(|&(segment, _)| segment).max() else {
+            if found.is_empty() {
+                return Ok(());
+            }
+            return Err(StoreError::Corrupt(format!(
+                "{} holds segment files but the database names no segment: they do not \
+                 belong together; restore the database and its bodies directory from one \
+                 backup (docs/operations.md)",
+                self.dir.display()
+            )));
+        };
+        let known: HashSet<u64> = rows.iter().map(|&(segment, _)| segment).collect();
+        let stale: Vec<u64> = found
+            .into_iter()
+            .filter(|number| !known.contains(number))
+            .collect();
+        // Before anything is cut: the committed ends of a database the
+        // directory does not belong to say nothing about its files.
+        if let Some(&past) = stale.iter().find(|&&n| n > newest.saturating_add(1)) {
+            return Err(StoreError::Corrupt(format!(
+                "segment file {} is numbered past the newest segment the database names \
+                 ({newest:016x}): {} and the database do not belong together; restore both \
+                 from one backup (docs/operations.md)",
+                self.path(past).display(),
+                self.dir.display()
+            )));
+        }
         for &(segment, (_, _, end)) in rows {
-            known.insert(segment, end);
             let path = self.path(segment);
             let len = match fs::metadata(&path) {
                 Ok(meta) => meta.len(),
@@ -215,22 +305,6 @@ impl Segments {
                 let file = self.file(segment).map_err(|e| io_error(OP, e))?;
                 file.set_len(end).map_err(|e| io_error(OP, e))?;
                 file.sync_all().map_err(|e| io_error(OP, e))?;
-            }
-        }
-        let mut stale = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(|e| io_error(OP, e))? {
-            let entry = entry.map_err(|e| io_error(OP, e))?;
-            let name = entry.file_name();
-            let Some(number) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(SUFFIX))
-                .filter(|n| n.len() == 16)
-                .and_then(|n| u64::from_str_radix(n, 16).ok())
-            else {
-                continue;
-            };
-            if !known.contains_key(&number) {
-                stale.push(number);
             }
         }
         self.delete(&stale);

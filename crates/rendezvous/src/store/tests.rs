@@ -1,4 +1,5 @@
 use super::*;
+use redb::ReadableTable as _;
 
 fn store_with(options: StoreOptions) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
@@ -900,6 +901,20 @@ fn full_disk_errors_are_recognised_in_the_chain() {
     );
 }
 
+/// Review finding 3: an I/O error of a segment file is classified like
+/// redb's (a full disk is `StorageFull`) but does not make the store
+/// reopen the database, which redb's own I/O errors do.
+#[test]
+fn segment_file_errors_do_not_need_a_reopen() {
+    let full = super::segments::io_error("t", io::Error::from_raw_os_error(ENOSPC));
+    assert!(matches!(full, StoreError::StorageFull { op: "t", .. }));
+    assert!(!full.needs_reopen());
+    let other = super::segments::io_error("t", io::Error::from(io::ErrorKind::IsADirectory));
+    assert!(matches!(other, StoreError::Storage { .. }));
+    assert!(!other.needs_reopen());
+    assert!(classify("t", redb::Error::Io(io::Error::from_raw_os_error(ENOSPC))).needs_reopen());
+}
+
 /// The segment files of a store opened by [`store_with`].
 fn segment_files(dir: &tempfile::TempDir) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(super::bodies_dir(&dir.path().join("s.redb")))
@@ -1036,4 +1051,134 @@ fn pending_never_skips_an_envelope_whose_segment_is_compacted_meanwhile() {
         reads > 10,
         "the reader overlapped the writer ({reads} reads)"
     );
+}
+
+/// A hook run by [`after_relaxed_write`].
+type Hook = Box<dyn Fn(&Store)>;
+
+thread_local! {
+    /// Run once by [`Store::write_relaxed_segments`] on this thread, right
+    /// after its transaction ran (see [`after_relaxed_write`]).
+    static AFTER_RELAXED_WRITE: std::cell::RefCell<Option<Hook>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Called by [`Store::write_relaxed_segments`] in tests once its
+/// transaction ran and the slot's read lock was released: the first point
+/// where another thread's reopen can come in.
+pub(super) fn after_relaxed_write(store: &Store) {
+    let hook = AFTER_RELAXED_WRITE.with(|h| h.borrow_mut().take());
+    if let Some(hook) = hook {
+        hook(store);
+    }
+}
+
+/// Review finding 2: a relaxed write listed the segments it emptied after
+/// `run` returned, outside the slot's read lock, so a reopen could come
+/// between its commit and the listing. A reopen that rolls the relaxed
+/// commit back (as one after an I/O error does) then found nothing to sort
+/// out, the segment was listed afterwards, and the next durable commit
+/// deleted a file whose rows were back: `Corrupt`.
+#[test]
+fn a_relaxed_write_lists_its_emptied_segments_before_a_reopen_can_come_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let snapshot = dir.path().join("snapshot.redb");
+    let restore = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let (path, snapshot, restore) = (path.clone(), snapshot.clone(), Arc::clone(&restore));
+        move || {
+            // What a crash would have left: the last durable commit.
+            if restore.swap(false, Ordering::SeqCst) {
+                std::fs::copy(&snapshot, &path)?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            redb::backends::FileBackend::new(file).map_err(io::Error::other)
+        }
+    };
+    let options = StoreOptions {
+        segment_max_bytes: 4096,
+        ..StoreOptions::default()
+    };
+    let s = Store::open_with_backend(opener, &super::bodies_dir(&path), options).unwrap();
+    users(&s, &["bob"]);
+    let seqs: Vec<u64> = (0..8u8)
+        .map(|id| stored(&s.append(vec![env("bob", "alice", id, 100, &[id; 1024])])[0]))
+        .collect();
+    // Four bodies a segment: the ack below empties segment 1.
+    assert_eq!(
+        segment_files(&dir),
+        ["0000000000000001.seg", "0000000000000002.seg"]
+    );
+    std::fs::copy(&path, &snapshot).unwrap();
+    let hook_restore = Arc::clone(&restore);
+    AFTER_RELAXED_WRITE.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |s: &Store| {
+            hook_restore.store(true, Ordering::SeqCst);
+            s.inner.failed.store(true, Ordering::SeqCst);
+            s.mailbox_usage("bob").unwrap(); // reopens
+        }));
+    });
+    assert_eq!(s.ack("bob", &seqs[..4]).unwrap(), 4);
+    // The reopen rolled the ack back.
+    assert_eq!(s.pending("bob", 0, 100).unwrap().len(), 8);
+    // A durable commit must not delete segment 1, whose rows are back.
+    users(&s, &["carol"]);
+    assert!(segment_files(&dir).contains(&"0000000000000001.seg".to_owned()));
+    let waiting = s.pending("bob", 0, 100).unwrap();
+    assert_eq!(waiting.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs);
+    assert!(s.check_integrity().unwrap());
+}
+
+/// Review finding 5: `run` retried an operation after any `PreviousIo`,
+/// also one its commit returned. redb refuses the rest of a commit with
+/// `PreviousIo` once an I/O error is latched (by another thread, say),
+/// possibly after the new header reached the file, so the first try may
+/// be committed: the retry answered `UserExists` or `Duplicate` to what the
+/// caller sees as its first try. (A real backend cannot make redb 4.6 do
+/// that on demand: a fresh handle reads the whole file into its cache at
+/// open, so no other thread's read reaches the backend. The operation here
+/// commits, then fails with the `PreviousIo` such a commit returns.)
+#[test]
+fn previous_io_after_a_commit_is_not_retried_but_before_begin_is() {
+    const PROBE: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("probe");
+    let (_dir, s) = store();
+    let runs = std::sync::atomic::AtomicU64::new(0);
+    let result: Result<(), StoreError> = s.run(|db| {
+        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let tx = db.begin_write().map_err(|e| RunError::begin("t", e))?;
+        {
+            let mut table = tx.open_table(PROBE).op("t")?;
+            if table.get("first try").op("t")?.is_some() {
+                // What a retried `create_account` answers.
+                return Err(StoreError::UserExists.into());
+            }
+            table.insert("first try", run).op("t")?;
+        }
+        tx.commit().op("t")?;
+        Err(RunError::Op(classify("t", redb::Error::PreviousIo)))
+    });
+    assert!(
+        matches!(&result, Err(e) if e.is_previous_io()),
+        "{result:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "not retried");
+    // The next operation reopens (and sees the first try committed).
+    assert_eq!(s.mailbox_usage("nobody").unwrap(), (0, 0));
+
+    // Refused before it began: nothing done, so reopened and retried once.
+    let begun = std::sync::atomic::AtomicU64::new(0);
+    let result = s.run(|_db| {
+        if begun.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(RunError::Begin(classify("t", redb::Error::PreviousIo)));
+        }
+        Ok(7)
+    });
+    assert_eq!(result.unwrap(), 7);
+    assert_eq!(begun.load(Ordering::SeqCst), 2);
 }
