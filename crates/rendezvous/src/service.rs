@@ -9,9 +9,21 @@
 //! is answered `Accepted`, and pushed to an online recipient, only after its
 //! own durable commit, many share one fsync under load, and an ack is
 //! applied after every envelope queued before it.
+//!
+//! Live delivery: a 1:1 envelope for a recipient who is online is pushed at
+//! once under a delivery id with [`LIVE_SEQ_BIT`] set, and its sender is
+//! answered `Accepted` when the recipient acknowledges that id (a client
+//! acknowledges only after storing the message itself), without the server
+//! ever writing it. If no acknowledgement comes within
+//! [`ServiceConfig::live_grace`], or the recipient's connection goes, the
+//! envelope is stored like any other before the sender is answered, and a
+//! later acknowledgement of the delivery id deletes the stored copy. Either
+//! way `Accepted` means someone durably holds the message: the recipient, or
+//! the server's mailbox (docs/protocol.md, "Delivery").
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::Duration;
@@ -46,6 +58,10 @@ pub const PREKEY_LOW_WATER: u32 = 20;
 pub const REPLY_BUDGET: usize = messenger_proto::MAX_FRAME_LEN - 8 * 1024;
 /// Allowance per envelope or user for fields besides the body.
 const ITEM_OVERHEAD: usize = 128;
+
+/// Set in the delivery id of an envelope pushed live, before it was stored
+/// (mailbox seqs count up from 1 and never reach it).
+pub const LIVE_SEQ_BIT: u64 = 1 << 63;
 
 /// Most envelopes (plus acknowledged seqs) one group commit holds: large
 /// enough to amortise an fsync over many senders, small enough to bound
@@ -88,6 +104,16 @@ pub struct ServiceConfig {
     pub request_rate: Rate,
     /// Key that checks invitation tokens (`--registration invite`).
     pub invite_key: Option<Secret32>,
+    /// How long a live-delivered envelope waits for the recipient's
+    /// acknowledgement before it is stored instead: 1 s. Far above a
+    /// client's store-then-ack round trip (milliseconds on a LAN, about
+    /// 100-200 ms at the benchmark's saturation), short enough that a
+    /// sender whose recipient stopped reading is answered soon.
+    pub live_grace: Duration,
+    /// Live deliveries one recipient may have unacknowledged at once: 256.
+    /// Beyond it envelopes take the stored path; it bounds what a client
+    /// that never acknowledges can make the server remember.
+    pub live_window: usize,
 }
 
 impl Default for ServiceConfig {
@@ -99,6 +125,8 @@ impl Default for ServiceConfig {
             bundle_rate: Rate::per(30, Duration::from_secs(60), 10),
             request_rate: Rate::per(100, Duration::from_secs(1), 200),
             invite_key: None,
+            live_grace: Duration::from_secs(1),
+            live_window: 256,
         }
     }
 }
@@ -147,6 +175,23 @@ struct Online<P> {
     conn: u64,
     push: P,
     identity: Vec<u8>,
+    /// Envelopes pushed live to this connection and not yet acknowledged,
+    /// by delivery id. Dropped with the connection, which sends every
+    /// waiting sender to the stored path.
+    live: HashMap<u64, Live>,
+}
+
+/// A live delivery the recipient has not acknowledged yet.
+enum Live {
+    /// Pushed; the sender's reply waits for the acknowledgement.
+    Waiting(oneshot::Sender<()>),
+    /// The grace ran out and the envelope is being stored; `acked` when the
+    /// recipient acknowledged it meanwhile (the stored copy is then deleted
+    /// at once).
+    Storing { acked: bool },
+    /// Stored under this mailbox seq, which the recipient's acknowledgement
+    /// of the delivery id deletes.
+    Stored(u64),
 }
 
 /// Work for the group-commit writer, committed in queue order.
@@ -165,9 +210,17 @@ type Appended = (Vec<NewEnvelope>, Vec<Result<AppendOutcome, StoreError>>);
 /// Where a queued append job's outcomes arrive.
 type CommitReceiver = oneshot::Receiver<Appended>;
 
-/// A `Send` whose envelope is queued for the group commit.
-struct QueuedSend {
-    committed: CommitReceiver,
+/// A `Send` on its way.
+enum QueuedSend {
+    /// Its envelope is queued for the group commit.
+    Stored(CommitReceiver),
+    /// Pushed live under `id`; `acked` fires when the recipient
+    /// acknowledges it. The envelope is kept for the stored path.
+    Live {
+        id: u64,
+        acked: oneshot::Receiver<()>,
+        envelope: NewEnvelope,
+    },
 }
 
 /// A pipelined request queued for the group commit.
@@ -187,6 +240,8 @@ pub struct Service<P: PushTarget> {
     bundle_buckets: Mutex<Buckets>,
     request_buckets: Mutex<Buckets>,
     commits: mpsc::SyncSender<CommitJob>,
+    /// The next live delivery id (without [`LIVE_SEQ_BIT`]).
+    next_live: AtomicU64,
 }
 
 impl<P: PushTarget> std::fmt::Debug for Service<P> {
@@ -338,6 +393,7 @@ impl<P: PushTarget> Service<P> {
             clock,
             online: Mutex::new(HashMap::new()),
             commits: tx,
+            next_live: AtomicU64::new(1),
         }
     }
 
@@ -631,6 +687,7 @@ impl<P: PushTarget> Service<P> {
                 conn: s.conn,
                 push: s.push.clone(),
                 identity: account.identity.clone(),
+                live: HashMap::new(),
             },
         );
         if let Some(old) = previous {
@@ -786,6 +843,11 @@ impl<P: PushTarget> Service<P> {
         if seqs.len() > MAX_ACKS {
             return Err(ErrorCode::TooLarge);
         }
+        let (live, mut seqs): (Vec<u64>, Vec<u64>) =
+            seqs.into_iter().partition(|seq| seq & LIVE_SEQ_BIT != 0);
+        if !live.is_empty() {
+            seqs.extend(self.ack_live(me, &live));
+        }
         let (tx, rx) = oneshot::channel();
         if seqs.is_empty() {
             let _ = tx.send(Ok(0));
@@ -794,6 +856,35 @@ impl<P: PushTarget> Service<P> {
                 .await?;
         }
         Ok(rx)
+    }
+
+    /// Applies `me`'s acknowledgements of live delivery ids: a waiting
+    /// sender is answered, one being stored is marked, and the mailbox seqs
+    /// of those already stored are returned for deletion. Ids `me` was not
+    /// given (or no longer waiting) are ignored, like unknown seqs.
+    fn ack_live(&self, me: &str, ids: &[u64]) -> Vec<u64> {
+        let mut stored = Vec::new();
+        let mut online = lock(&self.online);
+        let Some(o) = online.get_mut(me) else {
+            return stored;
+        };
+        for id in ids {
+            match o.live.get_mut(id) {
+                Some(Live::Storing { acked }) => *acked = true,
+                Some(Live::Stored(seq)) => {
+                    stored.push(*seq);
+                    o.live.remove(id);
+                }
+                Some(Live::Waiting(_)) => {
+                    if let Some(Live::Waiting(waiting)) = o.live.remove(id) {
+                        // The sender may have gone; the recipient has it.
+                        let _ = waiting.send(());
+                    }
+                }
+                None => {}
+            }
+        }
+        stored
     }
 
     async fn finish_ack(
@@ -887,16 +978,142 @@ impl<P: PushTarget> Service<P> {
             sent_at: self.now(),
             body: e.body,
         };
+        if let Some((id, acked)) = self.push_live(&new) {
+            return Ok(QueuedSend::Live {
+                id,
+                acked,
+                envelope: new,
+            });
+        }
         let (tx, committed) = oneshot::channel();
         self.enqueue(CommitJob::Append(vec![new], tx)).await?;
-        Ok(QueuedSend { committed })
+        Ok(QueuedSend::Stored(committed))
     }
 
-    /// Waits for a queued `Send`'s commit, pushes the envelope to its
-    /// recipient if they are online now (the writer hands the envelope
+    /// Pushes `new` to its recipient under a fresh delivery id if they are
+    /// online, keep up, and have room in their live window; None otherwise
+    /// (the envelope then takes the stored path).
+    fn push_live(&self, new: &NewEnvelope) -> Option<(u64, oneshot::Receiver<()>)> {
+        let mut online = lock(&self.online);
+        let o = online.get_mut(&new.recipient)?;
+        if o.live.len() >= self.config.live_window {
+            return None;
+        }
+        let id = LIVE_SEQ_BIT | self.next_live.fetch_add(1, Ordering::Relaxed);
+        let pushed = o.push.push(Push::Envelope(Envelope {
+            seq: id,
+            from: new.sender.clone(),
+            from_device: DEFAULT_DEVICE,
+            group: None,
+            id: new.message_id,
+            sent_at: new.sent_at,
+            body: new.body.clone(),
+        }));
+        if !pushed {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        o.live.insert(id, Live::Waiting(tx));
+        Some((id, rx))
+    }
+
+    /// Waits for the recipient's acknowledgement of a live delivery; when
+    /// none comes within the grace (or the recipient's connection went),
+    /// stores the envelope and answers once it is durable.
+    async fn finish_live(
+        &self,
+        id: u64,
+        mut acked: oneshot::Receiver<()>,
+        envelope: NewEnvelope,
+    ) -> Result<Reply, ErrorCode> {
+        let delivered = Reply::Accepted {
+            seq: id,
+            duplicate: false,
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(self.config.live_grace, &mut acked).await {
+            return Ok(delivered);
+        }
+        let recipient = envelope.recipient.clone();
+        {
+            let mut online = lock(&self.online);
+            if let Some(entry) = online.get_mut(&recipient).and_then(|o| o.live.get_mut(&id)) {
+                // Still waiting (an acknowledgement removes the entry).
+                *entry = Live::Storing { acked: false };
+            } else if acked.try_recv().is_ok() {
+                // Acknowledged between the timeout and the lock.
+                return Ok(delivered);
+            }
+        }
+        let (tx, committed) = oneshot::channel();
+        self.enqueue(CommitJob::Append(vec![envelope], tx)).await?;
+        let (mut envelopes, mut results) = committed.await.map_err(|_| ErrorCode::Internal)?;
+        let outcome = results
+            .pop()
+            .ok_or(ErrorCode::Internal)?
+            .map_err(store_error)?;
+        let (seq, duplicate) = match outcome {
+            AppendOutcome::Stored { seq } => (seq, false),
+            AppendOutcome::Duplicate { seq } => (seq, true),
+        };
+        let acked_meanwhile = {
+            let mut online = lock(&self.online);
+            match online.get_mut(&recipient) {
+                Some(o) => match o.live.get_mut(&id) {
+                    Some(Live::Storing { acked: true }) => {
+                        o.live.remove(&id);
+                        true
+                    }
+                    Some(entry) => {
+                        *entry = Live::Stored(seq);
+                        false
+                    }
+                    None => {
+                        // The connection the envelope was pushed to is gone
+                        // and the recipient is back on a new one: push the
+                        // stored copy there, as the stored path does.
+                        if let (false, Some(new)) = (duplicate, envelopes.pop()) {
+                            o.push.push(Push::Envelope(Envelope {
+                                seq,
+                                from: new.sender,
+                                from_device: DEFAULT_DEVICE,
+                                group: None,
+                                id: new.message_id,
+                                sent_at: new.sent_at,
+                                body: new.body,
+                            }));
+                        }
+                        false
+                    }
+                },
+                None => false,
+            }
+        };
+        if acked_meanwhile {
+            // The recipient holds it: delete the stored copy (relaxed, like
+            // any ack; should it be lost, the copy is delivered again and
+            // the client drops the duplicate).
+            let done = self.queue_ack(&recipient, vec![seq]).await?;
+            if let Err(e) = Self::finish_ack(done).await {
+                tracing::warn!(error = ?e, "deleting a stored copy the recipient acknowledged");
+            }
+        }
+        Ok(Reply::Accepted { seq, duplicate })
+    }
+
+    /// Waits for a live delivery's acknowledgement ([`Service::finish_live`])
+    /// or a queued `Send`'s commit; after a commit, pushes the envelope to
+    /// its recipient if they are online now (the writer hands the envelope
     /// back, so the body is moved into the push, not copied), and answers.
     async fn finish_send(&self, q: QueuedSend) -> Result<Reply, ErrorCode> {
-        let (mut envelopes, mut results) = q.committed.await.map_err(|_| ErrorCode::Internal)?;
+        let committed = match q {
+            QueuedSend::Stored(committed) => committed,
+            QueuedSend::Live {
+                id,
+                acked,
+                envelope,
+            } => return self.finish_live(id, acked, envelope).await,
+        };
+        let (mut envelopes, mut results) = committed.await.map_err(|_| ErrorCode::Internal)?;
         let outcome = results
             .pop()
             .ok_or(ErrorCode::Internal)?

@@ -16,7 +16,9 @@ use messenger_proto::msg::{
     UserInfo, announcement_signed_bytes, roster_signed_bytes,
 };
 use messenger_rendezvous::rate::Rate;
-use messenger_rendezvous::service::{Clock, PushTarget, Service, ServiceConfig, Session};
+use messenger_rendezvous::service::{
+    Clock, LIVE_SEQ_BIT, PushTarget, Service, ServiceConfig, Session,
+};
 use messenger_rendezvous::store::{Store, StoreOptions};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -83,6 +85,8 @@ fn fast_config() -> ServiceConfig {
         send_rate: Rate::per(100_000, Duration::from_secs(1), 100_000),
         bundle_rate: Rate::per(100_000, Duration::from_secs(1), 100_000),
         request_rate: Rate::per(100_000, Duration::from_secs(1), 100_000),
+        // Recipients in these tests acknowledge only when a test says so.
+        live_grace: Duration::from_millis(200),
         ..ServiceConfig::default()
     }
 }
@@ -1166,8 +1170,9 @@ async fn pipelined_sends_and_acks_go_through_the_group_commit_in_order() {
     assert!(Service::<Pushes>::pipelines(&Request::Ack {
         seqs: vec![1]
     }));
-    // Several sends begun before any completes; each is pushed to the
-    // online recipient once committed, in order.
+    // Several sends begun before any completes; each is pushed live to the
+    // online recipient at once, in order, and stored in order once bob has
+    // not acknowledged within the grace.
     let mut replies = Vec::new();
     for i in 1..=4u8 {
         replies.push(
@@ -1188,14 +1193,20 @@ async fn pipelined_sends_and_acks_go_through_the_group_commit_in_order() {
         seqs.push(seq);
     }
     assert!(seqs.windows(2).all(|p| p[0] < p[1]), "{seqs:?}");
-    let pushed: Vec<u64> = drain(&mut b)
+    assert!(seqs.iter().all(|s| s & LIVE_SEQ_BIT == 0), "{seqs:?}");
+    let pushed: Vec<(u64, u8)> = drain(&mut b)
         .into_iter()
         .filter_map(|p| match p {
-            Push::Envelope(e) => Some(e.seq),
+            Push::Envelope(e) => Some((e.seq, e.body[0])),
             _ => None,
         })
         .collect();
-    assert_eq!(pushed, seqs);
+    assert_eq!(
+        pushed.iter().map(|p| p.1).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(pushed.iter().all(|p| p.0 & LIVE_SEQ_BIT != 0), "{pushed:?}");
+    let live: Vec<u64> = pushed.iter().map(|p| p.0).collect();
     // A pipelined ack: too many seqs is refused; a valid one deletes once
     // its commit is done, and another user's ack deletes nothing.
     let too_many = Request::Ack {
@@ -1211,8 +1222,9 @@ async fn pipelined_sends_and_acks_go_through_the_group_commit_in_order() {
         Ok(Reply::Ok)
     );
     assert_eq!(w.service.store().pending("bob", 0, 10).unwrap().len(), 4);
+    // Acknowledging the delivery ids deletes the stored copies.
     let mine = Request::Ack {
-        seqs: seqs[..3].to_vec(),
+        seqs: live[..3].to_vec(),
     };
     assert_eq!(
         w.service.begin(&mut b.session, mine).await.await,
@@ -1237,4 +1249,229 @@ async fn pipelined_sends_and_acks_go_through_the_group_commit_in_order() {
             .await,
         Err(ErrorCode::NotAuthenticated)
     );
+}
+
+/// The live envelopes pushed to `c` so far: (delivery id, first body byte).
+fn live_pushes(c: &mut Conn) -> Vec<(u64, u8)> {
+    drain(c)
+        .into_iter()
+        .filter_map(|p| match p {
+            Push::Envelope(e) => Some((e.seq, e.body[0])),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Live delivery: an envelope for an online recipient is pushed at once
+/// under a delivery id, its sender is answered only when the recipient
+/// acknowledges that id, and nothing of it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_delivery_is_answered_by_the_recipients_ack_and_never_stored() {
+    let config = ServiceConfig {
+        live_grace: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let w = World::new(config);
+    let (alice, bob) = (user("alice", 40, 0), user("bob", 41, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut a);
+    drain(&mut b);
+    let reply = w
+        .service
+        .begin(&mut a.session, send("bob", 1, &[7; 8]))
+        .await;
+    let reply = tokio::spawn(reply);
+    let pushed = live_pushes(&mut b);
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    let (id, body) = pushed[0];
+    assert!(id & LIVE_SEQ_BIT != 0 && body == 7, "{pushed:?}");
+    assert!(w.service.store().pending("bob", 0, 10).unwrap().is_empty());
+    // Unanswered until bob acknowledges; alice acknowledging bob's id
+    // changes nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!reply.is_finished());
+    assert_eq!(
+        w.ask(&mut a, Request::Ack { seqs: vec![id] }).await,
+        Ok(Reply::Ok)
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!reply.is_finished());
+    assert_eq!(
+        w.ask(&mut b, Request::Ack { seqs: vec![id] }).await,
+        Ok(Reply::Ok)
+    );
+    let answered = tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .expect("answered after the ack")
+        .unwrap();
+    assert_eq!(
+        answered,
+        Ok(Reply::Accepted {
+            seq: id,
+            duplicate: false
+        })
+    );
+    assert!(w.service.store().pending("bob", 0, 10).unwrap().is_empty());
+    assert_eq!(w.service.store().mailbox_usage("bob").unwrap().0, 0);
+    // A second ack of the same id is harmless.
+    assert_eq!(
+        w.ask(&mut b, Request::Ack { seqs: vec![id] }).await,
+        Ok(Reply::Ok)
+    );
+    // Delivery ids are never reused.
+    let _unanswered = w
+        .service
+        .begin(&mut a.session, send("bob", 2, &[8; 8]))
+        .await;
+    let next = live_pushes(&mut b);
+    assert!(next.len() == 1 && next[0].0 != id, "{next:?}");
+}
+
+/// No ack within the grace: the envelope is stored before the sender is
+/// answered, and the recipient's later ack of the delivery id deletes the
+/// stored copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_live_delivery_is_stored_after_the_grace() {
+    let w = World::new(fast_config());
+    let (alice, bob) = (user("alice", 42, 0), user("bob", 43, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+    let Ok(Reply::Accepted {
+        seq,
+        duplicate: false,
+    }) = w.ask(&mut a, send("bob", 1, &[5; 8])).await
+    else {
+        panic!("not accepted")
+    };
+    assert_eq!(seq & LIVE_SEQ_BIT, 0, "answered with the mailbox seq");
+    let stored = w.service.store().pending("bob", 0, 10).unwrap();
+    assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![seq]);
+    let pushed = live_pushes(&mut b);
+    assert_eq!(pushed.len(), 1, "pushed once, live: {pushed:?}");
+    assert_eq!(
+        w.ask(
+            &mut b,
+            Request::Ack {
+                seqs: vec![pushed[0].0]
+            }
+        )
+        .await,
+        Ok(Reply::Ok)
+    );
+    assert!(w.service.store().pending("bob", 0, 10).unwrap().is_empty());
+}
+
+/// The recipient's connection goes before it acknowledges: the sender is
+/// answered once the envelope is stored (without waiting out the grace),
+/// and the recipient finds it in the mailbox; if the recipient is already
+/// back on a new connection, the stored copy is pushed there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_delivery_to_a_connection_that_goes_is_stored() {
+    let config = ServiceConfig {
+        live_grace: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let w = World::new(config);
+    let (alice, bob) = (user("alice", 44, 0), user("bob", 45, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+
+    // Disconnect.
+    let reply = tokio::spawn(
+        w.service
+            .begin(&mut a.session, send("bob", 1, &[1; 8]))
+            .await,
+    );
+    assert_eq!(live_pushes(&mut b).len(), 1);
+    w.service.disconnect(&b.session);
+    let answered = tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .expect("answered well before the grace")
+        .unwrap();
+    let Ok(Reply::Accepted { seq: first, .. }) = answered else {
+        panic!("{answered:?}")
+    };
+    assert_eq!(first & LIVE_SEQ_BIT, 0);
+
+    // Replaced by a new login while the delivery waits.
+    let mut b2 = w.login(&bob).await;
+    drain(&mut b2);
+    let reply = tokio::spawn(
+        w.service
+            .begin(&mut a.session, send("bob", 2, &[2; 8]))
+            .await,
+    );
+    assert_eq!(live_pushes(&mut b2).len(), 1);
+    let mut b3 = w.login(&bob).await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .expect("answered well before the grace")
+        .unwrap();
+    let Ok(Reply::Accepted { seq: second, .. }) = answered else {
+        panic!("{answered:?}")
+    };
+    assert_eq!(second & LIVE_SEQ_BIT, 0);
+    let again: Vec<(u64, u8)> = live_pushes(&mut b3);
+    assert!(again.contains(&(second, 2)), "{again:?}");
+    let waiting: Vec<u64> = w
+        .service
+        .store()
+        .pending("bob", 0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(waiting, vec![first, second]);
+}
+
+/// A recipient that never acknowledges fills its live window; further
+/// envelopes take the stored path at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_live_window_sends_envelopes_to_the_mailbox() {
+    let config = ServiceConfig {
+        live_grace: Duration::from_secs(30),
+        live_window: 2,
+        ..fast_config()
+    };
+    let w = World::new(config);
+    let (alice, bob) = (user("alice", 46, 0), user("bob", 47, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+    let mut waiting = Vec::new();
+    for i in 1..=2u8 {
+        waiting.push(tokio::spawn(
+            w.service
+                .begin(&mut a.session, send("bob", i, &[i; 8]))
+                .await,
+        ));
+    }
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        w.ask(&mut a, send("bob", 3, &[3; 8])),
+    )
+    .await
+    .expect("the third is stored, not held");
+    let Ok(Reply::Accepted { seq, .. }) = third else {
+        panic!("{third:?}")
+    };
+    assert_eq!(seq & LIVE_SEQ_BIT, 0);
+    let pushed = live_pushes(&mut b);
+    assert_eq!(
+        pushed.iter().map(|p| p.1).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(pushed[2].0 == seq && pushed[0].0 & LIVE_SEQ_BIT != 0);
+    assert!(waiting.iter().all(|r| !r.is_finished()));
 }
