@@ -15,7 +15,11 @@
 //!   client registers and logs in (channel-binding signature); senders
 //!   send `Send` envelopes, recipients get them as `Push::Envelope` and ack
 //!   them (one `Ack` in flight per recipient, covering every envelope read
-//!   since the previous one), as a client does after delivery.
+//!   since the previous one), as a client does after delivery. The
+//!   recipients are online and acknowledge within the grace, so this is the
+//!   live-delivery path (docs/protocol.md §4): a sender is answered when its
+//!   partner acknowledged, and nothing is written to disk; the stored path
+//!   is the `server` bench's `store` scenario.
 //! - **bare**: a quinn server with the same `net::tls_config` and
 //!   `net::quinn_config` (so the same transport settings), one bidi stream
 //!   per connection, that forwards each length-prefixed frame from a
@@ -291,7 +295,7 @@ impl System {
 
     fn label(self) -> &'static str {
         match self {
-            System::Ours => "ours (Send → Push::Envelope → Ack, durable)",
+            System::Ours => "ours (Send → live Push::Envelope → Ack → Accepted)",
             System::Bare => "bare quinn relay probe",
             System::Redis => "redis pub/sub",
         }

@@ -1017,11 +1017,12 @@ async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
     let bound = limits.login_timeout + Duration::from_secs(3);
     let endpoint = client_endpoint(&fp);
 
-    // The preface and nothing else.
-    let conn = connect_raw(&endpoint, addr).await.unwrap();
-    // The server's deadline starts when its side of the handshake
-    // completes, which is after the client's.
+    // The preface and nothing else. Each `since` is taken before the
+    // client starts its handshake: the server's deadline starts when its
+    // own side of the handshake is done, which can come a little before the
+    // client's (once seen 2 ms before: a 498 ms close for a 500 ms limit).
     let since = Instant::now();
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
     let silent = TestClient::on(endpoint.clone(), conn).await;
     let (code, took) = closed_after(&silent.conn, since, bound).await;
     assert_eq!(code, login_timeout_code(), "preface only");
@@ -1032,8 +1033,8 @@ async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
 
     // A registration is served before login, but is not a login.
     let carol = person("carol", 21);
-    let conn = connect_raw(&endpoint, addr).await.unwrap();
     let since = Instant::now();
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
     let mut registering = TestClient::on(endpoint.clone(), conn).await;
     assert_eq!(registering.request(register(&carol)).await, Ok(Reply::Ok));
     let (code, took) = closed_after(&registering.conn, since, bound).await;
@@ -1041,8 +1042,8 @@ async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
     assert!(took >= limits.login_timeout, "register only: {took:?}");
 
     // A failed login is not a login either.
-    let conn = connect_raw(&endpoint, addr).await.unwrap();
     let since = Instant::now();
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
     let mut failing = TestClient::on(endpoint.clone(), conn).await;
     let bad = failing
         .request(Request::Login(Login {
