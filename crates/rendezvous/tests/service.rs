@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -99,6 +101,19 @@ impl World {
     fn with_store(config: ServiceConfig, options: StoreOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db.redb"), options).unwrap();
+        Self::on(config, dir, store)
+    }
+
+    /// A service over a store whose `fsync`s `fault` controls.
+    fn with_fault(config: ServiceConfig, fault: &Arc<common::Fault>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            common::open_faulty(&dir.path().join("db.redb"), fault, StoreOptions::default())
+                .unwrap();
+        Self::on(config, dir, store)
+    }
+
+    fn on(config: ServiceConfig, dir: tempfile::TempDir, store: Store) -> Self {
         let now = Arc::new(AtomicU64::new(1_700_000_000_000));
         let clock_now = Arc::clone(&now);
         let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
@@ -1474,4 +1489,71 @@ async fn a_full_live_window_sends_envelopes_to_the_mailbox() {
     );
     assert!(pushed[2].0 == seq && pushed[0].0 & LIVE_SEQ_BIT != 0);
     assert!(waiting.iter().all(|r| !r.is_finished()));
+}
+
+/// The recipient acknowledges a live delivery while it is being stored
+/// (the grace ran out, and the commit is held at its `fsync`): once the
+/// commit is done the stored copy is deleted at once, and the sender is
+/// answered with its mailbox seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_delivery_acknowledged_while_it_is_stored_is_deleted_after_the_commit() {
+    let fault = Arc::new(common::Fault::default());
+    let config = ServiceConfig {
+        live_grace: Duration::from_millis(50),
+        ..fast_config()
+    };
+    let w = World::with_fault(config, &fault);
+    let (alice, bob) = (user("alice", 48, 0), user("bob", 49, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+    fault.hold_syncs();
+    let reply = tokio::spawn(
+        w.service
+            .begin(&mut a.session, send("bob", 1, &[9; 8]))
+            .await,
+    );
+    let pushed = live_pushes(&mut b);
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    // The grace runs out; the fallback commit waits in its fsync.
+    let held = {
+        let fault = Arc::clone(&fault);
+        tokio::task::spawn_blocking(move || fault.wait_for_held_sync(Duration::from_secs(10)))
+            .await
+            .unwrap()
+    };
+    assert!(held, "the fallback commit reached its fsync");
+    // An ack of a live delivery alone needs no commit: answered at once.
+    let acked = tokio::time::timeout(
+        Duration::from_secs(5),
+        w.ask(
+            &mut b,
+            Request::Ack {
+                seqs: vec![pushed[0].0],
+            },
+        ),
+    )
+    .await
+    .expect("answered without a commit");
+    assert_eq!(acked, Ok(Reply::Ok));
+    assert!(!reply.is_finished());
+    fault.release_syncs();
+    let answered = tokio::time::timeout(Duration::from_secs(10), reply)
+        .await
+        .expect("answered after the commit")
+        .unwrap();
+    let Ok(Reply::Accepted {
+        seq,
+        duplicate: false,
+    }) = answered
+    else {
+        panic!("{answered:?}")
+    };
+    assert_eq!(seq & LIVE_SEQ_BIT, 0);
+    assert!(
+        w.service.store().pending("bob", 0, 10).unwrap().is_empty(),
+        "the stored copy of an acknowledged delivery is deleted"
+    );
 }

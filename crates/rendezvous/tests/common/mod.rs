@@ -1,6 +1,7 @@
 //! Shared pieces of the store tests: a redb storage backend over a file
 //! that injects faults (a full disk after N bytes, an `fsync` that fails
-//! after it synced, or one that panics).
+//! after it synced, or one that panics), or holds every `fsync` until the
+//! test lets it go.
 
 #![allow(
     dead_code,
@@ -15,8 +16,9 @@ use std::fs::OpenOptions;
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use messenger_rendezvous::store::{StorageBackend, Store, StoreError, StoreOptions, bodies_dir};
 use redb::backends::FileBackend;
@@ -36,6 +38,11 @@ pub struct Fault {
     /// is the one of a commit, panics (before it syncs).
     panic_on_sync: AtomicBool,
     header_written: AtomicBool,
+    /// While true, `sync_data` waits (a commit that cannot finish).
+    held: Mutex<bool>,
+    let_go: Condvar,
+    /// `sync_data` calls waiting in a hold right now.
+    waiting: AtomicU64,
 }
 
 impl Fault {
@@ -62,6 +69,43 @@ impl Fault {
     pub fn panic_in_next_commit(&self) {
         self.header_written.store(false, Ordering::SeqCst);
         self.panic_on_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on every `sync_data` waits until [`Fault::release_syncs`].
+    pub fn hold_syncs(&self) {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    }
+
+    pub fn release_syncs(&self) {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        self.let_go.notify_all();
+    }
+
+    /// Waits (at most `limit`) until a `sync_data` is held; false if none
+    /// came.
+    pub fn wait_for_held_sync(&self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while self.waiting.load(Ordering::SeqCst) == 0 {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    fn wait_while_held(&self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if *held {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            while *held {
+                held = self
+                    .let_go
+                    .wait(held)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Takes `bytes` from the budget, or fails like a full disk.
@@ -107,6 +151,7 @@ impl StorageBackend for FaultBackend {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.fault.wait_while_held();
         if self.fault.header_written.load(Ordering::SeqCst)
             && self.fault.panic_on_sync.swap(false, Ordering::SeqCst)
         {
