@@ -610,6 +610,124 @@ fn nothing_acknowledged_is_lost_across_kill_9() {
     );
 }
 
+/// Live delivery across `kill -9`: bob is online and acknowledges each push
+/// after keeping it (as a client does after its own commit; here the test's
+/// memory, which outlives the server). Every send alice was told `Accepted`
+/// is with bob afterwards: received live before the kill, or waiting in his
+/// mailbox after the restart. Some are answered with a live delivery id
+/// (top bit set, docs/protocol.md §4), so the live path ran.
+#[test]
+fn nothing_acknowledged_is_lost_across_kill_9_with_the_recipient_online() {
+    use messenger_proto::msg::{ClientFrame, ServerFrame};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (person("alice"), person("bob"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let pid = server.child.id();
+    let received: Arc<Mutex<Vec<[u8; 16]>>> = Arc::default();
+    let (accepted, live) = runtime.block_on(async {
+        let received = Arc::clone(&received);
+        let mut b = connect_as(&bob, addr, &fp, true).await;
+        let mut a = connect_as(&alice, addr, &fp, true).await;
+        let kept = Arc::clone(&received);
+        let bob_task = tokio::spawn(async move {
+            let mut id = 1u32 << 20;
+            while let Ok(frame) = b.frame().await {
+                let ServerFrame::Push(Push::Envelope(e)) = frame else {
+                    continue;
+                };
+                // Keeping takes a while (a client's commit), so a kill
+                // finds pushes that bob has not kept yet: a server that
+                // answered before bob's ack would lose those.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                kept.lock().unwrap().push(e.id);
+                id += 1;
+                let ack = messenger_proto::encode(&ClientFrame {
+                    id,
+                    request: Request::Ack { seqs: vec![e.seq] },
+                })
+                .unwrap();
+                if b.send.write_all(&ack).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // The kill lands 100-250 ms after sending starts: after some sends
+        // were answered (each waits for bob's 5 ms), before all 150 were.
+        let delay = rand::rng().random_range(100..250);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay));
+            let status = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        });
+        let (mut accepted, mut live) = (Vec::new(), 0usize);
+        for i in 0u32..150 {
+            let id: [u8; 16] = rand::rng().random();
+            let send = a.send_request(Request::Send(OutgoingEnvelope {
+                to: "bob".into(),
+                to_device: 1,
+                id,
+                body: [&i.to_be_bytes()[..], &[0xCD; 1020]].concat(),
+            }));
+            let Ok(sent_id) = tokio::time::timeout(Duration::from_secs(1), send).await else {
+                break;
+            };
+            let reply = loop {
+                match tokio::time::timeout(Duration::from_secs(2), a.frame()).await {
+                    Ok(Ok(ServerFrame::Reply { id: rid, result })) if rid == sent_id => {
+                        break Some(result);
+                    }
+                    Ok(Ok(_)) => continue,
+                    _ => break None,
+                }
+            };
+            match reply {
+                Some(Ok(Reply::Accepted { seq, .. })) => {
+                    if seq >> 63 == 1 {
+                        // Answered with the delivery id: bob has kept it.
+                        assert!(
+                            received.lock().unwrap().contains(&id),
+                            "a live delivery was accepted before bob kept it"
+                        );
+                        live += 1;
+                    }
+                    accepted.push(id);
+                }
+                Some(other) => panic!("a send was refused: {other:?}"),
+                None => break,
+            }
+        }
+        killer.join().unwrap();
+        // Whatever bob was given live he kept before acknowledging it.
+        bob_task.abort();
+        (accepted, live)
+    });
+    drop(server);
+    eprintln!(
+        "{} accepted before the kill, {live} of them live",
+        accepted.len()
+    );
+    assert!(live > 0, "no send took the live path");
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let stored = runtime.block_on(pull_all_ids(&bob, addr, &fp));
+    terminate(server);
+    let received = received.lock().unwrap();
+    let with_bob: std::collections::HashSet<&[u8; 16]> =
+        received.iter().chain(stored.iter()).collect();
+    let lost = accepted.iter().filter(|id| !with_bob.contains(id)).count();
+    assert_eq!(
+        lost,
+        0,
+        "{lost} of {} acknowledged envelopes lost",
+        accepted.len()
+    );
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
