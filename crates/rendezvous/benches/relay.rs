@@ -64,7 +64,7 @@ use messenger_proto::{FrameDecoder, decode, encode};
 use messenger_rendezvous::limits::Limits;
 use messenger_rendezvous::rate::Rate;
 use messenger_rendezvous::server::ServerConfig;
-use messenger_rendezvous::service::{PREKEY_LOW_WATER, ServiceConfig};
+use messenger_rendezvous::service::{LIVE_SEQ_BIT, PREKEY_LOW_WATER, ServiceConfig};
 use messenger_rendezvous::store::StoreOptions;
 use messenger_rendezvous::tls::ServerIdentity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -313,6 +313,9 @@ struct Run {
     latencies: RefCell<Vec<u32>>,
     /// Refused sends, failed acks, broken streams.
     errors: Cell<u64>,
+    /// `Accepted` replies with a mailbox seq: sends that fell back from
+    /// live delivery to the stored path (ours only).
+    stored: Cell<u64>,
 }
 
 impl Run {
@@ -325,6 +328,7 @@ impl Run {
             delivered: Cell::new(0),
             latencies: RefCell::new(Vec::with_capacity(1 << 20)),
             errors: Cell::new(0),
+            stored: Cell::new(0),
         })
     }
 
@@ -395,6 +399,8 @@ struct Outcome {
     /// Sent but not read by the end of the drain.
     lost: u64,
     errors: u64,
+    /// See [`Run::stored`].
+    stored: u64,
     connect_s: f64,
     /// UDP datagrams the server's and the load generator's sockets dropped
     /// (receive buffer full) during the traffic; None for TCP.
@@ -464,6 +470,7 @@ async fn measure(
         per_cpu_s: delivered as f64 / cpu_s,
         lost,
         errors: run.errors.get(),
+        stored: run.stored.get(),
         connect_s,
         drops,
     }
@@ -561,6 +568,10 @@ async fn ours_run(people: Rc<Vec<Person>>) -> Outcome {
             let mut dec = FrameDecoder::new();
             while let Some(frame) = read_frame(&mut recv, &mut dec).await {
                 match frame {
+                    ServerFrame::Reply {
+                        result: Ok(Reply::Accepted { seq, .. }),
+                        ..
+                    } if seq & LIVE_SEQ_BIT == 0 => r.stored.set(r.stored.get() + 1),
                     ServerFrame::Reply {
                         result: Ok(Reply::Accepted { .. }),
                         ..
@@ -973,9 +984,14 @@ async fn relay_scenario(systems: Vec<System>) {
             let socket_drops = o.drops.map_or_else(String::new, |(s, c)| {
                 format!(" (server socket {s}, load generator socket {c})")
             });
+            let fell_back = if *system == System::Ours {
+                format!(" ({} sends answered from the mailbox, not live)", o.stored)
+            } else {
+                String::new()
+            };
             println!(
                 "   [{}] run {}: {:.0} delivered msgs/s, latency p50 {:.2} ms p99 {:.2} ms, \
-                 server CPU {:.2} s ({:.0} msgs per server CPU-second), {} lost, {} errors, \
+                 server CPU {:.2} s ({:.0} msgs per server CPU-second), {} lost, {} errors{fell_back}, \
                  connected in {:.1} s, {drops} UDP datagrams dropped{socket_drops}, \
                  load average before {load}",
                 system.key(),
