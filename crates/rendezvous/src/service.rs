@@ -1044,13 +1044,17 @@ impl<P: PushTarget> Service<P> {
                 return Ok(delivered);
             }
         }
-        let (tx, committed) = oneshot::channel();
-        self.enqueue(CommitJob::Append(vec![envelope], tx)).await?;
-        let (mut envelopes, mut results) = committed.await.map_err(|_| ErrorCode::Internal)?;
-        let outcome = results
-            .pop()
-            .ok_or(ErrorCode::Internal)?
-            .map_err(store_error)?;
+        let (outcome, mut envelopes) = match self.store_one(envelope).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Nothing to map the delivery id to: forget it, so that it
+                // does not hold a place in the recipient's live window.
+                if let Some(o) = lock(&self.online).get_mut(&recipient) {
+                    o.live.remove(&id);
+                }
+                return Err(e);
+            }
+        };
         let (seq, duplicate) = match outcome {
             AppendOutcome::Stored { seq } => (seq, false),
             AppendOutcome::Duplicate { seq } => (seq, true),
@@ -1098,6 +1102,22 @@ impl<P: PushTarget> Service<P> {
             }
         }
         Ok(Reply::Accepted { seq, duplicate })
+    }
+
+    /// Stores one envelope through the group commit; its outcome, and the
+    /// envelope back from the writer.
+    async fn store_one(
+        &self,
+        envelope: NewEnvelope,
+    ) -> Result<(AppendOutcome, Vec<NewEnvelope>), ErrorCode> {
+        let (tx, committed) = oneshot::channel();
+        self.enqueue(CommitJob::Append(vec![envelope], tx)).await?;
+        let (envelopes, mut results) = committed.await.map_err(|_| ErrorCode::Internal)?;
+        let outcome = results
+            .pop()
+            .ok_or(ErrorCode::Internal)?
+            .map_err(store_error)?;
+        Ok((outcome, envelopes))
     }
 
     /// Waits for a live delivery's acknowledgement ([`Service::finish_live`])

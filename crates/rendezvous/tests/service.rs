@@ -1557,3 +1557,43 @@ async fn a_live_delivery_acknowledged_while_it_is_stored_is_deleted_after_the_co
         "the stored copy of an acknowledged delivery is deleted"
     );
 }
+
+/// A live delivery whose fallback store fails (disk full) answers the
+/// sender with the error and gives its place in the recipient's live window
+/// back: the next envelope is delivered live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fallback_frees_its_place_in_the_live_window() {
+    let fault = Arc::new(common::Fault::default());
+    let config = ServiceConfig {
+        live_grace: Duration::from_millis(50),
+        live_window: 1,
+        ..fast_config()
+    };
+    let w = World::with_fault(config, &fault);
+    let (alice, bob) = (user("alice", 50, 0), user("bob", 51, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+    fault.arm(0);
+    assert_eq!(
+        w.ask(&mut a, send("bob", 1, &[1; 8])).await,
+        Err(ErrorCode::StorageFull)
+    );
+    fault.disarm();
+    let first = live_pushes(&mut b);
+    assert!(
+        first.len() == 1 && first[0].0 & LIVE_SEQ_BIT != 0,
+        "{first:?}"
+    );
+    let _waiting = w
+        .service
+        .begin(&mut a.session, send("bob", 2, &[2; 8]))
+        .await;
+    let second = live_pushes(&mut b);
+    assert!(
+        second.len() == 1 && second[0].0 & LIVE_SEQ_BIT != 0,
+        "pushed live again: {second:?}"
+    );
+}
