@@ -991,3 +991,71 @@ fn sigterm_under_load_exits_cleanly_and_keeps_every_accepted_message() {
     }
     terminate(server);
 }
+
+/// Sends 16 pipelined envelopes to `to`, then reads frames, acknowledging
+/// every envelope pushed to it (after its sends, as a client that reads its
+/// pushes does), until all 16 sends are answered; returns how many were
+/// answered with a live delivery id.
+async fn send_16_and_ack_pushes(mut c: TestClient, to: &str) -> usize {
+    use messenger_proto::msg::ServerFrame;
+    let mut sends = std::collections::HashSet::new();
+    for i in 0u8..16 {
+        let id = c
+            .send_request(Request::Send(OutgoingEnvelope {
+                to: to.into(),
+                to_device: 1,
+                id: [i; 16],
+                body: vec![i; 64],
+            }))
+            .await;
+        sends.insert(id);
+    }
+    let mut live = 0;
+    while !sends.is_empty() {
+        match c.frame().await {
+            Ok(ServerFrame::Push(Push::Envelope(e))) => {
+                c.send_request(Request::Ack { seqs: vec![e.seq] }).await;
+            }
+            Ok(ServerFrame::Reply { id, result }) if sends.remove(&id) => {
+                let Ok(Reply::Accepted { seq, .. }) = result else {
+                    panic!("a send was refused: {result:?}")
+                };
+                live += usize::from(seq >> 63 == 1);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{} sends unanswered: {e}", sends.len()),
+        }
+    }
+    live
+}
+
+/// Two clients with full pipelines waiting on each other: alice and bob
+/// each send 16 pipelined envelopes to the other and acknowledge what is
+/// pushed to them. Their acknowledgements queue behind their own sends,
+/// which the server does not read past while `MAX_PIPELINED` (16) replies
+/// are pending, and each of those replies waits for the other's
+/// acknowledgement: only the grace (1 s) breaks the wait. It must break it
+/// once for the whole pipeline, not once per envelope (16 s).
+#[test]
+fn two_full_pipelines_waiting_on_each_other_are_freed_by_one_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (person("alice"), person("bob"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let took = runtime.block_on(async {
+        let a = connect_as(&alice, addr, &fp, true).await;
+        let b = connect_as(&bob, addr, &fp, true).await;
+        let started = std::time::Instant::now();
+        let a = tokio::spawn(send_16_and_ack_pushes(a, "bob"));
+        let b = tokio::spawn(send_16_and_ack_pushes(b, "alice"));
+        let live = a.await.unwrap() + b.await.unwrap();
+        let took = started.elapsed();
+        eprintln!("32 sends answered in {took:?}, {live} live");
+        took
+    });
+    terminate(server);
+    assert!(
+        took < Duration::from_secs(6),
+        "32 sends took {took:?}: a grace per envelope, not per pipeline"
+    );
+}
