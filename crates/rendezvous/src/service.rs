@@ -215,10 +215,14 @@ enum QueuedSend {
     /// Its envelope is queued for the group commit.
     Stored(CommitReceiver),
     /// Pushed live under `id`; `acked` fires when the recipient
-    /// acknowledges it. The envelope is kept for the stored path.
+    /// acknowledges it, or the envelope takes the stored path at `deadline`
+    /// (the push plus the grace: fixed here, because the network layer
+    /// first polls a pipelined reply only once the replies before it are
+    /// out). The envelope is kept for the stored path.
     Live {
         id: u64,
         acked: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
         envelope: NewEnvelope,
     },
 }
@@ -982,6 +986,7 @@ impl<P: PushTarget> Service<P> {
             return Ok(QueuedSend::Live {
                 id,
                 acked,
+                deadline: tokio::time::Instant::now() + self.config.live_grace,
                 envelope: new,
             });
         }
@@ -1018,19 +1023,20 @@ impl<P: PushTarget> Service<P> {
     }
 
     /// Waits for the recipient's acknowledgement of a live delivery; when
-    /// none comes within the grace (or the recipient's connection went),
+    /// none comes by `deadline` (or the recipient's connection went),
     /// stores the envelope and answers once it is durable.
     async fn finish_live(
         &self,
         id: u64,
         mut acked: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
         envelope: NewEnvelope,
     ) -> Result<Reply, ErrorCode> {
         let delivered = Reply::Accepted {
             seq: id,
             duplicate: false,
         };
-        if let Ok(Ok(())) = tokio::time::timeout(self.config.live_grace, &mut acked).await {
+        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, &mut acked).await {
             return Ok(delivered);
         }
         let recipient = envelope.recipient.clone();
@@ -1130,8 +1136,9 @@ impl<P: PushTarget> Service<P> {
             QueuedSend::Live {
                 id,
                 acked,
+                deadline,
                 envelope,
-            } => return self.finish_live(id, acked, envelope).await,
+            } => return self.finish_live(id, acked, deadline, envelope).await,
         };
         let (mut envelopes, mut results) = committed.await.map_err(|_| ErrorCode::Internal)?;
         let outcome = results
