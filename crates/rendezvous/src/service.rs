@@ -194,6 +194,30 @@ enum Live {
     Stored(u64),
 }
 
+/// Removes a live delivery still `Waiting` or `Storing` from its
+/// recipient's window when dropped: [`Service::finish_live`] holds one
+/// while it settles the delivery, and settles it (acknowledged, stored,
+/// failed) before returning, so only a dropped future leaves one behind.
+struct ForgetUnsettled<'a, P> {
+    online: &'a Mutex<HashMap<String, Online<P>>>,
+    recipient: &'a str,
+    id: u64,
+}
+
+impl<P> Drop for ForgetUnsettled<'_, P> {
+    fn drop(&mut self) {
+        let mut online = lock(self.online);
+        if let Some(o) = online.get_mut(self.recipient)
+            && matches!(
+                o.live.get(&self.id),
+                Some(Live::Waiting(_) | Live::Storing { .. })
+            )
+        {
+            o.live.remove(&self.id);
+        }
+    }
+}
+
 /// Work for the group-commit writer, committed in queue order.
 enum CommitJob {
     /// Envelopes to store; the writer sends them back with their outcomes,
@@ -1040,6 +1064,16 @@ impl<P: PushTarget> Service<P> {
             return Ok(delivered);
         }
         let recipient = envelope.recipient.clone();
+        // Should this future be dropped before the delivery is settled (the
+        // sender's connection went: the network layer drops its pending
+        // replies), the delivery id is forgotten, so that it does not hold a
+        // place in the recipient's live window for the rest of its
+        // connection. A stored copy then stays until acknowledged by its seq.
+        let _forget = ForgetUnsettled {
+            online: &self.online,
+            recipient: &recipient,
+            id,
+        };
         {
             let mut online = lock(&self.online);
             if let Some(entry) = online.get_mut(&recipient).and_then(|o| o.live.get_mut(&id)) {
