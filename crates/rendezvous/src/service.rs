@@ -1010,13 +1010,21 @@ impl<P: PushTarget> Service<P> {
             return Ok(QueuedSend::Live {
                 id,
                 acked,
-                deadline: tokio::time::Instant::now() + self.config.live_grace,
+                deadline: self.live_deadline(),
                 envelope: new,
             });
         }
         let (tx, committed) = oneshot::channel();
         self.enqueue(CommitJob::Append(vec![new], tx)).await?;
         Ok(QueuedSend::Stored(committed))
+    }
+
+    /// When a live delivery pushed now takes the stored path unless
+    /// acknowledged: now plus the grace (a year if that overflows).
+    fn live_deadline(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        now.checked_add(self.config.live_grace)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
     }
 
     /// Pushes `new` to its recipient under a fresh delivery id if they are
