@@ -107,3 +107,41 @@ async fn a_live_message_read_during_a_pull_is_acknowledged() {
         stored.len()
     );
 }
+
+/// Alice and bob, both online, write to each other at the same moment.
+/// Each `send` waits for the other's acknowledgement of the live delivery,
+/// and neither client reads its pushes (so neither acknowledges) until its
+/// own send is answered: both wait the whole grace, and both messages go
+/// to the mailbox. A client waiting for its send's answer must go on
+/// keeping and acknowledging what is pushed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_writing_to_each_other_at_once_do_not_wait_out_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server(&dir);
+    let mut alice = client(&dir, "alice", &running).await;
+    let mut bob = client(&dir, "bob", &running).await;
+    // Sessions first, so that the sends below are one round trip each.
+    timeout(WAIT, alice.send("bob", "hi"))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, bob.pull()).await.unwrap().unwrap();
+    timeout(WAIT, bob.send("alice", "hi"))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, alice.pull()).await.unwrap().unwrap();
+
+    let started = Instant::now();
+    let (a, b) = tokio::join!(
+        timeout(WAIT, alice.send("bob", "at once")),
+        timeout(WAIT, bob.send("alice", "at once"))
+    );
+    a.unwrap().unwrap();
+    b.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < GRACE,
+        "two sends between online clients took {took:?} (grace {GRACE:?})"
+    );
+}
