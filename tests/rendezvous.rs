@@ -991,3 +991,143 @@ fn sigterm_under_load_exits_cleanly_and_keeps_every_accepted_message() {
     }
     terminate(server);
 }
+
+/// Sends 16 pipelined envelopes to `to`, then reads frames, acknowledging
+/// every envelope pushed to it (after its sends, as a client that reads its
+/// pushes does), until all 16 sends are answered; returns how many were
+/// answered with a live delivery id.
+async fn send_16_and_ack_pushes(mut c: TestClient, to: &str) -> usize {
+    use messenger_proto::msg::ServerFrame;
+    let mut sends = std::collections::HashSet::new();
+    for i in 0u8..16 {
+        let id = c
+            .send_request(Request::Send(OutgoingEnvelope {
+                to: to.into(),
+                to_device: 1,
+                id: [i; 16],
+                body: vec![i; 64],
+            }))
+            .await;
+        sends.insert(id);
+    }
+    let mut live = 0;
+    while !sends.is_empty() {
+        match c.frame().await {
+            Ok(ServerFrame::Push(Push::Envelope(e))) => {
+                c.send_request(Request::Ack { seqs: vec![e.seq] }).await;
+            }
+            Ok(ServerFrame::Reply { id, result }) if sends.remove(&id) => {
+                let Ok(Reply::Accepted { seq, .. }) = result else {
+                    panic!("a send was refused: {result:?}")
+                };
+                live += usize::from(seq >> 63 == 1);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{} sends unanswered: {e}", sends.len()),
+        }
+    }
+    live
+}
+
+/// Two clients with full pipelines waiting on each other: alice and bob
+/// each send 16 pipelined envelopes to the other and acknowledge what is
+/// pushed to them. Their acknowledgements queue behind their own sends,
+/// which the server does not read past while `MAX_PIPELINED` (16) replies
+/// are pending, and each of those replies waits for the other's
+/// acknowledgement: only the grace (1 s) breaks the wait. It must break it
+/// once for the whole pipeline, not once per envelope (16 s).
+#[test]
+fn two_full_pipelines_waiting_on_each_other_are_freed_by_one_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (person("alice"), person("bob"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let took = runtime.block_on(async {
+        let a = connect_as(&alice, addr, &fp, true).await;
+        let b = connect_as(&bob, addr, &fp, true).await;
+        let started = std::time::Instant::now();
+        let a = tokio::spawn(send_16_and_ack_pushes(a, "bob"));
+        let b = tokio::spawn(send_16_and_ack_pushes(b, "alice"));
+        let live = a.await.unwrap() + b.await.unwrap();
+        let took = started.elapsed();
+        eprintln!("32 sends answered in {took:?}, {live} live");
+        took
+    });
+    terminate(server);
+    assert!(
+        took < Duration::from_secs(6),
+        "32 sends took {took:?}: a grace per envelope, not per pipeline"
+    );
+}
+
+/// Keeps 16 sends to `to` in flight for `run`, acknowledging every envelope
+/// pushed meanwhile; returns (answered, answered live).
+async fn sustained_pipelined_chat(mut c: TestClient, to: &str, run: Duration) -> (usize, usize) {
+    use messenger_proto::msg::ServerFrame;
+    let end = std::time::Instant::now() + run;
+    let mut sends = std::collections::HashSet::new();
+    let (mut answered, mut live) = (0usize, 0usize);
+    let mut n = 0u64;
+    loop {
+        while sends.len() < 16 && std::time::Instant::now() < end {
+            n += 1;
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&n.to_be_bytes());
+            let rid = c
+                .send_request(Request::Send(OutgoingEnvelope {
+                    to: to.into(),
+                    to_device: 1,
+                    id,
+                    body: vec![1; 256],
+                }))
+                .await;
+            sends.insert(rid);
+        }
+        if sends.is_empty() {
+            return (answered, live);
+        }
+        match c.frame().await {
+            Ok(ServerFrame::Push(Push::Envelope(e))) => {
+                c.send_request(Request::Ack { seqs: vec![e.seq] }).await;
+            }
+            Ok(ServerFrame::Reply { id, result }) if sends.remove(&id) => {
+                let Ok(Reply::Accepted { seq, .. }) = result else {
+                    panic!("a send was refused: {result:?}")
+                };
+                answered += 1;
+                live += usize::from(seq >> 63 == 1);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{} sends unanswered: {e}", sends.len()),
+        }
+    }
+}
+
+/// Alice and bob both keep 16 pipelined sends to each other in flight for a
+/// few seconds and acknowledge every envelope pushed to them, as soon as
+/// they read it. Both are online and acknowledge promptly, so (nearly)
+/// every send should be answered live. But an `Ack` frame is read only
+/// when the connection's pipeline has room (net.rs `read_requests` and
+/// `make_room`, `MAX_PIPELINED`), and each full pipeline waits on the
+/// other's acks: the two stall until the grace (1 s) sends the waiting
+/// envelopes to the mailbox, again and again (about 200 sends in 4 s, a
+/// third of them stored, against thousands, all live, one way only).
+#[test]
+fn sustained_pipelined_traffic_both_ways_is_delivered_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (person("alice"), person("bob"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (server, fp, addr) = start(dir.path(), &[]);
+    let ((a_n, a_live), (b_n, b_live)) = runtime.block_on(async {
+        let a = connect_as(&alice, addr, &fp, true).await;
+        let b = connect_as(&bob, addr, &fp, true).await;
+        let run = Duration::from_secs(4);
+        let a = tokio::spawn(sustained_pipelined_chat(a, "bob", run));
+        let b = tokio::spawn(sustained_pipelined_chat(b, "alice", run));
+        (a.await.unwrap(), b.await.unwrap())
+    });
+    terminate(server);
+    eprintln!("alice: {a_n} answered, {a_live} live; bob: {b_n} answered, {b_live} live");
+    let (n, live) = (a_n + b_n, a_live + b_live);
+    assert!(live * 10 >= n * 9, "{live} of {n} live");
+}

@@ -27,7 +27,7 @@ use messenger_crypto::identity::{IdentityKey, PublicIdentity, SigningContext, Us
 use messenger_crypto::prekey::{OneTimePrekey, SignedPrekey, VerifiedBundle};
 use messenger_proto::ErrorCode;
 use messenger_proto::msg::{
-    Envelope, MAX_PULL, Push, Register, Reply, Request, SignedAnnouncement, UserInfo,
+    Envelope, MAX_ACKS, MAX_PULL, Push, Register, Reply, Request, SignedAnnouncement, UserInfo,
     announcement_signed_bytes,
 };
 use tokio::sync::mpsc;
@@ -680,9 +680,19 @@ impl Client {
                 break;
             }
         }
-        // Pushes that raced with the pull (the same envelopes pushed live)
-        // are duplicates the engine drops; other pushes are kept as events.
-        self.drain_pushes(&mut events)?;
+        // Pushes that came during the pull: an envelope pushed after its
+        // commit is a duplicate of one pulled (the engine drops it), one
+        // delivered live is not in the mailbox at all, and its sender waits
+        // for the acknowledgement; every envelope kept is acknowledged.
+        // Other pushes are kept as events.
+        let kept = self.drain_pushes(&mut events)?;
+        for seqs in kept.chunks(MAX_ACKS) {
+            self.conn()?
+                .request(Request::Ack {
+                    seqs: seqs.to_vec(),
+                })
+                .await?;
+        }
         Ok(events)
     }
 
@@ -716,20 +726,29 @@ impl Client {
         }
     }
 
-    fn drain_pushes(&mut self, events: &mut Vec<Event>) -> Result<(), ClientError> {
+    /// Handles the pushes queued now; returns the seqs of the envelopes
+    /// among them, kept (stored, or dropped as duplicates or unreadable,
+    /// as [`Client::handle_push`] does) and to be acknowledged.
+    fn drain_pushes(&mut self, events: &mut Vec<Event>) -> Result<Vec<u64>, ClientError> {
         let mut pushes = Vec::new();
         if let Some(rx) = self.pushes.as_mut() {
             while let Ok(push) = rx.try_recv() {
                 pushes.push(push);
             }
         }
+        let mut kept = Vec::new();
         for push in pushes {
+            let seq = match &push {
+                Push::Envelope(e) => Some(e.seq),
+                _ => None,
+            };
             if let Some(event) = self.on_push(push)? {
                 events.push(event);
             }
+            kept.extend(seq);
         }
         events.append(&mut self.pending);
-        Ok(())
+        Ok(kept)
     }
 
     /// Turns one push into an event, storing (and acknowledging) an

@@ -194,6 +194,30 @@ enum Live {
     Stored(u64),
 }
 
+/// Removes a live delivery still `Waiting` or `Storing` from its
+/// recipient's window when dropped: [`Service::finish_live`] holds one
+/// while it settles the delivery, and settles it (acknowledged, stored,
+/// failed) before returning, so only a dropped future leaves one behind.
+struct ForgetUnsettled<'a, P> {
+    online: &'a Mutex<HashMap<String, Online<P>>>,
+    recipient: &'a str,
+    id: u64,
+}
+
+impl<P> Drop for ForgetUnsettled<'_, P> {
+    fn drop(&mut self) {
+        let mut online = lock(self.online);
+        if let Some(o) = online.get_mut(self.recipient)
+            && matches!(
+                o.live.get(&self.id),
+                Some(Live::Waiting(_) | Live::Storing { .. })
+            )
+        {
+            o.live.remove(&self.id);
+        }
+    }
+}
+
 /// Work for the group-commit writer, committed in queue order.
 enum CommitJob {
     /// Envelopes to store; the writer sends them back with their outcomes,
@@ -215,10 +239,14 @@ enum QueuedSend {
     /// Its envelope is queued for the group commit.
     Stored(CommitReceiver),
     /// Pushed live under `id`; `acked` fires when the recipient
-    /// acknowledges it. The envelope is kept for the stored path.
+    /// acknowledges it, or the envelope takes the stored path at `deadline`
+    /// (the push plus the grace: fixed here, because the network layer
+    /// first polls a pipelined reply only once the replies before it are
+    /// out). The envelope is kept for the stored path.
     Live {
         id: u64,
         acked: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
         envelope: NewEnvelope,
     },
 }
@@ -982,12 +1010,21 @@ impl<P: PushTarget> Service<P> {
             return Ok(QueuedSend::Live {
                 id,
                 acked,
+                deadline: self.live_deadline(),
                 envelope: new,
             });
         }
         let (tx, committed) = oneshot::channel();
         self.enqueue(CommitJob::Append(vec![new], tx)).await?;
         Ok(QueuedSend::Stored(committed))
+    }
+
+    /// When a live delivery pushed now takes the stored path unless
+    /// acknowledged: now plus the grace (a year if that overflows).
+    fn live_deadline(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        now.checked_add(self.config.live_grace)
+            .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
     }
 
     /// Pushes `new` to its recipient under a fresh delivery id if they are
@@ -1018,22 +1055,33 @@ impl<P: PushTarget> Service<P> {
     }
 
     /// Waits for the recipient's acknowledgement of a live delivery; when
-    /// none comes within the grace (or the recipient's connection went),
+    /// none comes by `deadline` (or the recipient's connection went),
     /// stores the envelope and answers once it is durable.
     async fn finish_live(
         &self,
         id: u64,
         mut acked: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
         envelope: NewEnvelope,
     ) -> Result<Reply, ErrorCode> {
         let delivered = Reply::Accepted {
             seq: id,
             duplicate: false,
         };
-        if let Ok(Ok(())) = tokio::time::timeout(self.config.live_grace, &mut acked).await {
+        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, &mut acked).await {
             return Ok(delivered);
         }
         let recipient = envelope.recipient.clone();
+        // Should this future be dropped before the delivery is settled (the
+        // sender's connection went: the network layer drops its pending
+        // replies), the delivery id is forgotten, so that it does not hold a
+        // place in the recipient's live window for the rest of its
+        // connection. A stored copy then stays until acknowledged by its seq.
+        let _forget = ForgetUnsettled {
+            online: &self.online,
+            recipient: &recipient,
+            id,
+        };
         {
             let mut online = lock(&self.online);
             if let Some(entry) = online.get_mut(&recipient).and_then(|o| o.live.get_mut(&id)) {
@@ -1130,8 +1178,9 @@ impl<P: PushTarget> Service<P> {
             QueuedSend::Live {
                 id,
                 acked,
+                deadline,
                 envelope,
-            } => return self.finish_live(id, acked, envelope).await,
+            } => return self.finish_live(id, acked, deadline, envelope).await,
         };
         let (mut envelopes, mut results) = committed.await.map_err(|_| ErrorCode::Internal)?;
         let outcome = results

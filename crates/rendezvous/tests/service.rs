@@ -1597,3 +1597,122 @@ async fn a_failed_fallback_frees_its_place_in_the_live_window() {
         "pushed live again: {second:?}"
     );
 }
+
+/// Pipelined live deliveries to a recipient who does not acknowledge share
+/// one grace. The network layer polls a connection's pending replies only
+/// from the front (net.rs `next_reply`, `take_ready`), so a reply future is
+/// first polled once every reply before it is out; awaiting them in order
+/// here does the same. The grace must count from the push, not from that
+/// first poll: otherwise the n-th send waits n graces (a full pipeline of
+/// 16 to a silent recipient: 16 s, one answer a second, and the sender's
+/// other requests stuck behind it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_live_deliveries_to_a_silent_recipient_share_one_grace() {
+    let grace = Duration::from_millis(300);
+    let config = ServiceConfig {
+        live_grace: grace,
+        ..fast_config()
+    };
+    let w = World::new(config);
+    let (alice, bob) = (user("alice", 52, 0), user("bob", 53, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+    let mut replies = Vec::new();
+    for i in 1..=8u8 {
+        replies.push(
+            w.service
+                .begin(&mut a.session, send("bob", i, &[i; 8]))
+                .await,
+        );
+    }
+    let pushed = live_pushes(&mut b);
+    assert_eq!(pushed.len(), 8, "{pushed:?}");
+    assert!(pushed.iter().all(|p| p.0 & LIVE_SEQ_BIT != 0), "{pushed:?}");
+    let started = std::time::Instant::now();
+    for reply in replies {
+        let answered = reply.await;
+        let Ok(Reply::Accepted { seq, .. }) = answered else {
+            panic!("{answered:?}")
+        };
+        assert_eq!(seq & LIVE_SEQ_BIT, 0, "stored after the grace");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < 4 * grace,
+        "8 pipelined fallbacks took {took:?}; one grace is {grace:?}"
+    );
+    assert_eq!(w.service.store().pending("bob", 0, 10).unwrap().len(), 8);
+}
+
+/// The sender's connection goes while its live delivery is being stored
+/// (the grace ran out and the fallback commit is in flight), which drops
+/// the reply future (net.rs drops the pending replies of a lost
+/// connection). The recipient then acknowledges the delivery id: its place
+/// in the live window must come back, as it does when the sender stays;
+/// otherwise every such loss shrinks the recipient's window for the rest
+/// of its connection, down to no live delivery at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_gone_during_the_fallback_does_not_hold_a_place_in_the_live_window() {
+    let fault = Arc::new(common::Fault::default());
+    let config = ServiceConfig {
+        live_grace: Duration::from_millis(50),
+        live_window: 1,
+        ..fast_config()
+    };
+    let w = World::with_fault(config, &fault);
+    let (alice, bob) = (user("alice", 54, 0), user("bob", 55, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+    fault.hold_syncs();
+    let reply = tokio::spawn(
+        w.service
+            .begin(&mut a.session, send("bob", 1, &[1; 8]))
+            .await,
+    );
+    let first = live_pushes(&mut b);
+    assert!(
+        first.len() == 1 && first[0].0 & LIVE_SEQ_BIT != 0,
+        "{first:?}"
+    );
+    let held = {
+        let fault = Arc::clone(&fault);
+        tokio::task::spawn_blocking(move || fault.wait_for_held_sync(Duration::from_secs(10)))
+            .await
+            .unwrap()
+    };
+    assert!(held, "the fallback commit reached its fsync");
+    // Alice's connection is lost: her pending reply is dropped.
+    reply.abort();
+    assert!(reply.await.unwrap_err().is_cancelled());
+    fault.release_syncs();
+    // The commit completes regardless; bob acknowledges what he was given.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        w.ask(
+            &mut b,
+            Request::Ack {
+                seqs: vec![first[0].0]
+            }
+        )
+        .await,
+        Ok(Reply::Ok)
+    );
+    // Alice is back on a new connection.
+    let mut a2 = w.login(&alice).await;
+    let _waiting = w
+        .service
+        .begin(&mut a2.session, send("bob", 2, &[2; 8]))
+        .await;
+    let second = live_pushes(&mut b);
+    assert!(
+        second.len() == 1 && second[0].0 & LIVE_SEQ_BIT != 0,
+        "bob acknowledged everything he was given, yet the next envelope is not \
+         delivered live (his only place in the window is still taken): {second:?}"
+    );
+}

@@ -1,0 +1,147 @@
+//! The client against live delivery (docs/protocol.md §4 "Envelopes"): a
+//! real rendezvous server in this process, two `Client`s with their own
+//! homes. An envelope pushed to an online recipient is answered to its
+//! sender only when the recipient acknowledges its delivery id, so a
+//! client must acknowledge every envelope it keeps, however it read it.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    unreachable_pub
+)]
+
+use std::time::{Duration, Instant};
+
+use messenger_client::client::{self, Client, Event};
+use messenger_client::conn::ConnectOptions;
+use messenger_client::{Home, KdfParams, Passphrase};
+use messenger_rendezvous::app::{self, Running};
+use messenger_rendezvous::server::ServerConfig;
+use messenger_rendezvous::service::ServiceConfig;
+use messenger_rendezvous::store::StoreOptions;
+use tempfile::TempDir;
+use tokio::time::timeout;
+
+/// Bound of every wait in these tests.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The server's live grace here: long, so that an acknowledgement that
+/// never comes shows as a long wait.
+const GRACE: Duration = Duration::from_secs(3);
+
+fn server(dir: &TempDir) -> Running {
+    let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
+    let service = ServiceConfig {
+        live_grace: GRACE,
+        ..ServiceConfig::default()
+    };
+    app::start(config, service, StoreOptions::default()).unwrap()
+}
+
+async fn client(dir: &TempDir, name: &str, running: &Running) -> Client {
+    let home = Home::at(dir.path().join(name));
+    let mut passphrase = Passphrase::new("correct horse".to_owned());
+    home.init(
+        name,
+        &mut passphrase,
+        KdfParams::new(8, 1, 1).unwrap(),
+        false,
+    )
+    .unwrap();
+    let address = running.handle.local_addr().to_string();
+    let fingerprint = running.handle.fingerprint().to_owned();
+    timeout(
+        WAIT,
+        client::register(
+            &home,
+            &mut passphrase,
+            &address,
+            Some(&fingerprint),
+            None,
+            &ConnectOptions::default(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    Client::open(&home, &mut passphrase, ConnectOptions::default()).unwrap()
+}
+
+/// Bob is online and pulls while alice's message is pushed to him live:
+/// `pull` keeps it (it reads the pushes that came meanwhile) but must also
+/// acknowledge it. Otherwise alice waits the whole grace for an answer and
+/// the server stores a copy of a message bob already has (delivered to him
+/// again at his next pull).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_message_read_during_a_pull_is_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server(&dir);
+    let mut alice = client(&dir, "alice", &running).await;
+    let mut bob = client(&dir, "bob", &running).await;
+    timeout(WAIT, bob.connect()).await.unwrap().unwrap();
+
+    let started = Instant::now();
+    let (sent, events) = tokio::join!(timeout(WAIT, alice.send("bob", "hello bob")), async {
+        // Alice's send reaches the server (bundle, then the envelope,
+        // pushed live to bob) before bob pulls.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        timeout(WAIT, bob.pull()).await.unwrap().unwrap()
+    });
+    sent.unwrap().unwrap();
+    let took = started.elapsed();
+    let got: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some(m.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, ["hello bob"], "{events:?}");
+    let stored = running.service.store().pending("bob", 0, 10).unwrap();
+    assert!(
+        stored.is_empty() && took < GRACE,
+        "bob kept the message during his pull, yet alice waited {took:?} (grace {GRACE:?}) \
+         and the server holds {} copies of it for him",
+        stored.len()
+    );
+}
+
+/// Alice and bob, both online, write to each other at the same moment.
+/// Each `send` waits for the other's acknowledgement of the live delivery,
+/// and neither client reads its pushes (so neither acknowledges) until its
+/// own send is answered: both wait the whole grace, and both messages go
+/// to the mailbox. A client waiting for its send's answer must go on
+/// keeping and acknowledging what is pushed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_writing_to_each_other_at_once_do_not_wait_out_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server(&dir);
+    let mut alice = client(&dir, "alice", &running).await;
+    let mut bob = client(&dir, "bob", &running).await;
+    // Sessions first, so that the sends below are one round trip each.
+    timeout(WAIT, alice.send("bob", "hi"))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, bob.pull()).await.unwrap().unwrap();
+    timeout(WAIT, bob.send("alice", "hi"))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, alice.pull()).await.unwrap().unwrap();
+
+    let started = Instant::now();
+    let (a, b) = tokio::join!(
+        timeout(WAIT, alice.send("bob", "at once")),
+        timeout(WAIT, bob.send("alice", "at once"))
+    );
+    a.unwrap().unwrap();
+    b.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < GRACE,
+        "two sends between online clients took {took:?} (grace {GRACE:?})"
+    );
+}
