@@ -451,7 +451,7 @@ impl Client {
     /// marks it sent.
     async fn deliver(&mut self, entry: &OutboxEntry) -> Result<(), ClientError> {
         let request = Request::Send(entry.to_envelope());
-        match self.conn()?.request(request).await {
+        match self.request_keeping_pushes(request).await? {
             Ok(Reply::Accepted { seq, .. }) => {
                 self.engine.mark_sent(&entry.id, seq, now())?;
                 Ok(())
@@ -466,6 +466,77 @@ impl Client {
                 })
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends `request` and waits for its reply while keeping and
+    /// acknowledging the envelopes pushed meanwhile. A recipient online now
+    /// gets a `Send` live, and the server answers it only once that
+    /// recipient acknowledged it (docs/protocol.md §4): two people writing
+    /// to each other at the same moment would otherwise each wait for the
+    /// other's acknowledgement until the server's grace ran out. Other
+    /// pushes are handled after the reply. Their events wait in
+    /// [`Client::take_events`].
+    async fn request_keeping_pushes(
+        &mut self,
+        request: Request,
+    ) -> Result<Result<Reply, ConnError>, ClientError> {
+        // Out of `self` while the reply is awaited, so that pushes can be
+        // kept (which needs `&mut self`) meanwhile; put back on every path.
+        let conn = self
+            .conn
+            .take()
+            .ok_or(ClientError::Conn(ConnError::Closed {
+                reason: crate::conn::ClosedReason::Local,
+            }))?;
+        let mut later = Vec::new();
+        let result = self.await_reply(&conn, request, &mut later).await;
+        self.conn = Some(conn);
+        for push in later {
+            if let Some(event) = self.on_push(push)? {
+                self.pending.push(event);
+            }
+        }
+        result
+    }
+
+    async fn await_reply(
+        &mut self,
+        conn: &Connection,
+        request: Request,
+        later: &mut Vec<Push>,
+    ) -> Result<Result<Reply, ConnError>, ClientError> {
+        let reply = conn.request(request);
+        tokio::pin!(reply);
+        loop {
+            let push = match self.pushes.as_mut() {
+                Some(rx) => tokio::select! {
+                    biased;
+                    result = &mut reply => return Ok(result),
+                    push = rx.recv() => push,
+                },
+                None => None,
+            };
+            match push {
+                Some(Push::Envelope(envelope)) => {
+                    if let Some(event) = self.receive(&envelope)? {
+                        self.pending.push(event);
+                    }
+                    // Kept (or dropped as a duplicate or unreadable, as
+                    // `handle_push` does): acknowledge it.
+                    if let Err(e) = conn
+                        .request(Request::Ack {
+                            seqs: vec![envelope.seq],
+                        })
+                        .await
+                    {
+                        return Ok(Err(e));
+                    }
+                }
+                Some(other) => later.push(other),
+                // No pushes (or no more): just the reply.
+                None => return Ok(reply.await),
+            }
         }
     }
 

@@ -144,4 +144,19 @@ async fn two_clients_writing_to_each_other_at_once_do_not_wait_out_the_grace() {
         took < GRACE,
         "two sends between online clients took {took:?} (grace {GRACE:?})"
     );
+    // Each kept the other's message while its own send waited, and the
+    // server stored neither.
+    for (who, client) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let got: Vec<String> = client
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(m.text),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, ["at once"], "{who}");
+        let stored = running.service.store().pending(who, 0, 10).unwrap();
+        assert!(stored.is_empty(), "{who}: {} stored", stored.len());
+    }
 }
