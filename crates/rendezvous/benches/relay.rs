@@ -49,6 +49,10 @@ mod support;
 
 mod common;
 
+#[global_allocator]
+/// The allocator the `rendezvous` binary ships with (src/bin/rendezvous.rs).
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -25,6 +25,10 @@ mod support;
 
 mod common;
 
+#[global_allocator]
+/// The allocator the `rendezvous` binary ships with (src/bin/rendezvous.rs).
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};

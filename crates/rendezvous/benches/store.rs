@@ -10,6 +10,10 @@
 //! move least.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+#[global_allocator]
+/// The allocator the `rendezvous` binary ships with (src/bin/rendezvous.rs).
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
