@@ -88,13 +88,59 @@ pub enum FrameError {
 /// [`FrameError::Empty`] if it is zero bytes long (a zero-sized message has
 /// no place on the wire), [`FrameError::Encode`] if serde fails.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
-    let mut frame =
-        postcard::to_extend(value, vec![0u8; LEN_PREFIX]).map_err(FrameError::Encode)?;
-    let len = frame.len() - LEN_PREFIX;
+    let mut frame = Vec::new();
+    encode_into(&mut frame, value)?;
+    Ok(frame)
+}
+
+/// Appends `value` as one frame (length prefix ‖ postcard body) to `out`,
+/// which grows once, to the exact size: a relay writes several frames into
+/// one buffer, and growing it byte-string by byte-string reallocated a
+/// 1 KiB envelope's buffer about ten times.
+///
+/// # Errors
+///
+/// As [`encode`]; `out` is left as it was.
+pub fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), FrameError> {
+    let len = postcard::experimental::serialized_size(value).map_err(FrameError::Encode)?;
     check_len(len)?;
     let prefix = u32::try_from(len).map_err(|_| too_large(len))?;
-    frame[..LEN_PREFIX].copy_from_slice(&prefix.to_be_bytes());
-    Ok(frame)
+    let start = out.len();
+    out.reserve(LEN_PREFIX + len);
+    out.extend_from_slice(&prefix.to_be_bytes());
+    let written = postcard::serialize_with_flavor::<T, _, _>(value, AppendTo(out));
+    if let Err(error) = written {
+        out.truncate(start);
+        return Err(FrameError::Encode(error));
+    }
+    if out.len() - start != LEN_PREFIX + len {
+        // Not expected: `serialized_size` runs the same serializer. The
+        // prefix would not match the body, so nothing is kept.
+        out.truncate(start);
+        return Err(FrameError::Encode(postcard::Error::SerializeBufferFull));
+    }
+    Ok(())
+}
+
+/// A postcard output that appends to a borrowed `Vec`.
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 /// Decodes one frame body (without its prefix) into a message.
@@ -174,20 +220,32 @@ impl FrameDecoder {
 
     /// Takes the next complete frame body, if one has fully arrived.
     pub fn next_frame(&mut self) -> Option<Vec<u8>> {
+        self.take_next(<[u8]>::to_vec)
+    }
+
+    /// Takes the next complete frame, if one has fully arrived, and
+    /// [`decode`]s it where it lies, without copying the body out first.
+    /// The frame is consumed whether or not it decodes.
+    pub fn next_decoded<T: DeserializeOwned>(&mut self) -> Option<Result<T, FrameError>> {
+        self.take_next(decode::<T>)
+    }
+
+    /// Hands the next complete body to `f` and consumes it.
+    fn take_next<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         if self.failed.is_some() {
             return None;
         }
         // Every prefix before `checked` has passed `check_len`.
         let len = read_prefix(&self.buf, self.start)?;
         let body_start = self.start + LEN_PREFIX;
-        let body = self.buf.get(body_start..body_start + len)?.to_vec();
+        let taken = f(self.buf.get(body_start..body_start + len)?);
         self.start = body_start + len;
         if self.start == self.buf.len() {
             self.buf.clear();
             self.checked -= self.start;
             self.start = 0;
         }
-        Some(body)
+        Some(taken)
     }
 
     /// Bytes received that do not yet form a complete frame (plus any

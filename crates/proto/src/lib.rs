@@ -64,4 +64,5 @@ mod wire_bytes;
 pub use error::ErrorCode;
 pub use frame::{
     ALPN, FrameDecoder, FrameError, LEN_PREFIX, MAX_FRAME_LEN, PROTOCOL_VERSION, decode, encode,
+    encode_into,
 };

@@ -320,6 +320,10 @@ struct Run {
     /// `Accepted` replies with a mailbox seq: sends that fell back from
     /// live delivery to the stored path (ours only).
     stored: Cell<u64>,
+    /// `Ack` requests our recipients sent, and the delivery ids they
+    /// carried (ours only): how well acks are batched.
+    acks: Cell<u64>,
+    acked: Cell<u64>,
 }
 
 impl Run {
@@ -333,6 +337,8 @@ impl Run {
             latencies: RefCell::new(Vec::with_capacity(1 << 20)),
             errors: Cell::new(0),
             stored: Cell::new(0),
+            acks: Cell::new(0),
+            acked: Cell::new(0),
         })
     }
 
@@ -405,6 +411,8 @@ struct Outcome {
     errors: u64,
     /// See [`Run::stored`].
     stored: u64,
+    /// Envelopes per `Ack` ([`Run::acks`]).
+    per_ack: f64,
     connect_s: f64,
     /// UDP datagrams the server's and the load generator's sockets dropped
     /// (receive buffer full) during the traffic; None for TCP.
@@ -475,6 +483,7 @@ async fn measure(
         lost,
         errors: run.errors.get(),
         stored: run.stored.get(),
+        per_ack: run.acked.get() as f64 / run.acks.get().max(1) as f64,
         connect_s,
         drops,
     }
@@ -615,6 +624,8 @@ async fn ours_run(people: Rc<Vec<Person>>) -> Outcome {
                 if acking.is_none() && !pending.is_empty() {
                     let take = pending.len().min(MAX_ACKS);
                     let seqs: Vec<u64> = pending.drain(..take).collect();
+                    r.acks.set(r.acks.get() + 1);
+                    r.acked.set(r.acked.get() + seqs.len() as u64);
                     id += 1;
                     let frame = ClientFrame {
                         id,
@@ -989,7 +1000,10 @@ async fn relay_scenario(systems: Vec<System>) {
                 format!(" (server socket {s}, load generator socket {c})")
             });
             let fell_back = if *system == System::Ours {
-                format!(" ({} sends answered from the mailbox, not live)", o.stored)
+                format!(
+                    " ({} sends answered from the mailbox, not live; {:.2} envelopes per ack)",
+                    o.stored, o.per_ack
+                )
             } else {
                 String::new()
             };

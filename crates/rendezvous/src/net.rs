@@ -66,7 +66,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use messenger_proto::msg::{ClientFrame, Push, Reply, Request, ServerFrame, ServerHello};
-use messenger_proto::{ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode};
+use messenger_proto::{
+    ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode, encode_into,
+};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rand::Rng as _;
@@ -663,9 +665,8 @@ async fn read_requests<H: Handler>(
     let mut login_deadline = Some(login_deadline);
     loop {
         // Frames already buffered (e.g. pipelined after the preface) first.
-        while let Some(body) = decoder.next_frame() {
-            let frame = decode::<ClientFrame>(&body)
-                .map_err(|e| Ended::Close(CloseReason::for_frame_error(&e)))?;
+        while let Some(frame) = decoder.next_decoded::<ClientFrame>() {
+            let frame = frame.map_err(|e| Ended::Close(CloseReason::for_frame_error(&e)))?;
             if !bucket.take() {
                 let result = Err(ErrorCode::RateLimited);
                 if pending.is_empty() {
@@ -871,21 +872,13 @@ fn encode_reply(
     result: Result<Reply, ErrorCode>,
     conn: u64,
 ) -> Result<(), Ended> {
-    let bytes = match encode(&ServerFrame::Reply { id, result }) {
-        Ok(bytes) => bytes,
-        Err(error) => {
-            warn!(id = conn, %error, "reply could not be encoded");
-            let fallback = ServerFrame::Reply {
-                id,
-                result: Err(ErrorCode::Internal),
-            };
-            encode(&fallback).map_err(|_| Ended::Close(CloseReason::Internal))?
-        }
-    };
-    if out.is_empty() {
-        *out = bytes;
-    } else {
-        out.extend_from_slice(&bytes);
+    if let Err(error) = encode_into(out, &ServerFrame::Reply { id, result }) {
+        warn!(id = conn, %error, "reply could not be encoded");
+        let fallback = ServerFrame::Reply {
+            id,
+            result: Err(ErrorCode::Internal),
+        };
+        encode_into(out, &fallback).map_err(|_| Ended::Close(CloseReason::Internal))?;
     }
     Ok(())
 }
@@ -1006,14 +999,10 @@ fn write_pushes<'a>(
 
 /// Appends the frame of `push` to `out`.
 fn encode_push(out: &mut Vec<u8>, push: Push) {
-    match encode(&ServerFrame::Push(push)) {
-        Ok(bytes) if out.is_empty() => *out = bytes,
-        Ok(bytes) => out.extend_from_slice(&bytes),
-        Err(error) => {
-            // A push too large for a frame is a service bug; the client
-            // fetches what it missed at its next login.
-            warn!(%error, "push could not be encoded; dropped");
-        }
+    if let Err(error) = encode_into(out, &ServerFrame::Push(push)) {
+        // A push too large for a frame is a service bug; the client
+        // fetches what it missed at its next login.
+        warn!(%error, "push could not be encoded; dropped");
     }
 }
 

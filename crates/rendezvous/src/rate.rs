@@ -56,10 +56,15 @@ impl Buckets {
                 .retain(|_, b| refill(rate, *b, now_ms).tokens < rate.burst);
         }
         let rate = self.rate;
-        let bucket = self.buckets.entry(key.to_owned()).or_insert(Bucket {
-            tokens: rate.burst,
-            at_ms: now_ms,
-        });
+        // Looked up before inserting, so that the common case (a key already
+        // tracked: every request of a logged-in user) does not allocate.
+        let bucket = match self.buckets.get_mut(key) {
+            Some(bucket) => bucket,
+            None => self.buckets.entry(key.to_owned()).or_insert(Bucket {
+                tokens: rate.burst,
+                at_ms: now_ms,
+            }),
+        };
         *bucket = refill(rate, *bucket, now_ms);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;

@@ -286,7 +286,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn name(raw: &str) -> Result<String, ErrorCode> {
     Username::parse(raw)
-        .map(|u| u.as_str().to_owned())
+        .map(Username::into_string)
         .map_err(|_| ErrorCode::BadRequest)
 }
 
