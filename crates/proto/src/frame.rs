@@ -220,18 +220,19 @@ impl FrameDecoder {
 
     /// Takes the next complete frame body, if one has fully arrived.
     pub fn next_frame(&mut self) -> Option<Vec<u8>> {
-        self.take_next(<[u8]>::to_vec)
+        self.next_with(<[u8]>::to_vec)
     }
 
     /// Takes the next complete frame, if one has fully arrived, and
     /// [`decode`]s it where it lies, without copying the body out first.
     /// The frame is consumed whether or not it decodes.
     pub fn next_decoded<T: DeserializeOwned>(&mut self) -> Option<Result<T, FrameError>> {
-        self.take_next(decode::<T>)
+        self.next_with(decode::<T>)
     }
 
-    /// Hands the next complete body to `f` and consumes it.
-    fn take_next<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+    /// Hands the next complete body, if one has fully arrived, to `f`
+    /// where it lies, and consumes it.
+    pub fn next_with<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         if self.failed.is_some() {
             return None;
         }
@@ -498,5 +499,44 @@ mod tests {
             decode::<u8>(&vec![0; MAX_FRAME_LEN + 1]),
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn encode_into_appends_the_same_frame_encode_makes() {
+        let first = (7u32, "seven".to_owned());
+        let second = vec![0xabu8; 1024];
+        let mut out = b"before".to_vec();
+        encode_into(&mut out, &first).unwrap();
+        encode_into(&mut out, &second).unwrap();
+        let mut expected = b"before".to_vec();
+        expected.extend(encode(&first).unwrap());
+        expected.extend(encode(&second).unwrap());
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn encode_into_leaves_the_buffer_as_it_was_on_error() {
+        let mut out = b"kept".to_vec();
+        let too_large = vec![1u8; MAX_FRAME_LEN];
+        assert!(matches!(
+            encode_into(&mut out, &too_large),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(encode_into(&mut out, &()), Err(FrameError::Empty)));
+        assert_eq!(out, b"kept");
+    }
+
+    #[test]
+    fn next_decoded_decodes_in_place_and_consumes_bad_frames_too() {
+        let mut decoder = FrameDecoder::new();
+        let mut bytes = encode(&300u16).unwrap();
+        bytes.extend(encode(&"not a u16").unwrap());
+        bytes.extend(encode(&9u16).unwrap());
+        decoder.push(&bytes).unwrap();
+        assert_eq!(decoder.next_decoded::<u16>().unwrap().unwrap(), 300);
+        assert!(decoder.next_decoded::<u16>().unwrap().is_err());
+        assert_eq!(decoder.next_decoded::<u16>().unwrap().unwrap(), 9);
+        assert!(decoder.next_decoded::<u16>().is_none());
+        assert_eq!(decoder.buffered(), 0);
     }
 }

@@ -78,6 +78,10 @@ impl Handler for App {
         Service::<PushSender>::pipelines(request)
     }
 
+    fn begins_ahead(&self, request: &Request) -> bool {
+        Service::<PushSender>::begins_ahead(request)
+    }
+
     async fn begin(
         &self,
         ctx: &mut ConnectionContext,

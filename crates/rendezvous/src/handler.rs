@@ -40,7 +40,9 @@ pub type PendingReply = Pin<Box<dyn Future<Output = Result<Reply, ErrorCode>> + 
 /// the network layer goes on reading while their [`PendingReply`] futures
 /// complete, and writes their replies in request order. Before any request
 /// that is not pipelined, every pending reply is written first, so that
-/// request sees the effects of all earlier ones.
+/// request sees the effects of all earlier ones. With a full pipeline, a
+/// request the handler [begins ahead](Handler::begins_ahead) may be begun
+/// before the pipelined requests read before it.
 pub trait Handler: Send + Sync + 'static {
     /// Per-connection state the service keeps, e.g. who logged in.
     type Session: Send + 'static;
@@ -66,6 +68,22 @@ pub trait Handler: Send + Sync + 'static {
     /// while earlier pipelined requests of the connection are still
     /// pending. None is by default.
     fn pipelines(&self, request: &Request) -> bool {
+        let _ = request;
+        false
+    }
+
+    /// Whether `request`, a pipelined one, may be begun ahead of the
+    /// earlier requests of its connection that wait for room in a full
+    /// pipeline ([`crate::limits::MAX_PIPELINED`]). The network layer reads
+    /// on meanwhile, at most [`crate::limits::MAX_READ_AHEAD`] frames, and
+    /// begins such a request as soon as it is read if only pipelined
+    /// requests are held before it; every other frame waits for its turn,
+    /// and replies still go out in request order. Only a request whose
+    /// effect does not depend on those earlier requests, nor theirs on it,
+    /// may say yes: the service's `Ack`, which settles deliveries to its
+    /// own user, so that another connection's sends waiting for it are not
+    /// held up behind this connection's own. None is by default.
+    fn begins_ahead(&self, request: &Request) -> bool {
         let _ = request;
         false
     }

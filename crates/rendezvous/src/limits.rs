@@ -149,9 +149,33 @@ pub const REQUEST_BURST: u32 = 400;
 /// Each pending request holds its envelope (up to 66 KiB) until its commit,
 /// so 16 bounds what one connection makes the server hold to about 1 MiB,
 /// like its receive window; a client typically keeps a few in flight (the
-/// benchmark 8). At the bound the connection is not read until the oldest
-/// reply is out (backpressure).
+/// benchmark 8). At the bound a further pipelined request waits until the
+/// oldest reply is out (backpressure), and the connection is read only
+/// [`MAX_READ_AHEAD`] frames further.
 pub const MAX_PIPELINED: usize = 16;
+
+/// Frames held per connection while its pipeline is full: 64, the one
+/// waiting for room included.
+///
+/// A live `Send`'s reply waits for the recipient's `Ack`, which may be
+/// queued behind the recipient's own full pipeline; two clients sending to
+/// each other would then wait for each other until the live grace. So
+/// while [`MAX_PIPELINED`] replies are pending the server reads on, takes
+/// each frame's rate-limit token, applies the `Ack`s it finds at once
+/// ([`crate::handler::Handler::begins_ahead`]) and keeps every other frame
+/// for its turn; at this bound (or [`MAX_READ_AHEAD_BYTES`]) it stops
+/// reading until the pipeline has room. A client that keeps 16 sends in
+/// flight has at most 16 more sends and the acks of the pushes it was sent
+/// behind a waiting one; 64 covers that with room, and costs a few
+/// kilobytes of held requests besides their bodies.
+pub const MAX_READ_AHEAD: usize = 64;
+
+/// Bytes of frames held per connection while its pipeline is full
+/// ([`MAX_READ_AHEAD`]): reading stops once they reach 256 KiB (one
+/// maximum frame, the stream's receive window), so at most that plus one
+/// frame (< 512 KiB) are held, beside the pipeline's own (about 1 MiB).
+/// Small frames such as acks reach the frame bound first.
+pub const MAX_READ_AHEAD_BYTES: usize = MAX_FRAME_LEN;
 
 /// Time [`crate::server::ServerHandle::shutdown`] lets connections finish the
 /// request they are handling: 5 s.

@@ -24,7 +24,14 @@
 //!    and its [`ServerFrame::Reply`] written back, in request order. Requests
 //!    the handler pipelines (`Send`, `Ack`) are begun in order without waiting for
 //!    the previous reply, at most `MAX_PIPELINED` pending per connection;
-//!    any other request waits until those replies are out. Replies and
+//!    any other request waits until those replies are out. With the
+//!    pipeline full, the next pipelined request waits for the oldest reply
+//!    while the stream is read on, at most `MAX_READ_AHEAD` frames
+//!    (`MAX_READ_AHEAD_BYTES`) further: each frame read takes its
+//!    rate-limit token, a request the handler begins ahead (`Ack`, which a
+//!    sender on another connection may be waiting for) is begun at once if
+//!    only pipelined requests are held before it, and the others are kept
+//!    and handled in order; their replies keep request order. Replies and
 //!    the handler's pushes are written as whole frames under one lock on
 //!    the send half, so frames never interleave; replies already finished
 //!    together (one group commit) go out in one stream write, and so do
@@ -82,7 +89,7 @@ use tracing::{debug, info, warn};
 use crate::handler::{
     CloseReason, CloseSignal, ConnectionContext, Handler, PendingReply, PushQueue, PushSender,
 };
-use crate::limits::{Limits, MAX_PIPELINED};
+use crate::limits::{Limits, MAX_PIPELINED, MAX_READ_AHEAD, MAX_READ_AHEAD_BYTES};
 use crate::server::ServerError;
 
 pub use messenger_transport::CHANNEL_BINDING_LABEL;
@@ -594,6 +601,7 @@ async fn read_loop<H: Handler>(
     login_deadline: Instant,
 ) -> Ended {
     let mut pending = VecDeque::new();
+    let mut held = VecDeque::new();
     let run = read_requests(
         shared,
         conn,
@@ -605,6 +613,7 @@ async fn read_loop<H: Handler>(
         stop,
         login_deadline,
         &mut pending,
+        &mut held,
     );
     let ended = match run.await {
         Ok(never) => match never {},
@@ -616,7 +625,14 @@ async fn read_loop<H: Handler>(
     ) {
         // A graceful end still answers what was pipelined: that work is
         // already queued (a send is committed whether or not its reply is
-        // written), so the client should learn of it.
+        // written), so the client should learn of it. So is that of the
+        // requests begun ahead of a full pipeline (held only at shutdown);
+        // the frames held with them were not handled and get no reply.
+        for item in held.drain(..) {
+            if let Held::Begun { id, reply } = item {
+                pending.push_back((id, reply));
+            }
+        }
         if let Err(lost) = Box::pin(drain(&mut pending, send, ctx.id)).await {
             return lost;
         }
@@ -641,6 +657,41 @@ enum Event {
 /// Replies still being worked on, oldest first, with their request ids.
 type Pending = VecDeque<(u32, PendingReply)>;
 
+/// A frame taken from the control stream and not yet handled.
+enum Held {
+    /// A request, and the bytes of its frame (counted against
+    /// [`MAX_READ_AHEAD_BYTES`] while it is held).
+    Request {
+        id: u32,
+        request: Request,
+        size: usize,
+    },
+    /// A request beyond the connection's rate: answered `rate_limited`.
+    Limited { id: u32 },
+    /// A request begun ahead of a full pipeline
+    /// ([`Handler::begins_ahead`]): its reply, to be queued in turn.
+    Begun { id: u32, reply: PendingReply },
+    /// A frame that does not decode: the connection is closed when it is
+    /// reached.
+    Malformed(CloseReason),
+}
+
+impl Held {
+    /// Bytes of a request's frame; nothing for the others, which hold no
+    /// request.
+    fn size(&self) -> usize {
+        match self {
+            Self::Request { size, .. } => *size,
+            _ => 0,
+        }
+    }
+}
+
+/// Frames held while the pipeline is full, in request order: the one that
+/// waits for room first, then those read ahead behind it. Empty (and
+/// unallocated) otherwise.
+type Ahead = VecDeque<Held>;
+
 #[allow(clippy::too_many_arguments)]
 async fn read_requests<H: Handler>(
     shared: &Shared<H>,
@@ -653,6 +704,7 @@ async fn read_requests<H: Handler>(
     stop: &mut watch::Receiver<bool>,
     login_deadline: Instant,
     pending: &mut Pending,
+    held: &mut Ahead,
 ) -> Result<Infallible, Ended> {
     let handler = &*shared.handler;
     let mut bucket = TokenBucket::new(
@@ -663,44 +715,93 @@ async fn read_requests<H: Handler>(
     // Cleared once a login succeeds; a login is not pipelined, so the
     // handler has set the user by the time its reply is written.
     let mut login_deadline = Some(login_deadline);
+    // The client finished its stream while frames were held: they are
+    // handled first, then the loop ends.
+    let mut finished = false;
     loop {
-        // Frames already buffered (e.g. pipelined after the preface) first.
-        while let Some(frame) = decoder.next_decoded::<ClientFrame>() {
-            let frame = frame.map_err(|e| Ended::Close(CloseReason::for_frame_error(&e)))?;
-            if !bucket.take() {
-                let result = Err(ErrorCode::RateLimited);
-                if pending.is_empty() {
-                    write_reply(send, frame.id, result, ctx.id).await?;
-                } else {
-                    if pending.len() >= MAX_PIPELINED {
-                        Box::pin(make_room(pending, send, ctx.id)).await?;
+        // Frames in request order: those held first, then those already
+        // buffered (e.g. pipelined after the preface).
+        loop {
+            let item = match held.pop_front() {
+                Some(item) => item,
+                None => match decoder.next_with(|body| take_frame(body, &mut bucket)) {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
+            if pending.len() >= MAX_PIPELINED && needs_room(handler, &item) {
+                // The pipeline is full: this frame waits until the oldest
+                // reply is out, and those behind it are read ahead (below).
+                // An `Ack` is begun now all the same: a sender the pipeline
+                // waits for may be waiting for it.
+                let item = match item {
+                    Held::Request { id, request, .. } if begins_ahead(handler, &request) => {
+                        let reply = Box::pin(handler.begin(ctx, session, request)).await;
+                        Held::Begun { id, reply }
                     }
-                    pending.push_back((frame.id, Box::pin(ready(result))));
+                    item => item,
+                };
+                held.push_front(item);
+                break;
+            }
+            match item {
+                Held::Malformed(reason) => return Err(Ended::Close(reason)),
+                Held::Limited { id } => {
+                    let result = Err(ErrorCode::RateLimited);
+                    if pending.is_empty() {
+                        write_reply(send, id, result, ctx.id).await?;
+                    } else {
+                        pending.push_back((id, Box::pin(ready(result))));
+                    }
                 }
-            } else if handler.pipelines(&frame.request) {
-                // Room first, so a request is begun only when its reply can
-                // be queued.
-                if pending.len() >= MAX_PIPELINED {
-                    // Boxed, rare: only with a full pipeline.
-                    Box::pin(make_room(pending, send, ctx.id)).await?;
+                Held::Begun { id, reply } => pending.push_back((id, reply)),
+                Held::Request { id, request, .. } if handler.pipelines(&request) => {
+                    // Boxed, like `handle` below: see `handled`.
+                    let reply = Box::pin(handler.begin(ctx, session, request)).await;
+                    pending.push_back((id, reply));
                 }
-                // Boxed, like `handle` below: see `handled`.
-                let reply = Box::pin(handler.begin(ctx, session, frame.request)).await;
-                pending.push_back((frame.id, reply));
-            } else {
-                // Earlier pipelined requests complete first, so this one
-                // sees their effects (a `Pull` after a `Send`).
-                if !pending.is_empty() {
-                    // Boxed, rare: only after pipelined requests.
-                    Box::pin(drain(pending, send, ctx.id)).await?;
+                Held::Request { id, request, .. } => {
+                    // Earlier pipelined requests complete first, so this one
+                    // sees their effects (a `Pull` after a `Send`).
+                    if !pending.is_empty() {
+                        // Boxed, rare: only after pipelined requests.
+                        Box::pin(drain(pending, send, ctx.id)).await?;
+                    }
+                    let result = handled(handler, ctx, session, request).await;
+                    write_reply(send, id, result, ctx.id).await?;
                 }
-                let result = handled(handler, ctx, session, frame.request).await;
-                write_reply(send, frame.id, result, ctx.id).await?;
             }
         }
+        let reading = if held.is_empty() {
+            if finished {
+                return Err(end_of_stream(&decoder));
+            }
+            // Idle connections keep no read-ahead buffer.
+            if held.capacity() != 0 {
+                *held = VecDeque::new();
+            }
+            true
+        } else {
+            if decoder.buffered() != 0 && room_ahead(held) {
+                // Boxed, rare: only with a full pipeline.
+                Box::pin(read_ahead(
+                    handler,
+                    ctx,
+                    session,
+                    &mut decoder,
+                    held,
+                    &mut bucket,
+                ))
+                .await;
+            }
+            !finished && room_ahead(held)
+        };
         // A partly received frame must be completed within the frame
-        // timeout, counted from its first byte (slowloris, T-37).
-        if decoder.buffered() == 0 {
+        // timeout, counted from its first byte (slowloris, T-37). While
+        // reading, every complete frame has been taken, so what is
+        // buffered is part of one; while not (the read-ahead bound), the
+        // clock stops, as the client cannot complete it.
+        if !reading || decoder.buffered() == 0 {
             frame_deadline = None;
         } else if frame_deadline.is_none() {
             frame_deadline = Some(Instant::now() + shared.limits.frame_timeout);
@@ -710,7 +811,7 @@ async fn read_requests<H: Handler>(
         }
         let event = tokio::select! {
             done = next_reply(pending), if !pending.is_empty() => Event::Done(done),
-            chunk = recv.read_chunk(READ_CHUNK, true) => Event::Read(chunk),
+            chunk = recv.read_chunk(READ_CHUNK, true), if reading => Event::Read(chunk),
             () = sleep_until_some(frame_deadline) => Event::SlowFrame,
             () = sleep_until_some(login_deadline) => Event::LoginTimeout,
             _ = stop.wait_for(|stopped| *stopped) => Event::Stop,
@@ -733,12 +834,9 @@ async fn read_requests<H: Handler>(
                     .push(&chunk.bytes)
                     .map_err(|e| Ended::Close(CloseReason::for_frame_error(&e)))?;
             }
-            Ok(None) => {
-                return Err(match decoder.finish() {
-                    Ok(()) => Ended::Close(CloseReason::Done),
-                    Err(_) => Ended::Close(CloseReason::BadRequest),
-                });
-            }
+            // Frames held are handled before the end.
+            Ok(None) if !held.is_empty() => finished = true,
+            Ok(None) => return Err(end_of_stream(&decoder)),
             Err(_) => {
                 return Err(if conn.close_reason().is_some() {
                     Ended::Lost
@@ -751,27 +849,90 @@ async fn read_requests<H: Handler>(
     }
 }
 
+/// Decodes a frame's body and takes a token for it from `bucket`.
+fn take_frame(body: &[u8], bucket: &mut TokenBucket) -> Held {
+    match decode::<ClientFrame>(body) {
+        Err(e) => Held::Malformed(CloseReason::for_frame_error(&e)),
+        Ok(frame) if !bucket.take() => Held::Limited { id: frame.id },
+        Ok(frame) => Held::Request {
+            id: frame.id,
+            request: frame.request,
+            size: body.len(),
+        },
+    }
+}
+
+/// Whether `item` takes a place in the pipeline (or, for a rate-limited
+/// request, waits behind it) rather than draining it.
+fn needs_room<H: Handler>(handler: &H, item: &Held) -> bool {
+    match item {
+        Held::Request { request, .. } => handler.pipelines(request),
+        Held::Limited { .. } | Held::Begun { .. } => true,
+        Held::Malformed(_) => false,
+    }
+}
+
+/// Whether `request` is begun as soon as it is read while the pipeline is
+/// full ([`Handler::begins_ahead`]; only a pipelined one).
+fn begins_ahead<H: Handler>(handler: &H, request: &Request) -> bool {
+    handler.pipelines(request) && handler.begins_ahead(request)
+}
+
+/// Whether more frames may be read ahead of a full pipeline: fewer than
+/// [`MAX_READ_AHEAD`] frames and [`MAX_READ_AHEAD_BYTES`] held, and none of
+/// them malformed (nothing behind one is ever handled).
+fn room_ahead(held: &Ahead) -> bool {
+    held.len() < MAX_READ_AHEAD
+        && !matches!(held.back(), Some(Held::Malformed(_)))
+        && held.iter().map(Held::size).sum::<usize>() < MAX_READ_AHEAD_BYTES
+}
+
+/// Takes the frames buffered in `decoder` into `held` while there is
+/// [`room_ahead`], each with its rate-limit token. A request the handler
+/// [begins ahead](Handler::begins_ahead) is begun at once if only
+/// pipelined requests (begun or not, or answered `rate_limited`) are held
+/// before it, so that it does not wait for them; every other frame is
+/// kept for its turn.
+async fn read_ahead<H: Handler>(
+    handler: &H,
+    ctx: &mut ConnectionContext,
+    session: &mut H::Session,
+    decoder: &mut FrameDecoder,
+    held: &mut Ahead,
+    bucket: &mut TokenBucket,
+) {
+    while room_ahead(held) {
+        let Some(item) = decoder.next_with(|body| take_frame(body, bucket)) else {
+            return;
+        };
+        let item = match item {
+            Held::Request { id, request, .. }
+                if begins_ahead(handler, &request)
+                    && held.iter().all(|h| needs_room(handler, h)) =>
+            {
+                let reply = Box::pin(handler.begin(ctx, session, request)).await;
+                Held::Begun { id, reply }
+            }
+            item => item,
+        };
+        held.push_back(item);
+    }
+}
+
+/// How the loop ends once the client has finished its stream.
+fn end_of_stream(decoder: &FrameDecoder) -> Ended {
+    match decoder.finish() {
+        Ok(()) => Ended::Close(CloseReason::Done),
+        Err(_) => Ended::Close(CloseReason::BadRequest),
+    }
+}
+
 /// Sleeps until `deadline`, or forever without one.
 async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-/// Writes the oldest replies, waiting for them, while [`MAX_PIPELINED`]
-/// are pending.
-async fn make_room(
-    pending: &mut Pending,
-    send: &AsyncMutex<quinn::SendStream>,
-    conn: u64,
-) -> Result<(), Ended> {
-    while pending.len() >= MAX_PIPELINED {
-        if let Some((id, result)) = next_reply(pending).await {
-            write_replies(send, pending, id, result, conn).await?;
-        }
-    }
-    Ok(())
 }
 
 /// Waits for every pending reply, writing each in order.

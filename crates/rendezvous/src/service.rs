@@ -932,6 +932,19 @@ impl<P: PushTarget> Service<P> {
         matches!(request, Request::Send(_) | Request::Ack { .. })
     }
 
+    /// Whether `request` may be begun ahead of this connection's earlier
+    /// pipelined requests while they wait for room (the network layer's
+    /// read-ahead, [`crate::handler::Handler::begins_ahead`]): an `Ack`.
+    /// It only settles live deliveries to, and deletes envelopes of, its
+    /// own user, and names only seqs the client was already given, so
+    /// none made by this connection's sends not yet begun; its effect is
+    /// the one it has in order. Begun early, it answers senders on other
+    /// connections that wait for it, which may be the very replies this
+    /// connection's full pipeline waits for.
+    pub fn begins_ahead(request: &Request) -> bool {
+        matches!(request, Request::Ack { .. })
+    }
+
     /// Starts `request` for a pipelined connection: the checks, the rate
     /// limits and queuing into the group commit (a `Send`'s envelope, an
     /// `Ack`'s deletions) happen now, in the caller's order; the returned

@@ -13,7 +13,7 @@ use messenger_crypto::identity::IdentityKeyPair;
 use messenger_proto::msg::{Login, OutgoingEnvelope, Push, Reply, Request, ServerFrame};
 use messenger_proto::{ErrorCode, PROTOCOL_VERSION};
 use messenger_rendezvous::handler::CloseReason;
-use messenger_rendezvous::limits::{Limits, MAX_PIPELINED};
+use messenger_rendezvous::limits::{Limits, MAX_PIPELINED, MAX_READ_AHEAD, MAX_READ_AHEAD_BYTES};
 use messenger_rendezvous::pin::pinned_client_config;
 use support::*;
 
@@ -193,6 +193,223 @@ async fn pipelined_sends_overlap_and_reply_in_order_before_the_next_request() {
     let most = stats.max_pending.load(Ordering::SeqCst);
     assert!(most > 1, "sends did not overlap");
     assert!(most <= MAX_PIPELINED, "{most} pending at once");
+}
+
+fn send_to(to: &str, body: Vec<u8>) -> Request {
+    Request::Send(OutgoingEnvelope {
+        to: to.to_owned(),
+        to_device: 0,
+        id: [0; 16],
+        body,
+    })
+}
+
+/// A send answered at once when its turn comes.
+fn quick_send() -> Request {
+    send_to("bob", vec![0])
+}
+
+fn ack(seqs: std::ops::Range<u64>) -> Request {
+    Request::Ack {
+        seqs: seqs.collect(),
+    }
+}
+
+fn accepted(seq: u64) -> Result<Reply, ErrorCode> {
+    Ok(Reply::Accepted {
+        seq,
+        duplicate: false,
+    })
+}
+
+const PIPELINE: u64 = MAX_PIPELINED as u64;
+
+/// Fills the pipeline with sends answered only once acknowledged (the
+/// handler numbers every send it begins, from 0); returns their ids.
+async fn fill_pipeline(client: &mut TestClient) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for _ in 0..MAX_PIPELINED {
+        ids.push(client.send_request(send_to(WAITS_FOR_ACK, vec![0])).await);
+    }
+    ids
+}
+
+/// Reads the replies to `ids` and checks they come in that order with
+/// `want`.
+async fn expect_replies(client: &mut TestClient, ids: &[u32], want: &[Result<Reply, ErrorCode>]) {
+    assert_eq!(ids.len(), want.len());
+    for (id, want) in ids.iter().zip(want) {
+        match client.frame().await {
+            Ok(ServerFrame::Reply { id: got, result }) => {
+                assert_eq!((got, &result), (*id, want), "reply to {id}");
+            }
+            other => panic!("expected the reply to {id}, got {other:?}"),
+        }
+    }
+}
+
+/// A full pipeline of sends that wait for acknowledgements (live
+/// deliveries to a peer whose own acks are what they wait for): the `Ack`s
+/// behind them are read ahead and applied at once, whether the `Ack` is the
+/// request waiting for room or behind one, while the other frames read
+/// ahead keep their turn and every reply keeps request order. Without the
+/// read-ahead this connection waits for ever (the handler has no grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_behind_a_full_pipeline_are_applied_and_replies_keep_order() {
+    let handler = TestHandler::default();
+    let stats = Arc::clone(&handler.pipeline);
+    let server = start(handler, Limits::default());
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+
+    // The `Ack` is the request waiting for room.
+    let mut ids = fill_pipeline(&mut client).await;
+    ids.push(client.send_request(ack(0..PIPELINE)).await);
+    let mut want: Vec<_> = (0..PIPELINE).map(accepted).collect();
+    want.push(Ok(Reply::Ok));
+    expect_replies(&mut client, &ids, &want).await;
+
+    // The `Ack`s are behind a send waiting for room, and behind each other.
+    let first = PIPELINE;
+    let mut ids = fill_pipeline(&mut client).await;
+    ids.push(client.send_request(quick_send()).await);
+    ids.push(client.send_request(ack(first..first + PIPELINE / 2)).await);
+    ids.push(client.send_request(quick_send()).await);
+    ids.push(
+        client
+            .send_request(ack(first + PIPELINE / 2..first + PIPELINE))
+            .await,
+    );
+    let mut want: Vec<_> = (first..first + PIPELINE).map(accepted).collect();
+    want.extend([
+        accepted(first + PIPELINE),
+        Ok(Reply::Ok),
+        accepted(first + PIPELINE + 1),
+        Ok(Reply::Ok),
+    ]);
+    expect_replies(&mut client, &ids, &want).await;
+
+    assert_eq!(stats.acks.load(Ordering::SeqCst), 3);
+    let most = stats.max_pending.load(Ordering::SeqCst);
+    assert!(most <= MAX_PIPELINED, "{most} sends pending at once");
+}
+
+/// Reading ahead of a full pipeline stops at `MAX_READ_AHEAD` frames or
+/// `MAX_READ_AHEAD_BYTES` held: an `Ack` just inside either bound is
+/// applied, one just beyond is not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_ahead_of_a_full_pipeline_stops_at_its_bounds() {
+    // Two of these exceed the byte bound; one does not.
+    let big = MAX_READ_AHEAD_BYTES * 3 / 5;
+    let cases = [
+        (vec![quick_send(); MAX_READ_AHEAD - 1], true),
+        (vec![quick_send(); MAX_READ_AHEAD], false),
+        (vec![send_to("bob", vec![0; big])], true),
+        (vec![send_to("bob", vec![0; big]); 2], false),
+    ];
+    for (held, applied) in cases {
+        let frames = held.len();
+        let handler = TestHandler::default();
+        let stats = Arc::clone(&handler.pipeline);
+        let server = start(handler, Limits::default());
+        let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+        let mut ids = fill_pipeline(&mut client).await;
+        for request in held {
+            ids.push(client.send_request(request).await);
+        }
+        ids.push(client.send_request(ack(0..PIPELINE)).await);
+        if applied {
+            let mut want: Vec<_> = (0..PIPELINE + frames as u64).map(accepted).collect();
+            want.push(Ok(Reply::Ok));
+            expect_replies(&mut client, &ids, &want).await;
+        } else {
+            let nothing = tokio::time::timeout(Duration::from_millis(500), client.frame()).await;
+            assert!(nothing.is_err(), "{frames} held: got {nothing:?}");
+        }
+        let acks = stats.acks.load(Ordering::SeqCst);
+        assert_eq!(acks, usize::from(applied), "{frames} held: {acks} acks");
+    }
+}
+
+/// The frame timeout (slowloris) and the login deadline still hold while
+/// the pipeline is full and the connection is read ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_hold_behind_a_full_pipeline() {
+    let mut limits = Limits::default();
+    limits.frame_timeout = Duration::from_millis(300);
+    let server = start(TestHandler::default(), limits);
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+    fill_pipeline(&mut client).await;
+    client.send_request(quick_send()).await;
+    // Half a length prefix, and no more.
+    client.send.write_all(&[0, 0]).await.unwrap();
+    assert_eq!(
+        close_code(&client.conn, WAIT).await,
+        Some(CloseReason::SlowFrame.code().into())
+    );
+
+    let mut limits = Limits::default();
+    limits.login_timeout = Duration::from_millis(500);
+    let server = start(TestHandler::default(), limits);
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+    fill_pipeline(&mut client).await;
+    client.send_request(quick_send()).await;
+    assert_eq!(
+        close_code(&client.conn, WAIT).await,
+        Some(CloseReason::LoginTimeout.code().into())
+    );
+}
+
+/// Frames read ahead of a full pipeline take their rate-limit tokens as
+/// they are read: beyond the burst they are answered `rate_limited`, in
+/// their turn, and an `Ack` beyond it is not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_read_ahead_are_rate_limited() {
+    let mut limits = Limits::default();
+    // No refill: exactly the burst is served.
+    limits.requests_per_second = 0;
+    limits.request_burst = u32::try_from(MAX_PIPELINED).unwrap() + 3;
+    let handler = TestHandler::default();
+    let stats = Arc::clone(&handler.pipeline);
+    let server = start(handler, limits);
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+    let mut ids = fill_pipeline(&mut client).await;
+    ids.push(client.send_request(quick_send()).await);
+    ids.push(client.send_request(ack(0..PIPELINE)).await);
+    ids.push(client.send_request(quick_send()).await);
+    ids.push(client.send_request(quick_send()).await);
+    ids.push(client.send_request(ack(0..1)).await);
+    let mut want: Vec<_> = (0..=PIPELINE).map(accepted).collect();
+    want.extend([
+        Ok(Reply::Ok),
+        accepted(PIPELINE + 1),
+        Err(ErrorCode::RateLimited),
+        Err(ErrorCode::RateLimited),
+    ]);
+    expect_replies(&mut client, &ids, &want).await;
+    assert_eq!(stats.acks.load(Ordering::SeqCst), 1);
+}
+
+/// A frame that does not decode, read ahead of a full pipeline, closes the
+/// connection when its turn comes: the requests before it are handled
+/// first, and nothing after it is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_read_ahead_closes_the_connection_in_its_turn() {
+    let handler = TestHandler::default();
+    let stats = Arc::clone(&handler.pipeline);
+    let server = start(handler, Limits::default());
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+    fill_pipeline(&mut client).await;
+    client.send_request(quick_send()).await;
+    client.send_request(ack(0..PIPELINE)).await;
+    // A one-byte body that is no `ClientFrame` (an unfinished varint).
+    client.send.write_all(&[0, 0, 0, 1, 0xFF]).await.unwrap();
+    client.send_request(ack(0..1)).await;
+    assert_eq!(
+        close_code(&client.conn, WAIT).await,
+        Some(CloseReason::BadRequest.code().into())
+    );
+    assert_eq!(stats.begun.load(Ordering::SeqCst), PIPELINE + 1);
+    assert_eq!(stats.acks.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

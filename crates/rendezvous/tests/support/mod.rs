@@ -10,7 +10,7 @@
     clippy::panic
 )]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +28,7 @@ use messenger_rendezvous::pin::pinned_client_config;
 use messenger_rendezvous::server::{Server, ServerConfig, ServerHandle};
 use quinn::crypto::rustls::QuicClientConfig;
 use tempfile::TempDir;
+use tokio::sync::watch;
 
 /// Every wait in these tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -44,7 +45,7 @@ pub struct TestHandler {
     pub pipeline: Arc<PipelineStats>,
 }
 
-/// What the handler saw of pipelined `Send`s.
+/// What the handler saw of pipelined `Send`s and `Ack`s.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
     /// `Send`s begun so far; each one's reply carries its number as `seq`.
@@ -53,7 +54,16 @@ pub struct PipelineStats {
     pub pending: AtomicUsize,
     /// The most ever pending at once.
     pub max_pending: AtomicUsize,
+    /// The seqs named by the `Ack`s begun so far.
+    pub acked: watch::Sender<BTreeSet<u64>>,
+    /// `Ack`s begun so far.
+    pub acks: AtomicUsize,
 }
+
+/// The recipient of a `Send` the test handler answers only once an `Ack`
+/// names its `seq` (a live delivery whose recipient is this connection's
+/// own peer, without the grace).
+pub const WAITS_FOR_ACK: &str = "waits-for-ack";
 
 impl Handler for TestHandler {
     type Session = Option<String>;
@@ -128,26 +138,45 @@ impl Handler for TestHandler {
     }
 
     fn pipelines(&self, request: &Request) -> bool {
-        matches!(request, Request::Send(_))
+        matches!(request, Request::Send(_) | Request::Ack { .. })
     }
 
-    /// A `Send` completes after `body[0]` milliseconds.
+    fn begins_ahead(&self, request: &Request) -> bool {
+        matches!(request, Request::Ack { .. })
+    }
+
+    /// A `Send` completes after `body[0]` milliseconds, or, to
+    /// [`WAITS_FOR_ACK`], once an `Ack` names its `seq`. An `Ack` is
+    /// answered `Ok` at once.
     async fn begin(
         &self,
         ctx: &mut ConnectionContext,
         session: &mut Self::Session,
         request: Request,
     ) -> PendingReply {
-        let Request::Send(envelope) = request else {
-            let result = self.handle(ctx, session, request).await;
-            return Box::pin(std::future::ready(result));
+        let envelope = match request {
+            Request::Send(envelope) => envelope,
+            Request::Ack { seqs } => {
+                self.pipeline.acks.fetch_add(1, Ordering::SeqCst);
+                self.pipeline.acked.send_modify(|acked| acked.extend(seqs));
+                return Box::pin(std::future::ready(Ok(Reply::Ok)));
+            }
+            request => {
+                let result = self.handle(ctx, session, request).await;
+                return Box::pin(std::future::ready(result));
+            }
         };
         let stats = Arc::clone(&self.pipeline);
         let seq = stats.begun.fetch_add(1, Ordering::SeqCst);
         let now = stats.pending.fetch_add(1, Ordering::SeqCst) + 1;
         stats.max_pending.fetch_max(now, Ordering::SeqCst);
         let delay = Duration::from_millis(envelope.body.first().copied().unwrap_or(0).into());
+        let mut acked = (envelope.to == WAITS_FOR_ACK).then(|| stats.acked.subscribe());
         Box::pin(async move {
+            if let Some(acked) = &mut acked {
+                // Gone only with the handler.
+                let _ = acked.wait_for(|acked| acked.contains(&seq)).await;
+            }
             tokio::time::sleep(delay).await;
             stats.pending.fetch_sub(1, Ordering::SeqCst);
             Ok(Reply::Accepted {
