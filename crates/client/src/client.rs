@@ -523,9 +523,9 @@ impl Client {
                         self.pending.push(event);
                     }
                     // Kept (or dropped as a duplicate or unreadable, as
-                    // `handle_push` does): acknowledge it.
+                    // `handle_push` does): acknowledge it, unanswered.
                     if let Err(e) = conn
-                        .request(Request::Ack {
+                        .notify(Request::Ack {
                             seqs: vec![envelope.seq],
                         })
                         .await
@@ -759,7 +759,7 @@ impl Client {
         let kept = self.drain_pushes(&mut events)?;
         for seqs in kept.chunks(MAX_ACKS) {
             self.conn()?
-                .request(Request::Ack {
+                .notify(Request::Ack {
                     seqs: seqs.to_vec(),
                 })
                 .await?;
@@ -873,11 +873,13 @@ impl Client {
     }
 
     /// Handles one push from [`Client::next_push`]: an envelope is stored,
-    /// then acknowledged. Returns the events to show, warnings first.
+    /// then acknowledged (a notification: no reply is awaited). Returns the
+    /// events to show, warnings first.
     ///
     /// # Errors
     ///
-    /// Storage failures and failed acknowledgements.
+    /// Storage failures, and a connection that ended before the
+    /// acknowledgement could be queued.
     pub async fn handle_push(&mut self, push: Push) -> Result<Vec<Event>, ClientError> {
         let seq = match &push {
             Push::Envelope(e) => Some(e.seq),
@@ -890,8 +892,10 @@ impl Client {
         };
         let event = self.on_push(push)?;
         if let Some(seq) = seq {
+            // A notification: the chat goes on without waiting a round trip
+            // for an `Ok` it has no use for.
             self.conn()?
-                .request(Request::Ack { seqs: vec![seq] })
+                .notify(Request::Ack { seqs: vec![seq] })
                 .await?;
         }
         let mut events = std::mem::take(&mut self.pending);

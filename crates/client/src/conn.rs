@@ -54,12 +54,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use messenger_crypto::identity::{IdentityKeyPair, Username};
-use messenger_proto::msg::{ClientFrame, Login, Push, Reply, Request, ServerFrame, ServerHello};
+use messenger_proto::msg::{
+    ClientFrame, Login, NOTIFY_ID, Push, Reply, Request, ServerFrame, ServerHello,
+};
 use messenger_proto::{
     ErrorCode, FrameDecoder, FrameError, LEN_PREFIX, MAX_FRAME_LEN, PROTOCOL_VERSION, decode,
     encode,
@@ -376,6 +378,8 @@ pub struct Connection {
     hello: ServerHello,
     options: ConnectOptions,
     next_id: AtomicU32,
+    /// Whether a notification was sent ([`Connection::notify`]).
+    notified: AtomicBool,
     /// `None` once [`close`](Self::close) finished the stream.
     frames: Option<mpsc::Sender<Vec<u8>>>,
     routes: Arc<Routes>,
@@ -479,6 +483,7 @@ impl Connection {
             hello,
             options: options.clone(),
             next_id: AtomicU32::new(1),
+            notified: AtomicBool::new(false),
             frames: Some(frames),
             routes,
             closed,
@@ -524,7 +529,11 @@ impl Connection {
     /// [`ConnError::Timeout`] if no reply came in time (a late reply is
     /// dropped); [`ConnError::Encode`] for a request too large for a frame.
     pub async fn request(&self, request: Request) -> Result<Reply, ConnError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if id == NOTIFY_ID {
+            // Wrapped around: 0 is a notification's id.
+            id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        }
         let bytes = encode(&ClientFrame { id, request }).map_err(ConnError::Encode)?;
         let Some(frames) = self.frames.as_ref() else {
             return Err(ConnError::Closed {
@@ -551,6 +560,33 @@ impl Connection {
             Ok(Some(Err(code))) => Err(ConnError::Server(code)),
             Ok(None) => Err(self.closed_error().await),
             Err(_) => Err(ConnError::Timeout(self.options.request_timeout)),
+        }
+    }
+
+    /// Sends `request` as a notification ([`NOTIFY_ID`]): the server answers
+    /// nothing, so this returns once the frame is queued for writing. Only
+    /// an `Ack` may be sent so (docs/protocol.md §3). [`Connection::close`]
+    /// waits for the server to read what was notified.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnError::Closed`] if the connection ended first;
+    /// [`ConnError::Encode`] for a request too large for a frame.
+    pub async fn notify(&self, request: Request) -> Result<(), ConnError> {
+        let bytes = encode(&ClientFrame {
+            id: NOTIFY_ID,
+            request,
+        })
+        .map_err(ConnError::Encode)?;
+        let Some(frames) = self.frames.as_ref() else {
+            return Err(ConnError::Closed {
+                reason: ClosedReason::Local,
+            });
+        };
+        self.notified.store(true, Ordering::Relaxed);
+        match frames.send(bytes).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.closed_error().await),
         }
     }
 
@@ -611,9 +647,11 @@ impl Connection {
         {
             writer.abort();
         }
-        // Replies still owed to callers are read before the close; with
-        // none owed, the close need not wait for the server's side.
-        if !self.routes.lock().waiting.is_empty()
+        // Replies still owed to callers are read before the close, and so
+        // is the server's end of its side after notifications, which have no
+        // reply to wait for: closing at once could drop them unread. With
+        // neither, the close need not wait for the server's side.
+        if (!self.routes.lock().waiting.is_empty() || self.notified.load(Ordering::Relaxed))
             && let Some(mut reader) = self.reader.take()
             && timeout(wait, &mut reader).await.is_err()
         {

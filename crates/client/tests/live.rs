@@ -160,3 +160,52 @@ async fn two_clients_writing_to_each_other_at_once_do_not_wait_out_the_grace() {
         assert!(stored.is_empty(), "{who}: {} stored", stored.len());
     }
 }
+
+/// Bob, chatting, keeps a message pushed to him and acknowledges it with a
+/// notification (no reply to wait for), then quits at once. The close must
+/// still let the server read that acknowledgement: alice is answered from
+/// bob's acknowledgement, well within the grace, and nothing is stored for
+/// bob. A close that did not wait could drop the unread notification with
+/// the connection, so alice would wait the grace and bob would get the
+/// message again from the mailbox. (On loopback the server has in practice
+/// always read the notification before the close arrives, so this test
+/// passes without the close's wait too; it guards the outcome, not the
+/// race.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_sent_just_before_quitting_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server(&dir);
+    let mut alice = client(&dir, "alice", &running).await;
+    let mut bob = client(&dir, "bob", &running).await;
+    timeout(WAIT, bob.connect()).await.unwrap().unwrap();
+
+    // Sessions first, so that the last send is one round trip.
+    timeout(WAIT, alice.send("bob", "hi"))
+        .await
+        .unwrap()
+        .unwrap();
+    let push = timeout(WAIT, bob.next_push()).await.unwrap().unwrap();
+    timeout(WAIT, bob.handle_push(push)).await.unwrap().unwrap();
+
+    let started = Instant::now();
+    let (sent, events) = tokio::join!(timeout(WAIT, alice.send("bob", "bye")), async move {
+        let push = timeout(WAIT, bob.next_push()).await.unwrap().unwrap();
+        let events = timeout(WAIT, bob.handle_push(push)).await.unwrap().unwrap();
+        // Quits at once, the acknowledgement perhaps still unread.
+        timeout(WAIT, bob.close()).await.unwrap();
+        events
+    });
+    sent.unwrap().unwrap();
+    let took = started.elapsed();
+    let got: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some(m.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, ["bye"], "{events:?}");
+    assert!(took < GRACE, "alice waited {took:?} (grace {GRACE:?})");
+    let stored = running.service.store().pending("bob", 0, 10).unwrap();
+    assert!(stored.is_empty(), "{} stored for bob", stored.len());
+}

@@ -70,13 +70,32 @@ pub struct ServerHello {
 }
 
 /// A client frame: a request with an id the client picks; the reply carries
-/// the same id.
+/// the same id. With the id [`NOTIFY_ID`] the frame is a notification: the
+/// server sends no reply (only [`Request::Ack`] may be sent so).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientFrame {
-    /// Request id, echoed in the reply.
+    /// Request id, echoed in the reply; [`NOTIFY_ID`] for no reply.
     pub id: u32,
     /// What is asked.
     pub request: Request,
+}
+
+/// The request id of a notification: a [`ClientFrame`] the server never
+/// answers, like a JSON-RPC 2.0 notification. Only an [`Request::Ack`] may
+/// be a notification (any other request so sent closes the connection with
+/// `bad_request`, since it could not be answered): a client acknowledging
+/// what it was pushed has no use for the `Ok`, and on a busy connection one
+/// reply frame fewer per acknowledgement is measurable (docs/benchmarks.md).
+/// Its errors are not reported; an acknowledgement that did not take effect
+/// only means the envelope is delivered again, and the client drops the
+/// duplicate.
+pub const NOTIFY_ID: u32 = 0;
+
+impl ClientFrame {
+    /// Whether this frame is a notification ([`NOTIFY_ID`]).
+    pub fn is_notification(&self) -> bool {
+        self.id == NOTIFY_ID
+    }
 }
 
 /// A server frame.

@@ -62,7 +62,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use messenger_proto::msg::{
-    ClientFrame, DEFAULT_DEVICE, MAX_ACKS, OutgoingEnvelope, Push, Reply, Request, ServerFrame,
+    ClientFrame, DEFAULT_DEVICE, MAX_ACKS, NOTIFY_ID, OutgoingEnvelope, Push, Reply, Request,
+    ServerFrame,
 };
 use messenger_proto::{FrameDecoder, decode, encode};
 use messenger_rendezvous::limits::Limits;
@@ -594,49 +595,52 @@ async fn ours_run(people: Rc<Vec<Person>>) -> Outcome {
                 }
             }
         });
-        // Recipient: pushes in, one `Ack` in flight covering what was read.
+        // Recipient: pushes in; after each read of the stream, one `Ack`
+        // notification (no reply) for every envelope that read completed.
         let (r, pair) = (Rc::clone(&run), Rc::clone(&pairs[i]));
         // Diagnostic only (BENCH_NO_ACK=1): recipients do not ack.
         let no_ack = std::env::var("BENCH_NO_ACK").is_ok();
         tasks.spawn_local(async move {
             let mut dec = FrameDecoder::new();
             let mut pending: Vec<u64> = Vec::new();
-            let mut acking: Option<u32> = None;
-            let mut id = FIRST_ID;
-            while let Some(frame) = read_frame(&mut rrecv, &mut dec).await {
-                match frame {
-                    ServerFrame::Push(Push::Envelope(e)) => {
-                        r.delivered(&pair, &e.body);
-                        pending.push(e.seq);
-                    }
-                    ServerFrame::Reply { id: got, result } if Some(got) == acking => {
-                        if result != Ok(Reply::Ok) {
+            loop {
+                match rrecv.read_chunk(READ_CHUNK, true).await {
+                    Ok(Some(chunk)) => {
+                        if dec.push(&chunk.bytes).is_err() {
                             r.error();
+                            return;
                         }
-                        acking = None;
                     }
-                    ServerFrame::Reply { .. } => r.error(),
-                    _ => {}
+                    _ => return,
+                }
+                while let Some(frame) = dec.next_decoded::<ServerFrame>() {
+                    match frame {
+                        Ok(ServerFrame::Push(Push::Envelope(e))) => {
+                            r.delivered(&pair, &e.body);
+                            pending.push(e.seq);
+                        }
+                        Ok(ServerFrame::Push(_)) => {}
+                        _ => r.error(),
+                    }
                 }
                 if no_ack {
                     pending.clear();
                 }
-                if acking.is_none() && !pending.is_empty() {
-                    let take = pending.len().min(MAX_ACKS);
-                    let seqs: Vec<u64> = pending.drain(..take).collect();
+                for seqs in pending.chunks(MAX_ACKS) {
                     r.acks.set(r.acks.get() + 1);
                     r.acked.set(r.acked.get() + seqs.len() as u64);
-                    id += 1;
                     let frame = ClientFrame {
-                        id,
-                        request: Request::Ack { seqs },
+                        id: NOTIFY_ID,
+                        request: Request::Ack {
+                            seqs: seqs.to_vec(),
+                        },
                     };
                     if rsend.write_all(&encode(&frame).unwrap()).await.is_err() {
                         r.error();
                         return;
                     }
-                    acking = Some(id);
                 }
+                pending.clear();
             }
         });
     }

@@ -72,7 +72,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use messenger_proto::msg::{ClientFrame, Push, Reply, Request, ServerFrame, ServerHello};
+use messenger_proto::msg::{
+    ClientFrame, NOTIFY_ID, Push, Reply, Request, ServerFrame, ServerHello,
+};
 use messenger_proto::{
     ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode, encode_into,
 };
@@ -853,6 +855,10 @@ async fn read_requests<H: Handler>(
 fn take_frame(body: &[u8], bucket: &mut TokenBucket) -> Held {
     match decode::<ClientFrame>(body) {
         Err(e) => Held::Malformed(CloseReason::for_frame_error(&e)),
+        // A notification could not be answered, so only an `Ack` may be one.
+        Ok(frame) if frame.is_notification() && !matches!(frame.request, Request::Ack { .. }) => {
+            Held::Malformed(CloseReason::BadRequest)
+        }
         Ok(frame) if !bucket.take() => Held::Limited { id: frame.id },
         Ok(frame) => Held::Request {
             id: frame.id,
@@ -970,6 +976,10 @@ fn write_reply<'a>(
     let encoded = encode_reply(&mut bytes, id, result, conn);
     async move {
         encoded?;
+        if bytes.is_empty() {
+            // A notification's: nothing to write.
+            return Ok(());
+        }
         write_frame(send, &bytes).await.map_err(|_| Ended::Lost)
     }
 }
@@ -995,6 +1005,10 @@ fn write_replies<'a>(
         encoded?;
         let mut send = send.lock().await;
         take_ready(&mut bytes, pending, conn).await?;
+        if bytes.is_empty() {
+            // Only notifications were done: nothing to write.
+            return Ok(());
+        }
         send.write_all(&bytes).await.map_err(|_| Ended::Lost)
     }
 }
@@ -1033,6 +1047,14 @@ fn encode_reply(
     result: Result<Reply, ErrorCode>,
     conn: u64,
 ) -> Result<(), Ended> {
+    if id == NOTIFY_ID {
+        // Never answered (a notification is an `Ack`; should it fail, the
+        // envelopes are delivered again).
+        if let Err(code) = result {
+            debug!(id = conn, ?code, "a notification failed");
+        }
+        return Ok(());
+    }
     if let Err(error) = encode_into(out, &ServerFrame::Reply { id, result }) {
         warn!(id = conn, %error, "reply could not be encoded");
         let fallback = ServerFrame::Reply {

@@ -10,8 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use messenger_crypto::identity::IdentityKeyPair;
-use messenger_proto::msg::{Login, OutgoingEnvelope, Push, Reply, Request, ServerFrame};
-use messenger_proto::{ErrorCode, PROTOCOL_VERSION};
+use messenger_proto::msg::{
+    ClientFrame, Login, NOTIFY_ID, OutgoingEnvelope, Push, Reply, Request, ServerFrame,
+};
+use messenger_proto::{ErrorCode, PROTOCOL_VERSION, encode};
 use messenger_rendezvous::handler::CloseReason;
 use messenger_rendezvous::limits::{Limits, MAX_PIPELINED, MAX_READ_AHEAD, MAX_READ_AHEAD_BYTES};
 use messenger_rendezvous::pin::pinned_client_config;
@@ -462,4 +464,73 @@ async fn another_alpn_is_refused() {
     // The right one still works.
     let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
     assert!(client.request(Request::Users).await.is_ok());
+}
+
+/// Writes `request` as a notification (request id [`NOTIFY_ID`]).
+async fn notify(client: &mut TestClient, request: Request) {
+    let bytes = encode(&ClientFrame {
+        id: NOTIFY_ID,
+        request,
+    })
+    .unwrap();
+    client.send.write_all(&bytes).await.unwrap();
+}
+
+/// An `Ack` sent as a notification takes effect in its turn (the send
+/// waiting for it is answered) and is never answered itself: the replies
+/// that follow are those of the requests around it, in order. Also behind a
+/// full pipeline, where it is read ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_notification_takes_effect_and_is_never_answered() {
+    let handler = TestHandler::default();
+    let stats = Arc::clone(&handler.pipeline);
+    let server = start(handler, Limits::default());
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+
+    let first = client.send_request(send_to(WAITS_FOR_ACK, vec![0])).await;
+    notify(&mut client, ack(0..1)).await;
+    let ping = client.send_request(Request::Users).await;
+    expect_replies(
+        &mut client,
+        &[first, ping],
+        &[accepted(0), Ok(Reply::Users { users: Vec::new() })],
+    )
+    .await;
+
+    // Behind a full pipeline of sends it acknowledges.
+    let ids = fill_pipeline(&mut client).await;
+    notify(&mut client, ack(1..1 + PIPELINE)).await;
+    let ping = client.send_request(Request::Users).await;
+    let mut want: Vec<_> = (1..1 + PIPELINE).map(accepted).collect();
+    want.push(Ok(Reply::Users { users: Vec::new() }));
+    expect_replies(&mut client, &[ids, vec![ping]].concat(), &want).await;
+    assert_eq!(stats.acks.load(Ordering::SeqCst), 2);
+
+    // Nothing else comes: no reply to id 0 was ever written.
+    let _ = client.send.finish();
+    match client.frame().await {
+        Err(e) => assert_eq!(e, "stream finished"),
+        Ok(frame) => panic!("unexpected frame after the last reply: {frame:?}"),
+    }
+}
+
+/// Only an `Ack` may be a notification: any other request with id 0 could
+/// not be answered, so it closes the connection as a bad request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_other_than_an_ack_closes_the_connection() {
+    let server = start(TestHandler::default(), Limits::default());
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+    let ping = client.send_request(Request::Users).await;
+    expect_replies(
+        &mut client,
+        &[ping],
+        &[Ok(Reply::Users { users: Vec::new() })],
+    )
+    .await;
+    notify(&mut client, Request::Users).await;
+    assert!(client.frame().await.is_err());
+    assert_eq!(
+        close_code(&client.conn, WAIT).await,
+        Some(CloseReason::BadRequest.code().into())
+    );
 }
