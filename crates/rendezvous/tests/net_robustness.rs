@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
 use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
 use messenger_proto::msg::{
-    ClientFrame, Login, OutgoingEnvelope, Register, Reply, Request, ServerFrame, SignedRoster,
-    roster_signed_bytes,
+    ClientFrame, Login, NOTIFY_ID, OutgoingEnvelope, Register, Reply, Request, ServerFrame,
+    SignedRoster, roster_signed_bytes,
 };
 use messenger_proto::{ALPN, MAX_FRAME_LEN, PROTOCOL_VERSION, decode, encode};
 use messenger_rendezvous::app::{
@@ -396,7 +396,12 @@ impl MutationPass {
                     // The preface kind: a fresh connection for each.
                     closing_frames.push(framed(&m));
                 } else if let Ok(frame) = decode::<ClientFrame>(&m) {
-                    decodable.push((frame.id, framed(&m)));
+                    if frame.is_notification() && !matches!(frame.request, Request::Ack { .. }) {
+                        // Only an `Ack` may be a notification (id 0).
+                        closing_frames.push(framed(&m));
+                    } else {
+                        decodable.push((frame.id, framed(&m)));
+                    }
                 } else {
                     closing_frames.push(framed(&m));
                 }
@@ -555,7 +560,10 @@ async fn send_answered(c: &mut TestClient, frames: Vec<(u32, Vec<u8>)>) -> (usiz
         while window.len() < WINDOW
             && let Some((id, frame)) = pending.pop()
         {
-            if ids.insert(id) {
+            if id == NOTIFY_ID {
+                // An `Ack` notification: never answered.
+                window.push(frame);
+            } else if ids.insert(id) {
                 window.push(frame);
             } else {
                 later.push((id, frame));
