@@ -91,7 +91,9 @@ use tracing::{debug, info, warn};
 use crate::handler::{
     CloseReason, CloseSignal, ConnectionContext, Handler, PendingReply, PushQueue, PushSender,
 };
-use crate::limits::{Limits, MAX_PIPELINED, MAX_READ_AHEAD, MAX_READ_AHEAD_BYTES};
+use crate::limits::{
+    ACK_ELICITING_THRESHOLD, Limits, MAX_PIPELINED, MAX_READ_AHEAD, MAX_READ_AHEAD_BYTES,
+};
 use crate::server::ServerError;
 
 pub use messenger_transport::CHANNEL_BINDING_LABEL;
@@ -144,7 +146,8 @@ pub fn tls_config(
 }
 
 /// The QUIC transport parameters from `limits`: stream counts, windows,
-/// idle timeout and keep-alive. Segmentation offload and MTU discovery keep
+/// idle timeout and keep-alive, and the ACK frequency asked of clients
+/// ([`ACK_ELICITING_THRESHOLD`]). Segmentation offload and MTU discovery keep
 /// quinn's defaults (on): turning them off cost 2.3× relay throughput
 /// (performance.md §4.9).
 ///
@@ -165,6 +168,9 @@ pub fn transport_config(limits: &Limits) -> Result<TransportConfig, ServerError>
         .keep_alive_interval(Some(limits.keep_alive))
         // The protocol has no datagrams.
         .datagram_receive_buffer_size(None);
+    let mut ack_frequency = quinn::AckFrequencyConfig::default();
+    ack_frequency.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    transport.ack_frequency_config(Some(ack_frequency));
     Ok(transport)
 }
 
@@ -1260,5 +1266,15 @@ mod tests {
     #[test]
     fn transport_config_accepts_the_defaults() {
         transport_config(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn transport_config_asks_clients_for_fewer_acks() {
+        let config = format!("{:?}", transport_config(&Limits::default()).unwrap());
+        let want = format!("ack_eliciting_threshold: {ACK_ELICITING_THRESHOLD}");
+        assert!(
+            config.contains("ack_frequency_config: Some(") && config.contains(&want),
+            "{config}"
+        );
     }
 }
