@@ -76,8 +76,9 @@ pub trait Handler: Send + Sync + 'static {
     /// earlier requests of its connection that wait for room in a full
     /// pipeline ([`crate::limits::MAX_PIPELINED`]). The network layer reads
     /// on meanwhile, at most [`crate::limits::MAX_READ_AHEAD`] frames, and
-    /// begins such a request as soon as it is read if only pipelined
-    /// requests are held before it; every other frame waits for its turn,
+    /// begins such a request as soon as only pipelined requests are held
+    /// before it (when it is read, or once a request of another kind held
+    /// before it has been handled); every other frame waits for its turn,
     /// and replies still go out in request order. Only a request whose
     /// effect does not depend on those earlier requests, nor theirs on it,
     /// may say yes: the service's `Ack`, which settles deliveries to its

@@ -29,8 +29,8 @@
 //!    while the stream is read on, at most `MAX_READ_AHEAD` frames
 //!    (`MAX_READ_AHEAD_BYTES`) further: each frame read takes its
 //!    rate-limit token, a request the handler begins ahead (`Ack`, which a
-//!    sender on another connection may be waiting for) is begun at once if
-//!    only pipelined requests are held before it, and the others are kept
+//!    sender on another connection may be waiting for) is begun as soon
+//!    as only pipelined requests are held before it, and the others are kept
 //!    and handled in order; their replies keep request order. Replies and
 //!    the handler's pushes are written as whole frames under one lock on
 //!    the send half, so frames never interleave; replies already finished
@@ -741,15 +741,16 @@ async fn read_requests<H: Handler>(
                 // The pipeline is full: this frame waits until the oldest
                 // reply is out, and those behind it are read ahead (below).
                 // An `Ack` is begun now all the same: a sender the pipeline
-                // waits for may be waiting for it.
-                let item = match item {
-                    Held::Request { id, request, .. } if begins_ahead(handler, &request) => {
-                        let reply = Box::pin(handler.begin(ctx, session, request)).await;
-                        Held::Begun { id, reply }
-                    }
-                    item => item,
-                };
+                // waits for may be waiting for it. So is one already held,
+                // read ahead behind a request handled since.
                 held.push_front(item);
+                while let Some(at) = held_to_begin(handler, held) {
+                    let Some(Held::Request { id, request, .. }) = held.remove(at) else {
+                        break;
+                    };
+                    let reply = Box::pin(handler.begin(ctx, session, request)).await;
+                    held.insert(at, Held::Begun { id, reply });
+                }
                 break;
             }
             match item {
@@ -888,6 +889,19 @@ fn needs_room<H: Handler>(handler: &H, item: &Held) -> bool {
 /// full ([`Handler::begins_ahead`]; only a pipelined one).
 fn begins_ahead<H: Handler>(handler: &H, request: &Request) -> bool {
     handler.pipelines(request) && handler.begins_ahead(request)
+}
+
+/// The first frame held that may be begun ahead now: a request the
+/// handler [begins ahead](Handler::begins_ahead), not yet begun, with only
+/// pipelined requests (begun or not, or answered `rate_limited`) held
+/// before it. [`read_ahead`] begins those it reads; this finds the ones
+/// read behind a request of another kind that has been handled since.
+fn held_to_begin<H: Handler>(handler: &H, held: &Ahead) -> Option<usize> {
+    held.iter()
+        .take_while(|item| needs_room(handler, item))
+        .position(
+            |item| matches!(item, Held::Request { request, .. } if begins_ahead(handler, request)),
+        )
 }
 
 /// Whether more frames may be read ahead of a full pipeline: fewer than

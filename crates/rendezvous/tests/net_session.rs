@@ -295,6 +295,46 @@ async fn acks_behind_a_full_pipeline_are_applied_and_replies_keep_order() {
     assert!(most <= MAX_PIPELINED, "{most} sends pending at once");
 }
 
+/// An `Ack` read ahead behind a request that is not pipelined cannot be
+/// begun ahead then; once that request is handled, and the pipeline is full
+/// again with only sends before the `Ack`, it must be begun as the ones
+/// read after a full pipeline are. Here the sends filling the pipeline again
+/// wait for that very `Ack` (a peer's live sends): without it the
+/// connection waits for ever (the test handler has no grace; the service's
+/// sends would fall back to the mailbox after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_held_behind_a_request_handled_since_is_begun_ahead() {
+    let handler = TestHandler::default();
+    let stats = Arc::clone(&handler.pipeline);
+    let server = start(handler, Limits::default());
+    let mut client = TestClient::connect(server.addr(), &server.fingerprint()).await;
+    // A full pipeline of slow sends (0..16), and one more that waits for
+    // room (16): all behind it is read ahead.
+    let mut ids = Vec::new();
+    for _ in 0..=MAX_PIPELINED {
+        ids.push(client.send_request(send_to("bob", vec![200])).await);
+    }
+    // Not pipelined: the `Ack` below is read ahead behind it, and kept.
+    ids.push(client.send_request(Request::Users).await);
+    // Sends that wait for the `Ack` (17..33) fill the pipeline again once
+    // `Users` is answered; one more (33) waits for room before the `Ack`.
+    let first = PIPELINE + 1;
+    for _ in 0..=MAX_PIPELINED {
+        ids.push(client.send_request(send_to(WAITS_FOR_ACK, vec![0])).await);
+    }
+    notify(&mut client, ack(first..first + PIPELINE + 1)).await;
+    let mut want: Vec<_> = (0..first).map(accepted).collect();
+    want.push(Ok(Reply::Users { users: Vec::new() }));
+    want.extend((first..=first + PIPELINE).map(accepted));
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        expect_replies(&mut client, &ids, &want),
+    )
+    .await
+    .expect("the sends waiting for the held `Ack` are answered");
+    assert_eq!(stats.acks.load(Ordering::SeqCst), 1);
+}
+
 /// Reading ahead of a full pipeline stops at `MAX_READ_AHEAD` frames or
 /// `MAX_READ_AHEAD_BYTES` held: an `Ack` just inside either bound is
 /// applied, one just beyond is not read.
