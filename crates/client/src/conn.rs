@@ -571,6 +571,8 @@ impl Connection {
     /// # Errors
     ///
     /// [`ConnError::Closed`] if the connection ended first;
+    /// [`ConnError::Timeout`] if the frame could not even be queued within
+    /// the request timeout (the writer is stuck behind a full send window);
     /// [`ConnError::Encode`] for a request too large for a frame.
     pub async fn notify(&self, request: Request) -> Result<(), ConnError> {
         let bytes = encode(&ClientFrame {
@@ -584,9 +586,10 @@ impl Connection {
             });
         };
         self.notified.store(true, Ordering::Relaxed);
-        match frames.send(bytes).await {
-            Ok(()) => Ok(()),
-            Err(_) => Err(self.closed_error().await),
+        match timeout(self.options.request_timeout, frames.send(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.closed_error().await),
+            Err(_) => Err(ConnError::Timeout(self.options.request_timeout)),
         }
     }
 

@@ -1023,12 +1023,17 @@ fn write_replies<'a>(
     let encoded = encode_reply(&mut bytes, id, result, conn);
     async move {
         encoded?;
+        if bytes.is_empty() {
+            // A notification's (never answered): the send half is locked
+            // only if replies after it are ready too, so that a push being
+            // written to a slow client does not hold the loop for nothing.
+            take_ready(&mut bytes, pending, conn).await?;
+            if bytes.is_empty() {
+                return Ok(());
+            }
+        }
         let mut send = send.lock().await;
         take_ready(&mut bytes, pending, conn).await?;
-        if bytes.is_empty() {
-            // Only notifications were done: nothing to write.
-            return Ok(());
-        }
         send.write_all(&bytes).await.map_err(|_| Ended::Lost)
     }
 }
