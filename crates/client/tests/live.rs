@@ -69,6 +69,17 @@ async fn client(dir: &TempDir, name: &str, running: &Running) -> Client {
     Client::open(&home, &mut passphrase, ConnectOptions::default()).unwrap()
 }
 
+/// The texts of the messages among `events`, in order.
+fn texts(events: &[Event]) -> Vec<&str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some(m.text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Bob is online and pulls while alice's message is pushed to him live:
 /// `pull` keeps it (it reads the pushes that came meanwhile) but must also
 /// acknowledge it. Otherwise alice waits the whole grace for an answer and
@@ -91,13 +102,7 @@ async fn a_live_message_read_during_a_pull_is_acknowledged() {
     });
     sent.unwrap().unwrap();
     let took = started.elapsed();
-    let got: Vec<&str> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some(m.text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let got = texts(&events);
     assert_eq!(got, ["hello bob"], "{events:?}");
     let stored = running.service.store().pending("bob", 0, 10).unwrap();
     assert!(
@@ -147,14 +152,8 @@ async fn two_clients_writing_to_each_other_at_once_do_not_wait_out_the_grace() {
     // Each kept the other's message while its own send waited, and the
     // server stored neither.
     for (who, client) in [("alice", &mut alice), ("bob", &mut bob)] {
-        let got: Vec<String> = client
-            .take_events()
-            .into_iter()
-            .filter_map(|e| match e {
-                Event::Message(m) => Some(m.text),
-                _ => None,
-            })
-            .collect();
+        let events = client.take_events();
+        let got = texts(&events);
         assert_eq!(got, ["at once"], "{who}");
         let stored = running.service.store().pending(who, 0, 10).unwrap();
         assert!(stored.is_empty(), "{who}: {} stored", stored.len());
@@ -197,13 +196,7 @@ async fn an_acknowledgement_sent_just_before_quitting_is_not_lost() {
     });
     sent.unwrap().unwrap();
     let took = started.elapsed();
-    let got: Vec<&str> = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message(m) => Some(m.text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let got = texts(&events);
     assert_eq!(got, ["bye"], "{events:?}");
     assert!(took < GRACE, "alice waited {took:?} (grace {GRACE:?})");
     let stored = running.service.store().pending("bob", 0, 10).unwrap();

@@ -744,13 +744,7 @@ async fn read_requests<H: Handler>(
                 // waits for may be waiting for it. So is one already held,
                 // read ahead behind a request handled since.
                 held.push_front(item);
-                while let Some(at) = held_to_begin(handler, held) {
-                    let Some(Held::Request { id, request, .. }) = held.remove(at) else {
-                        break;
-                    };
-                    let reply = Box::pin(handler.begin(ctx, session, request)).await;
-                    held.insert(at, Held::Begun { id, reply });
-                }
+                begin_held(handler, ctx, session, held).await;
                 break;
             }
             match item {
@@ -915,7 +909,7 @@ fn room_ahead(held: &Ahead) -> bool {
 
 /// Takes the frames buffered in `decoder` into `held` while there is
 /// [`room_ahead`], each with its rate-limit token. A request the handler
-/// [begins ahead](Handler::begins_ahead) is begun at once if only
+/// [begins ahead](Handler::begins_ahead) is begun before this returns if only
 /// pipelined requests (begun or not, or answered `rate_limited`) are held
 /// before it, so that it does not wait for them; every other frame is
 /// kept for its turn.
@@ -929,19 +923,26 @@ async fn read_ahead<H: Handler>(
 ) {
     while room_ahead(held) {
         let Some(item) = decoder.next_with(|body| take_frame(body, bucket)) else {
-            return;
-        };
-        let item = match item {
-            Held::Request { id, request, .. }
-                if begins_ahead(handler, &request)
-                    && held.iter().all(|h| needs_room(handler, h)) =>
-            {
-                let reply = Box::pin(handler.begin(ctx, session, request)).await;
-                Held::Begun { id, reply }
-            }
-            item => item,
+            break;
         };
         held.push_back(item);
+    }
+    begin_held(handler, ctx, session, held).await;
+}
+
+/// Begins, in order, every held request that [`held_to_begin`] finds.
+async fn begin_held<H: Handler>(
+    handler: &H,
+    ctx: &mut ConnectionContext,
+    session: &mut H::Session,
+    held: &mut Ahead,
+) {
+    while let Some(at) = held_to_begin(handler, held) {
+        let Some(Held::Request { id, request, .. }) = held.remove(at) else {
+            break;
+        };
+        let reply = Box::pin(handler.begin(ctx, session, request)).await;
+        held.insert(at, Held::Begun { id, reply });
     }
 }
 
