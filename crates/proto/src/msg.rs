@@ -408,6 +408,87 @@ pub struct Envelope {
     pub body: Vec<u8>,
 }
 
+/// A [`Push::Envelope`] frame made from borrowed parts: it serializes to
+/// exactly the bytes of `ServerFrame::Push(Push::Envelope(envelope))` with
+/// the same fields, so a server can frame an envelope it keeps (for the
+/// stored path) without first copying its body into an owned [`Envelope`].
+/// A test compares the two encodings.
+#[derive(Clone, Copy)]
+pub struct EnvelopePush<'a> {
+    /// As [`Envelope::seq`].
+    pub seq: u64,
+    /// As [`Envelope::from`].
+    pub from: &'a str,
+    /// As [`Envelope::from_device`].
+    pub from_device: u32,
+    /// As [`Envelope::group`].
+    pub group: Option<&'a str>,
+    /// As [`Envelope::id`].
+    pub id: &'a MessageId,
+    /// As [`Envelope::sent_at`].
+    pub sent_at: u64,
+    /// As [`Envelope::body`].
+    pub body: &'a [u8],
+}
+
+impl std::fmt::Debug for EnvelopePush<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The body is ciphertext, but its bytes say nothing useful in a log.
+        f.debug_struct("EnvelopePush")
+            .field("seq", &self.seq)
+            .field("from", &self.from)
+            .field("group", &self.group)
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Variant index of [`ServerFrame::Push`] (pinned with the others by the
+/// encoding tests).
+const SERVER_FRAME_PUSH: u32 = 2;
+/// Variant index of [`Push::Envelope`].
+const PUSH_ENVELOPE: u32 = 0;
+
+impl Serialize for EnvelopePush<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        /// `Push::Envelope(..)`.
+        struct AsPush<'a, 'b>(&'b EnvelopePush<'a>);
+        /// The `Envelope` struct's fields, in their order.
+        struct AsEnvelope<'a, 'b>(&'b EnvelopePush<'a>);
+        impl Serialize for AsPush<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_newtype_variant(
+                    "Push",
+                    PUSH_ENVELOPE,
+                    "Envelope",
+                    &AsEnvelope(self.0),
+                )
+            }
+        }
+        impl Serialize for AsEnvelope<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct as _;
+                let e = self.0;
+                let mut s = serializer.serialize_struct("Envelope", 7)?;
+                s.serialize_field("seq", &e.seq)?;
+                s.serialize_field("from", e.from)?;
+                s.serialize_field("from_device", &e.from_device)?;
+                s.serialize_field("group", &e.group)?;
+                s.serialize_field("id", e.id)?;
+                s.serialize_field("sent_at", &e.sent_at)?;
+                s.serialize_field("body", &crate::wire_bytes::Bytes(e.body))?;
+                s.end()
+            }
+        }
+        serializer.serialize_newtype_variant(
+            "ServerFrame",
+            SERVER_FRAME_PUSH,
+            "Push",
+            &AsPush(self),
+        )
+    }
+}
+
 /// Something the server tells a client unasked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -715,6 +796,30 @@ mod tests {
             decode::<ServerFrame>(&encode(&err).unwrap()[4..]).unwrap(),
             err
         );
+    }
+
+    #[test]
+    fn a_borrowed_envelope_push_encodes_as_the_owned_one() {
+        let mut grouped = envelope();
+        grouped.group = Some("friends".into());
+        grouped.body = (0..=255).collect();
+        let mut empty = envelope();
+        empty.body.clear();
+        empty.from = "a-much-longer-sender.name_32".into();
+        empty.seq = u64::MAX;
+        for e in [envelope(), grouped, empty] {
+            let borrowed = EnvelopePush {
+                seq: e.seq,
+                from: &e.from,
+                from_device: e.from_device,
+                group: e.group.as_deref(),
+                id: &e.id,
+                sent_at: e.sent_at,
+                body: &e.body,
+            };
+            let owned = ServerFrame::Push(Push::Envelope(e.clone()));
+            assert_eq!(encode(&borrowed).unwrap(), encode(&owned).unwrap());
+        }
     }
 
     /// The variant index is the first byte of a request body: pinned, so a

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 const MAX_PREALLOC_BYTES: usize = 4096;
 
 /// A borrowed byte string that serializes through the bytes path.
-struct Bytes<'a>(&'a [u8]);
+pub(crate) struct Bytes<'a>(pub(crate) &'a [u8]);
 
 impl Serialize for Bytes<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
 use messenger_proto::ErrorCode;
-use messenger_proto::msg::{Push, Reply, Request};
+use messenger_proto::msg::{EnvelopePush, Push, Reply, Request};
 use zeroize::Zeroizing;
 
 use crate::handler::{CloseReason, ConnectionContext, Handler, PendingReply, PushSender};
@@ -27,6 +27,10 @@ pub const DATABASE_FILE: &str = "rendezvous.redb";
 impl PushTarget for PushSender {
     fn push(&self, push: Push) -> bool {
         PushSender::push(self, push).is_ok()
+    }
+
+    fn push_envelope(&self, envelope: EnvelopePush<'_>) -> bool {
+        PushSender::push_envelope(self, envelope).is_ok()
     }
 
     fn close(&self, _reason: &'static str) {
@@ -90,7 +94,7 @@ impl Handler for App {
     ) -> PendingReply {
         let reply = self.service.begin(session, request).await;
         note_user(ctx, session);
-        Box::pin(reply)
+        reply
     }
 
     async fn on_disconnect(&self, _ctx: &ConnectionContext, session: Self::Session) {

@@ -21,8 +21,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use messenger_proto::msg::{Push, Reply, Request};
-use messenger_proto::{ErrorCode, FrameError};
+use messenger_proto::msg::{EnvelopePush, Push, Reply, Request, ServerFrame};
+use messenger_proto::{ErrorCode, FrameError, LEN_PREFIX, decode, encode_into};
 use tokio::sync::{Notify, mpsc};
 
 /// The rest of a pipelined request (see [`Handler::begin`]): a future that
@@ -288,13 +288,16 @@ pub enum PushError {
 /// queue disconnects the client ([`CloseReason::TooSlow`]) instead of letting
 /// the server's memory grow.
 ///
-/// Pushes are queued boxed: tokio's bounded channel allocates its slots 32
-/// at a time on creation, so a slot of a bare `Push` (112 bytes) cost every
-/// idle connection about 3.5 KB; a box costs 8 bytes a slot
+/// Pushes are queued as their encoded frames, made by whoever pushes: the
+/// connection's writer hands them to QUIC as they are, so an envelope's body
+/// is copied once between the sender's frame and the recipient's stream.
+/// A frame is a boxed slice, 16 bytes a slot: tokio's bounded channel
+/// allocates its slots 32 at a time on creation, so a slot of a bare `Push`
+/// (112 bytes) would cost every idle connection about 3.5 KB
 /// (docs/benchmarks.md §2).
 #[derive(Clone, Debug)]
 pub struct PushSender {
-    tx: mpsc::Sender<Box<Push>>,
+    tx: mpsc::Sender<Box<[u8]>>,
     close: Arc<CloseSignal>,
 }
 
@@ -322,14 +325,42 @@ impl PushSender {
     /// closed with [`CloseReason::TooSlow`]); [`PushError::Closed`] if the
     /// connection has ended.
     pub fn push(&self, push: Push) -> Result<(), PushError> {
-        match self.tx.try_send(Box::new(push)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        self.push_frame(|out| encode_into(out, &ServerFrame::Push(push)))
+    }
+
+    /// Queues the push of an envelope made from borrowed parts, as
+    /// [`PushSender::push`] does an owned one (the same frame bytes).
+    ///
+    /// # Errors
+    ///
+    /// As [`PushSender::push`].
+    pub fn push_envelope(&self, envelope: EnvelopePush<'_>) -> Result<(), PushError> {
+        self.push_frame(|out| encode_into(out, &envelope))
+    }
+
+    /// Queues the frame `encode` appends to an empty buffer (nothing is
+    /// encoded for a full or closed queue).
+    fn push_frame(
+        &self,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), FrameError>,
+    ) -> Result<(), PushError> {
+        let permit = match self.tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => {
                 self.close.request(CloseReason::TooSlow);
-                Err(PushError::Full)
+                return Err(PushError::Full);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(PushError::Closed),
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(PushError::Closed),
+        };
+        let mut bytes = Vec::new();
+        if let Err(error) = encode(&mut bytes) {
+            // A push too large for a frame is a service bug; the client
+            // fetches what it missed at its next login.
+            tracing::warn!(%error, "push could not be encoded; dropped");
+            return Ok(());
         }
+        permit.send(bytes.into_boxed_slice());
+        Ok(())
     }
 
     /// Closes the connection with `reason` once the pushes already queued
@@ -348,29 +379,39 @@ impl PushSender {
 /// The receiving end of a [`PushSender`].
 #[derive(Debug)]
 pub struct PushQueue {
-    rx: mpsc::Receiver<Box<Push>>,
+    rx: mpsc::Receiver<Box<[u8]>>,
     close: Arc<CloseSignal>,
 }
 
 impl PushQueue {
-    /// The next push, waiting for one; `None` once every sender is gone.
+    /// The next push, waiting for one, decoded from its frame; `None` once
+    /// every sender is gone.
     pub async fn recv(&mut self) -> Option<Push> {
-        self.rx.recv().await.map(|push| *push)
+        loop {
+            let frame = self.rx.recv().await?;
+            if let Some(push) = decode_push(&frame) {
+                return Some(push);
+            }
+        }
     }
 
-    /// The next push if one is queued.
+    /// The next push if one is queued, decoded from its frame.
     pub fn try_recv(&mut self) -> Option<Push> {
-        self.rx.try_recv().ok().map(|push| *push)
+        loop {
+            let frame = self.rx.try_recv().ok()?;
+            if let Some(push) = decode_push(&frame) {
+                return Some(push);
+            }
+        }
     }
 
-    /// [`PushQueue::recv`] without unboxing: the connection's writer keeps
-    /// 8 bytes, not a whole `Push`, in its state while it writes.
-    pub(crate) async fn recv_boxed(&mut self) -> Option<Box<Push>> {
+    /// The next push's frame (length prefix and body), waiting for one.
+    pub(crate) async fn recv_frame(&mut self) -> Option<Box<[u8]>> {
         self.rx.recv().await
     }
 
-    /// [`PushQueue::try_recv`] without unboxing.
-    pub(crate) fn try_recv_boxed(&mut self) -> Option<Box<Push>> {
+    /// The next push's frame if one is queued.
+    pub(crate) fn try_recv_frame(&mut self) -> Option<Box<[u8]>> {
         self.rx.try_recv().ok()
     }
 
@@ -387,6 +428,20 @@ impl PushQueue {
     /// Why a sender asked to close the connection, if one has.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.close.reason()
+    }
+}
+
+/// The push in a frame [`PushSender`] made, which always decodes (checked
+/// in debug builds; a frame that did not would be skipped).
+fn decode_push(frame: &[u8]) -> Option<Push> {
+    let decoded = frame.get(LEN_PREFIX..).map(decode::<ServerFrame>);
+    debug_assert!(
+        matches!(decoded, Some(Ok(ServerFrame::Push(_)))),
+        "a queued push frame did not decode"
+    );
+    match decoded {
+        Some(Ok(ServerFrame::Push(push))) => Some(push),
+        _ => None,
     }
 }
 
@@ -439,6 +494,36 @@ mod tests {
         assert_eq!(CloseReason::BadRequest.code(), 100);
         assert_eq!(CloseReason::TooLarge.code(), 102);
         assert_eq!(CloseReason::from_code(9999), None);
+    }
+
+    #[tokio::test]
+    async fn an_envelope_pushed_from_its_parts_arrives_as_the_owned_push() {
+        let (sender, mut queue) = PushSender::channel(4);
+        let owned = messenger_proto::msg::Envelope {
+            seq: 7,
+            from: "bob".into(),
+            from_device: 1,
+            group: Some("g".into()),
+            id: [3; 16],
+            sent_at: 1_700_000_000,
+            body: vec![0xAB; 1024],
+        };
+        sender
+            .push_envelope(EnvelopePush {
+                seq: owned.seq,
+                from: &owned.from,
+                from_device: owned.from_device,
+                group: owned.group.as_deref(),
+                id: &owned.id,
+                sent_at: owned.sent_at,
+                body: &owned.body,
+            })
+            .unwrap();
+        sender.push(Push::Envelope(owned.clone())).unwrap();
+        let first = queue.recv_frame().await.unwrap();
+        let second = queue.recv_frame().await.unwrap();
+        assert_eq!(first, second, "the same frame bytes");
+        assert_eq!(decode_push(&first), Some(Push::Envelope(owned)));
     }
 
     #[tokio::test]

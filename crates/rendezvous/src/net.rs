@@ -72,9 +72,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use messenger_proto::msg::{
-    ClientFrame, NOTIFY_ID, Push, Reply, Request, ServerFrame, ServerHello,
-};
+use bytes::Bytes;
+use messenger_proto::msg::{ClientFrame, NOTIFY_ID, Reply, Request, ServerFrame, ServerHello};
 use messenger_proto::{
     ALPN, ErrorCode, FrameDecoder, PROTOCOL_VERSION, decode, encode, encode_into,
 };
@@ -654,10 +653,10 @@ enum Event {
     Done(Option<(u32, Result<Reply, ErrorCode>)>),
     /// The control stream gave data, ended or failed.
     Read(Result<Option<quinn::Chunk>, quinn::ReadError>),
-    /// A partly received frame was not completed in time.
-    SlowFrame,
-    /// No login succeeded in time.
-    LoginTimeout,
+    /// The timer for the frame and login deadlines fired: a partly
+    /// received frame was not completed in time, no login succeeded in
+    /// time, or neither (it was set for an earlier deadline).
+    Timer,
     /// The server is shutting down.
     Stop,
 }
@@ -720,6 +719,14 @@ async fn read_requests<H: Handler>(
         shared.limits.request_burst,
     );
     let mut frame_deadline: Option<Instant> = None;
+    // One timer serves both deadlines. It is armed lazily: moved only when
+    // a deadline falls before it, and, when it fires with nothing due,
+    // armed again for the next deadline. Under steady traffic a new partial
+    // frame sets a later frame deadline nearly every read; moving the timer
+    // each time would cost a timer-wheel update per read.
+    let timer = tokio::time::sleep_until(login_deadline);
+    tokio::pin!(timer);
+    let mut armed = Some(login_deadline);
     // Cleared once a login succeeds; a login is not pipelined, so the
     // handler has set the user by the time its reply is written.
     let mut login_deadline = Some(login_deadline);
@@ -812,11 +819,20 @@ async fn read_requests<H: Handler>(
         if login_deadline.is_some() && ctx.user.is_some() {
             login_deadline = None;
         }
+        let due = match (frame_deadline, login_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(due) = due
+            && armed.is_none_or(|at| at > due)
+        {
+            timer.as_mut().reset(due);
+            armed = Some(due);
+        }
         let event = tokio::select! {
             done = next_reply(pending), if !pending.is_empty() => Event::Done(done),
             chunk = recv.read_chunk(READ_CHUNK, true), if reading => Event::Read(chunk),
-            () = sleep_until_some(frame_deadline) => Event::SlowFrame,
-            () = sleep_until_some(login_deadline) => Event::LoginTimeout,
+            () = &mut timer, if armed.is_some() => Event::Timer,
             _ = stop.wait_for(|stopped| *stopped) => Event::Stop,
         };
         let chunk = match event {
@@ -827,8 +843,19 @@ async fn read_requests<H: Handler>(
             }
             Event::Done(None) => continue,
             Event::Read(chunk) => chunk,
-            Event::SlowFrame => return Err(Ended::Close(CloseReason::SlowFrame)),
-            Event::LoginTimeout => return Err(Ended::Close(CloseReason::LoginTimeout)),
+            Event::Timer => {
+                armed = None;
+                let now = Instant::now();
+                if frame_deadline.is_some_and(|at| at <= now) {
+                    return Err(Ended::Close(CloseReason::SlowFrame));
+                }
+                if login_deadline.is_some_and(|at| at <= now) {
+                    return Err(Ended::Close(CloseReason::LoginTimeout));
+                }
+                // Fired early (set for a deadline since moved or gone):
+                // armed again above.
+                continue;
+            }
             Event::Stop => return Err(Ended::Close(CloseReason::ShuttingDown)),
         };
         match chunk {
@@ -954,14 +981,6 @@ fn end_of_stream(decoder: &FrameDecoder) -> Ended {
     }
 }
 
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Waits for every pending reply, writing each in order.
 async fn drain(
     pending: &mut Pending,
@@ -1001,7 +1020,7 @@ fn write_reply<'a>(
             // A notification's: nothing to write.
             return Ok(());
         }
-        write_frame(send, &bytes).await.map_err(|_| Ended::Lost)
+        write_frame(send, bytes).await.map_err(|_| Ended::Lost)
     }
 }
 
@@ -1035,7 +1054,9 @@ fn write_replies<'a>(
         }
         let mut send = send.lock().await;
         take_ready(&mut bytes, pending, conn).await?;
-        send.write_all(&bytes).await.map_err(|_| Ended::Lost)
+        send.write_chunk(Bytes::from(bytes))
+            .await
+            .map_err(|_| Ended::Lost)
     }
 }
 
@@ -1092,12 +1113,13 @@ fn encode_reply(
     Ok(())
 }
 
-/// Writes one whole frame, holding the send half meanwhile.
+/// Writes whole frames, holding the send half meanwhile. The buffer is
+/// handed to QUIC as it is (a `&[u8]` write would copy it).
 async fn write_frame(
     send: &AsyncMutex<quinn::SendStream>,
-    bytes: &[u8],
+    bytes: Vec<u8>,
 ) -> Result<(), quinn::WriteError> {
-    send.lock().await.write_all(bytes).await
+    send.lock().await.write_chunk(Bytes::from(bytes)).await
 }
 
 /// Writes pushes, refuses extra streams, and closes the connection when a
@@ -1125,7 +1147,7 @@ async fn write_loop(
                 close_connection(conn, reason);
                 return;
             }
-            push = pushes.recv_boxed() => {
+            push = pushes.recv_frame() => {
                 let Some(push) = push else { return };
                 // Waiting behind a reply the client does not read, the push
                 // queue may fill: that closes the connection at once.
@@ -1135,7 +1157,7 @@ async fn write_loop(
                         close_connection(conn, CloseReason::TooSlow);
                         return;
                     }
-                    written = write_pushes(send, &mut pushes, *push) => if written.is_err() {
+                    written = write_pushes(send, &mut pushes, push) => if written.is_err() {
                         return;
                     },
                 }
@@ -1160,8 +1182,8 @@ async fn write_loop(
 /// Writes the pushes still queued, then finishes the send half and waits
 /// for the client to acknowledge it.
 async fn flush_pushes(send: &AsyncMutex<quinn::SendStream>, pushes: &mut PushQueue) {
-    while let Some(push) = pushes.try_recv_boxed() {
-        if write_pushes(send, pushes, *push).await.is_err() {
+    while let Some(push) = pushes.try_recv_frame() {
+        if write_pushes(send, pushes, push).await.is_err() {
             return;
         }
     }
@@ -1180,39 +1202,26 @@ fn close_connection(conn: &quinn::Connection, reason: CloseReason) {
     conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
 }
 
-/// Encodes `push` and writes it together with the pushes already queued
-/// behind it, up to [`WRITE_BATCH`] bytes, in one write (taken once the
-/// lock is held, as in [`write_replies`]). Not an `async fn`, like
-/// [`write_reply`].
-fn write_pushes<'a>(
-    send: &'a AsyncMutex<quinn::SendStream>,
-    pushes: &'a mut PushQueue,
-    push: Push,
-) -> impl Future<Output = Result<(), quinn::WriteError>> + Send + 'a {
-    let mut bytes = Vec::new();
-    encode_push(&mut bytes, push);
-    async move {
-        let mut send = send.lock().await;
-        while bytes.len() < WRITE_BATCH {
-            let Some(push) = pushes.try_recv_boxed() else {
-                break;
-            };
-            encode_push(&mut bytes, *push);
-        }
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        send.write_all(&bytes).await
+/// Writes the frame of a push together with the pushes already queued
+/// behind it, up to [`WRITE_BATCH`] bytes, in one write (taken once the lock
+/// is held, as in [`write_replies`]). The frames go to QUIC as they were
+/// queued, without being copied into one buffer first.
+async fn write_pushes(
+    send: &AsyncMutex<quinn::SendStream>,
+    pushes: &mut PushQueue,
+    push: Box<[u8]>,
+) -> Result<(), quinn::WriteError> {
+    let mut send = send.lock().await;
+    let mut size = push.len();
+    let mut frames = vec![Bytes::from(push)];
+    while size < WRITE_BATCH {
+        let Some(push) = pushes.try_recv_frame() else {
+            break;
+        };
+        size += push.len();
+        frames.push(Bytes::from(push));
     }
-}
-
-/// Appends the frame of `push` to `out`.
-fn encode_push(out: &mut Vec<u8>, push: Push) {
-    if let Err(error) = encode_into(out, &ServerFrame::Push(push)) {
-        // A push too large for a frame is a service bug; the client
-        // fetches what it missed at its next login.
-        warn!(%error, "push could not be encoded; dropped");
-    }
+    send.write_all_chunks(&mut frames).await
 }
 
 fn finish(

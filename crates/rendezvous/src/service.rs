@@ -22,7 +22,8 @@
 //! the server's mailbox (docs/protocol.md, "Delivery").
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
+use std::future::{Future, ready};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
@@ -35,7 +36,7 @@ use messenger_crypto::prekey::{OneTimePrekey, SignedPrekey};
 use messenger_crypto::secret::Secret32;
 use messenger_proto::ErrorCode;
 use messenger_proto::msg::{
-    DEFAULT_DEVICE, Envelope, LOBBY, MAX_ACKS, MAX_ANNOUNCEMENT_LEN, MAX_BODY_LEN,
+    DEFAULT_DEVICE, Envelope, EnvelopePush, LOBBY, MAX_ACKS, MAX_ANNOUNCEMENT_LEN, MAX_BODY_LEN,
     MAX_GROUP_MEMBERS, MAX_PREKEYS_PER_UPLOAD, MAX_PULL, MessageId, OutgoingEnvelope, Push,
     Register, Reply, Request, SignedAnnouncement, SignedRoster, UserInfo,
     announcement_signed_bytes, roster_signed_bytes,
@@ -137,6 +138,22 @@ pub trait PushTarget: Clone + Send + Sync + 'static {
     /// Must not wait: the service calls it while holding its map of who
     /// is online.
     fn push(&self, push: Push) -> bool;
+    /// Queues the push of an envelope given by its parts, as [`push`]
+    /// does a `Push::Envelope` with the same fields (a target that frames
+    /// pushes itself can do so without an owned copy of the body).
+    ///
+    /// [`push`]: PushTarget::push
+    fn push_envelope(&self, envelope: EnvelopePush<'_>) -> bool {
+        self.push(Push::Envelope(Envelope {
+            seq: envelope.seq,
+            from: envelope.from.to_owned(),
+            from_device: envelope.from_device,
+            group: envelope.group.map(str::to_owned),
+            id: *envelope.id,
+            sent_at: envelope.sent_at,
+            body: envelope.body.to_vec(),
+        }))
+    }
     /// Closes the connection (another login replaced it).
     fn close(&self, reason: &'static str);
 }
@@ -251,11 +268,12 @@ enum QueuedSend {
     },
 }
 
-/// A pipelined request queued for the group commit.
-enum Started {
-    Send(QueuedSend),
-    Ack(oneshot::Receiver<Result<u32, StoreError>>),
-}
+/// Where a queued `Ack`'s outcome arrives (the number of envelopes removed).
+type AckReceiver = oneshot::Receiver<Result<u32, StoreError>>;
+
+/// The rest of a pipelined request's work, yielding its reply
+/// ([`Service::begin`]).
+pub type ReplyFuture = Pin<Box<dyn Future<Output = Result<Reply, ErrorCode>> + Send + 'static>>;
 
 /// The service. Cheap to share: hold it in an `Arc`.
 pub struct Service<P: PushTarget> {
@@ -471,6 +489,13 @@ impl<P: PushTarget> Service<P> {
 
     fn now(&self) -> u64 {
         self.now_ms() / 1000
+    }
+
+    /// [`Service::push_to`] for an envelope given by its parts.
+    fn push_envelope_to(&self, user: &str, envelope: EnvelopePush<'_>) -> bool {
+        lock(&self.online)
+            .get(user)
+            .is_some_and(|o| o.push.push_envelope(envelope))
     }
 
     fn push_to(&self, user: &str, push: Push) -> bool {
@@ -861,36 +886,38 @@ impl<P: PushTarget> Service<P> {
         }
     }
 
-    /// Queues an `Ack` for the group commit; the returned future yields
-    /// `Ok` once it is committed (relaxed: see [`Store::ack`]).
-    async fn queue_ack(
-        &self,
-        me: &str,
-        seqs: Vec<u64>,
-    ) -> Result<oneshot::Receiver<Result<u32, StoreError>>, ErrorCode> {
+    /// Queues an `Ack` for the group commit; the returned receiver yields
+    /// `Ok` once it is committed (relaxed: see [`Store::ack`]). `None` when
+    /// there is nothing to commit: only live delivery ids, settled at once.
+    async fn queue_ack(&self, me: &str, seqs: Vec<u64>) -> Result<Option<AckReceiver>, ErrorCode> {
         if seqs.len() > MAX_ACKS {
             return Err(ErrorCode::TooLarge);
         }
-        let (live, mut seqs): (Vec<u64>, Vec<u64>) =
-            seqs.into_iter().partition(|seq| seq & LIVE_SEQ_BIT != 0);
-        if !live.is_empty() {
-            seqs.extend(self.ack_live(me, &live));
+        let live = seqs.iter().filter(|seq| *seq & LIVE_SEQ_BIT != 0).count();
+        let seqs = if live == 0 {
+            seqs
+        } else {
+            // Those of the live ids already stored are deleted by their seq.
+            let mut stored = self.ack_live(me, seqs.iter().filter(|seq| *seq & LIVE_SEQ_BIT != 0));
+            if live < seqs.len() {
+                stored.extend(seqs.iter().filter(|seq| *seq & LIVE_SEQ_BIT == 0));
+            }
+            stored
+        };
+        if seqs.is_empty() {
+            return Ok(None);
         }
         let (tx, rx) = oneshot::channel();
-        if seqs.is_empty() {
-            let _ = tx.send(Ok(0));
-        } else {
-            self.enqueue(CommitJob::Ack(me.to_owned(), seqs, tx))
-                .await?;
-        }
-        Ok(rx)
+        self.enqueue(CommitJob::Ack(me.to_owned(), seqs, tx))
+            .await?;
+        Ok(Some(rx))
     }
 
     /// Applies `me`'s acknowledgements of live delivery ids: a waiting
     /// sender is answered, one being stored is marked, and the mailbox seqs
     /// of those already stored are returned for deletion. Ids `me` was not
     /// given (or no longer waiting) are ignored, like unknown seqs.
-    fn ack_live(&self, me: &str, ids: &[u64]) -> Vec<u64> {
+    fn ack_live<'a>(&self, me: &str, ids: impl Iterator<Item = &'a u64>) -> Vec<u64> {
         let mut stored = Vec::new();
         let mut online = lock(&self.online);
         let Some(o) = online.get_mut(me) else {
@@ -915,13 +942,13 @@ impl<P: PushTarget> Service<P> {
         stored
     }
 
-    async fn finish_ack(
-        acked: oneshot::Receiver<Result<u32, StoreError>>,
-    ) -> Result<Reply, ErrorCode> {
-        acked
-            .await
-            .map_err(|_| ErrorCode::Internal)?
-            .map_err(store_error)?;
+    async fn finish_ack(acked: Option<AckReceiver>) -> Result<Reply, ErrorCode> {
+        if let Some(acked) = acked {
+            acked
+                .await
+                .map_err(|_| ErrorCode::Internal)?
+                .map_err(store_error)?;
+        }
         Ok(Reply::Ok)
     }
 
@@ -951,23 +978,37 @@ impl<P: PushTarget> Service<P> {
     /// future waits for the commit and yields the reply (`Accepted` only
     /// once the envelope is durable). Any other request is handled in full
     /// now.
-    pub async fn begin(
-        self: &Arc<Self>,
-        s: &mut Session<P>,
-        request: Request,
-    ) -> impl Future<Output = Result<Reply, ErrorCode>> + Send + use<P> {
-        let started = match request {
-            Request::Send(envelope) => self.start_send(s, envelope).await.map(Started::Send),
-            Request::Ack { seqs } => self.start_ack(s, seqs).await.map(Started::Ack),
-            other => Err(self.handle(s, other).await),
-        };
-        let service = Arc::clone(self);
-        async move {
-            match started {
-                Ok(Started::Send(queued)) => service.finish_send(queued).await,
-                Ok(Started::Ack(acked)) => Self::finish_ack(acked).await,
-                Err(done) => done,
-            }
+    pub async fn begin(self: &Arc<Self>, s: &mut Session<P>, request: Request) -> ReplyFuture {
+        // Each kind gets its own boxed future, sized for its own wait: the
+        // network layer keeps one per pipelined request.
+        match request {
+            Request::Send(envelope) => match self.start_send(s, envelope).await {
+                Ok(QueuedSend::Live {
+                    id,
+                    acked,
+                    deadline,
+                    envelope,
+                }) => Box::pin(Self::finish_live(
+                    Arc::clone(self),
+                    id,
+                    acked,
+                    deadline,
+                    envelope,
+                )),
+                Ok(QueuedSend::Stored(committed)) => {
+                    let service = Arc::clone(self);
+                    Box::pin(async move { service.finish_stored(committed).await })
+                }
+                Err(done) => Box::pin(ready(done)),
+            },
+            Request::Ack { seqs } => match self.start_ack(s, seqs).await {
+                Ok(None) => Box::pin(ready(Ok(Reply::Ok))),
+                Ok(acked) => Box::pin(Self::finish_ack(acked)),
+                Err(done) => Box::pin(ready(done)),
+            },
+            // Boxed while it runs: the other requests' state (kilobytes)
+            // would otherwise be part of this future.
+            other => Box::pin(ready(Box::pin(self.handle(s, other)).await)),
         }
     }
 
@@ -985,7 +1026,7 @@ impl<P: PushTarget> Service<P> {
         &self,
         s: &Session<P>,
         seqs: Vec<u64>,
-    ) -> Result<oneshot::Receiver<Result<u32, StoreError>>, Result<Reply, ErrorCode>> {
+    ) -> Result<Option<AckReceiver>, Result<Reply, ErrorCode>> {
         self.take_request_token(s).map_err(Err)?;
         let me = s.user.as_deref().ok_or(Err(ErrorCode::NotAuthenticated))?;
         self.queue_ack(me, seqs).await.map_err(Err)
@@ -1050,15 +1091,15 @@ impl<P: PushTarget> Service<P> {
             return None;
         }
         let id = LIVE_SEQ_BIT | self.next_live.fetch_add(1, Ordering::Relaxed);
-        let pushed = o.push.push(Push::Envelope(Envelope {
+        let pushed = o.push.push_envelope(EnvelopePush {
             seq: id,
-            from: new.sender.clone(),
+            from: &new.sender,
             from_device: DEFAULT_DEVICE,
             group: None,
-            id: new.message_id,
+            id: &new.message_id,
             sent_at: new.sent_at,
-            body: new.body.clone(),
-        }));
+            body: &new.body,
+        });
         if !pushed {
             return None;
         }
@@ -1070,20 +1111,47 @@ impl<P: PushTarget> Service<P> {
     /// Waits for the recipient's acknowledgement of a live delivery; when
     /// none comes by `deadline` (or the recipient's connection went),
     /// stores the envelope and answers once it is durable.
-    async fn finish_live(
-        &self,
+    ///
+    /// Not an `async fn`: its arguments would be kept twice in the future
+    /// (once as given, once moved into the body), which every live send's
+    /// reply carries.
+    ///
+    /// `this` is the service, shared (`Arc`) or borrowed.
+    #[allow(clippy::manual_async_fn)] // See above: the layout is the point.
+    fn finish_live<S>(
+        this: S,
         id: u64,
         mut acked: oneshot::Receiver<()>,
         deadline: tokio::time::Instant,
+        envelope: NewEnvelope,
+    ) -> impl Future<Output = Result<Reply, ErrorCode>> + Send + use<S, P>
+    where
+        S: std::ops::Deref<Target = Self> + Send,
+    {
+        async move {
+            if let Ok(Ok(())) = tokio::time::timeout_at(deadline, &mut acked).await {
+                return Ok(Reply::Accepted {
+                    seq: id,
+                    duplicate: false,
+                });
+            }
+            // Boxed: the stored path's state would be most of this future.
+            Box::pin(this.store_live(id, acked, envelope)).await
+        }
+    }
+
+    /// A live delivery not acknowledged in time: stores the envelope and
+    /// answers once it is durable (see [`Service::finish_live`]).
+    async fn store_live(
+        &self,
+        id: u64,
+        mut acked: oneshot::Receiver<()>,
         envelope: NewEnvelope,
     ) -> Result<Reply, ErrorCode> {
         let delivered = Reply::Accepted {
             seq: id,
             duplicate: false,
         };
-        if let Ok(Ok(())) = tokio::time::timeout_at(deadline, &mut acked).await {
-            return Ok(delivered);
-        }
         let recipient = envelope.recipient.clone();
         // Should this future be dropped before the delivery is settled (the
         // sender's connection went: the network layer drops its pending
@@ -1137,15 +1205,15 @@ impl<P: PushTarget> Service<P> {
                         // and the recipient is back on a new one: push the
                         // stored copy there, as the stored path does.
                         if let (false, Some(new)) = (duplicate, envelopes.pop()) {
-                            o.push.push(Push::Envelope(Envelope {
+                            o.push.push_envelope(EnvelopePush {
                                 seq,
-                                from: new.sender,
+                                from: &new.sender,
                                 from_device: DEFAULT_DEVICE,
                                 group: None,
-                                id: new.message_id,
+                                id: &new.message_id,
                                 sent_at: new.sent_at,
-                                body: new.body,
-                            }));
+                                body: &new.body,
+                            });
                         }
                         false
                     }
@@ -1186,15 +1254,20 @@ impl<P: PushTarget> Service<P> {
     /// its recipient if they are online now (the writer hands the envelope
     /// back, so the body is moved into the push, not copied), and answers.
     async fn finish_send(&self, q: QueuedSend) -> Result<Reply, ErrorCode> {
-        let committed = match q {
-            QueuedSend::Stored(committed) => committed,
+        match q {
+            QueuedSend::Stored(committed) => self.finish_stored(committed).await,
             QueuedSend::Live {
                 id,
                 acked,
                 deadline,
                 envelope,
-            } => return self.finish_live(id, acked, deadline, envelope).await,
-        };
+            } => Self::finish_live(self, id, acked, deadline, envelope).await,
+        }
+    }
+
+    /// The stored path of [`Service::finish_send`]: waits for the commit,
+    /// pushes, answers.
+    async fn finish_stored(&self, committed: CommitReceiver) -> Result<Reply, ErrorCode> {
         let (mut envelopes, mut results) = committed.await.map_err(|_| ErrorCode::Internal)?;
         let outcome = results
             .pop()
@@ -1203,17 +1276,17 @@ impl<P: PushTarget> Service<P> {
         match outcome {
             AppendOutcome::Stored { seq } => {
                 if let Some(new) = envelopes.pop() {
-                    self.push_to(
+                    self.push_envelope_to(
                         &new.recipient,
-                        Push::Envelope(Envelope {
+                        EnvelopePush {
                             seq,
-                            from: new.sender,
+                            from: &new.sender,
                             from_device: DEFAULT_DEVICE,
                             group: None,
-                            id: new.message_id,
+                            id: &new.message_id,
                             sent_at: new.sent_at,
-                            body: new.body,
-                        }),
+                            body: &new.body,
+                        },
                     );
                 }
                 Ok(Reply::Accepted {
@@ -1277,17 +1350,17 @@ impl<P: PushTarget> Service<P> {
             match result {
                 Ok(AppendOutcome::Stored { seq }) => {
                     any_stored = true;
-                    self.push_to(
+                    self.push_envelope_to(
                         recipient,
-                        Push::Envelope(Envelope {
+                        EnvelopePush {
                             seq,
-                            from: me.to_owned(),
+                            from: me,
                             from_device: DEFAULT_DEVICE,
-                            group: Some(record.name.clone()),
-                            id,
+                            group: Some(&record.name),
+                            id: &id,
                             sent_at,
-                            body: body.clone(),
-                        }),
+                            body: &body,
+                        },
                     );
                 }
                 Ok(AppendOutcome::Duplicate { .. }) => {}

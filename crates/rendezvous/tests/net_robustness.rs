@@ -1067,6 +1067,98 @@ async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
     running.handle.shutdown().await;
 }
 
+/// The frame and login deadlines share one timer, moved only when a deadline
+/// falls before it (`net::read_requests`). Three cases it must get right:
+/// - a frame deadline before the login deadline moves the timer earlier
+///   (a dripped frame before login is closed `SlowFrame`, not at the login
+///   timeout);
+/// - the timer set for a frame deadline that is gone (the frame completed)
+///   fires early and is armed again for the login deadline (`LoginTimeout`,
+///   not earlier, not never);
+/// - frames split in halves, each completed in time, keep a logged-in
+///   connection open far past the frame timeout, though the timer fires
+///   for the first frame's deadline meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_frame_and_login_deadlines_share_one_timer_correctly() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.frame_timeout = Duration::from_millis(400);
+    limits.login_timeout = Duration::from_millis(2500);
+    limits.keep_alive = Duration::from_millis(100);
+    let running = start_app(limits.clone(), &dir);
+    let (addr, fp) = address(&running);
+    let endpoint = client_endpoint(&fp);
+    let users = ClientFrame {
+        id: 1,
+        request: Request::Users,
+    };
+    let frame = encode(&users).unwrap();
+    let (head, tail) = frame.split_at(3);
+
+    // 1. Part of a frame before login, never completed.
+    let since = Instant::now();
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
+    let mut dripping = TestClient::on(endpoint.clone(), conn).await;
+    dripping.send.write_all(head).await.unwrap();
+    let (code, took) = closed_after(&dripping.conn, since, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(CloseReason::SlowFrame.code().into()));
+    assert!(
+        took >= limits.frame_timeout && took < limits.login_timeout,
+        "a dripped frame before login closed after {took:?}"
+    );
+
+    // 2. A frame completed in time, then silence: the login timeout.
+    let since = Instant::now();
+    let conn = connect_raw(&endpoint, addr).await.unwrap();
+    let mut quiet = TestClient::on(endpoint.clone(), conn).await;
+    quiet.send.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    quiet.send.write_all(tail).await.unwrap();
+    let (code, took) = closed_after(&quiet.conn, since, Duration::from_secs(6)).await;
+    assert_eq!(code, login_timeout_code(), "closed after {took:?}");
+    assert!(
+        took >= limits.login_timeout,
+        "closed before the login timeout: {took:?}"
+    );
+
+    // 3. Logged in, every frame split, each half 150 ms apart, for 2 s.
+    let alice = person("alice", 23);
+    let mut c = registered_and_logged_in(addr, &fp, &alice).await;
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut id = 1_000;
+    while Instant::now() < until {
+        id += 1;
+        let frame = encode(&ClientFrame {
+            id,
+            request: Request::Users,
+        })
+        .unwrap();
+        let (head, tail) = frame.split_at(3);
+        c.send.write_all(head).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.send.write_all(tail).await.unwrap();
+        loop {
+            match c.frame().await {
+                Ok(ServerFrame::Reply { id: got, result }) => {
+                    assert_eq!(got, id);
+                    assert!(matches!(result, Ok(Reply::Users { .. })), "{result:?}");
+                    break;
+                }
+                // E.g. `PrekeysLow` after login.
+                Ok(ServerFrame::Push(_)) => {}
+                other => panic!("expected the reply to {id}, got {other:?}"),
+            }
+        }
+    }
+    assert!(
+        c.conn.close_reason().is_none(),
+        "{:?}",
+        c.conn.close_reason()
+    );
+    running.handle.shutdown().await;
+}
+
 /// A client that registers and logs in within the login timeout keeps its
 /// connection well past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
