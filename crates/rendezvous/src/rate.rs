@@ -1,6 +1,7 @@
 //! Token buckets for per-user and per-requester rate limits.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// A rate: `per_second` tokens refill each second, up to `burst` stored.
@@ -29,11 +30,30 @@ struct Bucket {
 }
 
 /// Buckets keyed by name; forgets idle full buckets so memory stays bounded
-/// by the number of recently active keys.
+/// by the number of recently active keys (and of keys someone holds a
+/// [`SharedBucket`] of).
 #[derive(Debug)]
 pub struct Buckets {
     rate: Rate,
-    buckets: HashMap<String, Bucket>,
+    buckets: HashMap<String, Arc<Mutex<Bucket>>>,
+}
+
+/// One key's bucket, held outside its [`Buckets`] (by a logged-in
+/// connection, so that each of its requests takes a token without a lookup
+/// by name under the map's lock). Tokens taken through it and through the
+/// map by the same key come out of the same bucket.
+#[derive(Debug, Clone)]
+pub struct SharedBucket {
+    rate: Rate,
+    bucket: Arc<Mutex<Bucket>>,
+}
+
+impl SharedBucket {
+    /// Takes one token at time `now_ms`; false when none is left.
+    pub fn take(&self, now_ms: u64) -> bool {
+        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        take_one(self.rate, &mut bucket, now_ms)
+    }
 }
 
 /// Above this many tracked keys, full buckets are dropped on the next take.
@@ -50,28 +70,53 @@ impl Buckets {
 
     /// Takes one token for `key` at time `now_ms`; false when none is left.
     pub fn take(&mut self, key: &str, now_ms: u64) -> bool {
+        let rate = self.rate;
+        let bucket = self.bucket(key, now_ms);
+        let mut bucket = bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        take_one(rate, &mut bucket, now_ms)
+    }
+
+    /// `key`'s bucket, to take its tokens without this map
+    /// ([`SharedBucket::take`]). It is not forgotten while held.
+    pub fn shared(&mut self, key: &str, now_ms: u64) -> SharedBucket {
+        SharedBucket {
+            rate: self.rate,
+            bucket: self.bucket(key, now_ms),
+        }
+    }
+
+    fn bucket(&mut self, key: &str, now_ms: u64) -> Arc<Mutex<Bucket>> {
         if self.buckets.len() > MAX_TRACKED {
             let rate = self.rate;
-            self.buckets
-                .retain(|_, b| refill(rate, *b, now_ms).tokens < rate.burst);
+            self.buckets.retain(|_, b| {
+                Arc::strong_count(b) > 1 || {
+                    let b = *b.lock().unwrap_or_else(PoisonError::into_inner);
+                    refill(rate, b, now_ms).tokens < rate.burst
+                }
+            });
         }
-        let rate = self.rate;
         // Looked up before inserting, so that the common case (a key already
-        // tracked: every request of a logged-in user) does not allocate.
-        let bucket = match self.buckets.get_mut(key) {
-            Some(bucket) => bucket,
-            None => self.buckets.entry(key.to_owned()).or_insert(Bucket {
-                tokens: rate.burst,
-                at_ms: now_ms,
-            }),
-        };
-        *bucket = refill(rate, *bucket, now_ms);
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
+        // tracked) does not allocate.
+        if let Some(bucket) = self.buckets.get(key) {
+            return Arc::clone(bucket);
         }
+        let fresh = Arc::new(Mutex::new(Bucket {
+            tokens: self.rate.burst,
+            at_ms: now_ms,
+        }));
+        self.buckets.insert(key.to_owned(), Arc::clone(&fresh));
+        fresh
+    }
+}
+
+/// Refills `bucket` to `now_ms` and takes a token from it if it has one.
+fn take_one(rate: Rate, bucket: &mut Bucket, now_ms: u64) -> bool {
+    *bucket = refill(rate, *bucket, now_ms);
+    if bucket.tokens >= 1.0 {
+        bucket.tokens -= 1.0;
+        true
+    } else {
+        false
     }
 }
 
@@ -101,5 +146,44 @@ mod tests {
         let granted = (0..10_000u64).filter(|i| b.take("c", *i)).count();
         assert!(granted <= 5 + 100 + 1, "{granted}");
         assert!(granted >= 100);
+    }
+
+    #[test]
+    fn a_shared_bucket_is_the_keys_bucket_and_is_kept_while_held() {
+        let rate = Rate::per(10, Duration::from_secs(1), 3);
+        let mut b = Buckets::new(rate);
+        let held = b.shared("a", 0);
+        assert!(held.take(0));
+        assert!(b.take("a", 0));
+        assert!(held.take(0));
+        // Three taken, by either way: the burst is spent for both.
+        assert!(!b.take("a", 0));
+        assert!(!held.take(0));
+        // Past the tracking bound, idle full buckets are forgotten, but not
+        // one that is held: "a" refills to full meanwhile, yet stays.
+        for i in 0..=MAX_TRACKED {
+            b.buckets.insert(
+                format!("k{i}"),
+                Arc::new(Mutex::new(Bucket {
+                    tokens: rate.burst,
+                    at_ms: 0,
+                })),
+            );
+        }
+        assert!(b.take("other", 10_000));
+        assert!(b.buckets.contains_key("a"));
+        assert!(!b.buckets.contains_key("k0"));
+        drop(held);
+        for i in 0..=MAX_TRACKED {
+            b.buckets.insert(
+                format!("k{i}"),
+                Arc::new(Mutex::new(Bucket {
+                    tokens: rate.burst,
+                    at_ms: 0,
+                })),
+            );
+        }
+        assert!(b.take("other", 20_000));
+        assert!(!b.buckets.contains_key("a"), "no longer held: forgotten");
     }
 }

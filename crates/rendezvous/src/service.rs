@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::invite::{check_reset_token, check_token};
-use crate::rate::{Buckets, Rate};
+use crate::rate::{Buckets, Rate, SharedBucket};
 use crate::store::{
     AccountRecord, AnnouncementRecord, AppendOutcome, EnvelopeRecord, FriendRequestOutcome,
     GroupRecord, NewEnvelope, Store, StoreError,
@@ -179,6 +179,16 @@ pub struct Session<P> {
     exporter: [u8; 32],
     push: P,
     user: Option<String>,
+    /// The logged-in user's request and send buckets, taken from the
+    /// service's maps at login so that a request does not look them up.
+    buckets: Option<Box<UserBuckets>>,
+}
+
+/// A logged-in user's per-user rate buckets (shared by their connections).
+#[derive(Debug)]
+struct UserBuckets {
+    request: SharedBucket,
+    send: SharedBucket,
 }
 
 impl<P> Session<P> {
@@ -456,6 +466,7 @@ impl<P: PushTarget> Service<P> {
             exporter,
             push,
             user: None,
+            buckets: None,
         }
     }
 
@@ -531,10 +542,10 @@ impl<P: PushTarget> Service<P> {
     /// request rate.
     fn take_request_token(&self, s: &Session<P>) -> Result<(), ErrorCode> {
         let now = self.now_ms();
-        let mut buckets = lock(&self.request_buckets);
-        let taken = match &s.user {
-            Some(user) => buckets.take(user, now),
-            None => buckets.take(&format!("conn:{}", s.conn), now),
+        let taken = match (&s.buckets, &s.user) {
+            (Some(buckets), _) => buckets.request.take(now),
+            (None, Some(user)) => lock(&self.request_buckets).take(user, now),
+            (None, None) => lock(&self.request_buckets).take(&format!("conn:{}", s.conn), now),
         };
         if taken {
             Ok(())
@@ -733,6 +744,11 @@ impl<P: PushTarget> Service<P> {
         let sig: [u8; 64] = signature.try_into().map_err(|_| ErrorCode::BadSignature)?;
         verify_login(identity.identity_key(), &s.nonce, &s.exporter, &sig)
             .map_err(|_| ErrorCode::BadSignature)?;
+        let now = self.now_ms();
+        s.buckets = Some(Box::new(UserBuckets {
+            request: lock(&self.request_buckets).shared(&user, now),
+            send: lock(&self.send_buckets).shared(&user, now),
+        }));
         s.user = Some(user.clone());
         let previous = lock(&self.online).insert(
             user.clone(),
@@ -1019,7 +1035,9 @@ impl<P: PushTarget> Service<P> {
     ) -> Result<QueuedSend, Result<Reply, ErrorCode>> {
         self.take_request_token(s).map_err(Err)?;
         let me = s.user.as_deref().ok_or(Err(ErrorCode::NotAuthenticated))?;
-        self.queue_send(me, e).await.map_err(Err)
+        self.queue_send(me, s.buckets.as_ref().map(|b| &b.send), e)
+            .await
+            .map_err(Err)
     }
 
     async fn start_ack(
@@ -1033,12 +1051,19 @@ impl<P: PushTarget> Service<P> {
     }
 
     async fn send(&self, me: &str, e: OutgoingEnvelope) -> Result<Reply, ErrorCode> {
-        let queued = self.queue_send(me, e).await?;
+        let queued = self.queue_send(me, None, e).await?;
         self.finish_send(queued).await
     }
 
     /// A `Send`'s checks, and its envelope queued for the group commit.
-    async fn queue_send(&self, me: &str, e: OutgoingEnvelope) -> Result<QueuedSend, ErrorCode> {
+    /// `bucket` is `me`'s send bucket if the caller holds it (else it is
+    /// looked up).
+    async fn queue_send(
+        &self,
+        me: &str,
+        bucket: Option<&SharedBucket>,
+        e: OutgoingEnvelope,
+    ) -> Result<QueuedSend, ErrorCode> {
         if e.body.len() > MAX_BODY_LEN {
             return Err(ErrorCode::TooLarge);
         }
@@ -1046,7 +1071,12 @@ impl<P: PushTarget> Service<P> {
             return Err(ErrorCode::BadRequest);
         }
         let to = name(&e.to)?;
-        if !lock(&self.send_buckets).take(me, self.now_ms()) {
+        let now = self.now_ms();
+        let taken = match bucket {
+            Some(bucket) => bucket.take(now),
+            None => lock(&self.send_buckets).take(me, now),
+        };
+        if !taken {
             return Err(ErrorCode::RateLimited);
         }
         // An unknown recipient is refused by the append itself
@@ -1057,7 +1087,7 @@ impl<P: PushTarget> Service<P> {
             sender: me.to_owned(),
             group: None,
             message_id: e.id,
-            sent_at: self.now(),
+            sent_at: now / 1000,
             body: e.body,
         };
         if let Some((id, acked)) = self.push_live(&new) {

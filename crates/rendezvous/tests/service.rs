@@ -619,6 +619,24 @@ async fn send_rate_limited() {
         w.ask(&mut c, send("bob", 1, b"y")).await,
         Ok(Reply::Accepted { .. })
     ));
+    // The limit is the user's, not the connection's or the path's: a new
+    // login, and pipelined sends (which take the token through the bucket
+    // the session holds since login), find it spent too.
+    let mut a2 = w.login(&alice).await;
+    for i in 100..110u8 {
+        let pipelined = w.service.begin(&mut a2.session, send("bob", i, b"z")).await;
+        assert_eq!(pipelined.await, Err(ErrorCode::RateLimited), "send {i}");
+    }
+    // Carol's pipelined sends share her bucket with her earlier one: four
+    // more fit in her burst of five, not five.
+    let mut pipelined = 0;
+    for i in 2..20u8 {
+        let reply = w.service.begin(&mut c.session, send("bob", i, b"w")).await;
+        if matches!(reply.await, Ok(Reply::Accepted { .. })) {
+            pipelined += 1;
+        }
+    }
+    assert_eq!(pipelined, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
