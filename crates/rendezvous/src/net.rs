@@ -727,6 +727,11 @@ async fn read_requests<H: Handler>(
     let timer = tokio::time::sleep_until(login_deadline);
     tokio::pin!(timer);
     let mut armed = Some(login_deadline);
+    // Made once: a new one per turn of the loop would join and leave the
+    // stop signal's waiter list (one list, and one lock, for every
+    // connection) on each turn.
+    let stopped = stop.wait_for(|stopped| *stopped);
+    tokio::pin!(stopped);
     // Cleared once a login succeeds; a login is not pipelined, so the
     // handler has set the user by the time its reply is written.
     let mut login_deadline = Some(login_deadline);
@@ -833,7 +838,7 @@ async fn read_requests<H: Handler>(
             done = next_reply(pending), if !pending.is_empty() => Event::Done(done),
             chunk = recv.read_chunk(READ_CHUNK, true), if reading => Event::Read(chunk),
             () = &mut timer, if armed.is_some() => Event::Timer,
-            _ = stop.wait_for(|stopped| *stopped) => Event::Stop,
+            _ = &mut stopped => Event::Stop,
         };
         let chunk = match event {
             Event::Done(Some((id, result))) => {
