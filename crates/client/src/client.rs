@@ -1047,7 +1047,15 @@ impl Client {
     }
 
     /// Closes the connection, if any, letting the server see it end.
+    /// Pushes not yet handled are dropped unacknowledged: the server
+    /// delivers them again at the next login.
     pub async fn close(mut self) {
+        // Pushes not handled by now are not acknowledged either: the server
+        // keeps them for the next login. Dropping their receiver first lets
+        // the connection's reader discard the rest instead of waiting, behind
+        // a full buffer, for room that would never come (and the close with
+        // it, for its whole timeout).
+        drop(self.pushes.take());
         if let Some(conn) = self.conn.take() {
             conn.close().await;
         }

@@ -18,6 +18,7 @@ use messenger_client::client::{self, Client, Event};
 use messenger_client::conn::ConnectOptions;
 use messenger_client::{Home, KdfParams, Passphrase};
 use messenger_rendezvous::app::{self, Running};
+use messenger_rendezvous::rate::Rate;
 use messenger_rendezvous::server::ServerConfig;
 use messenger_rendezvous::service::ServiceConfig;
 use messenger_rendezvous::store::StoreOptions;
@@ -201,4 +202,58 @@ async fn an_acknowledgement_sent_just_before_quitting_is_not_lost() {
     assert!(took < GRACE, "alice waited {took:?} (grace {GRACE:?})");
     let stored = running.service.store().pending("bob", 0, 10).unwrap();
     assert!(stored.is_empty(), "{} stored for bob", stored.len());
+}
+
+/// Bob has acknowledged a push (so his close waits for the server's end of
+/// its side) and then leaves more pushes unread than his connection keeps
+/// for him (`PUSH_BUFFER`). His close drops the unread ones instead of
+/// waiting, behind the full push buffer, for the whole close timeout (here
+/// 30 s, longer than the test's bound); they stay in his mailbox,
+/// unacknowledged, for his next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_with_more_pushes_unread_than_kept_does_not_wait_out_the_close_timeout() {
+    const UNREAD: usize = messenger_client::conn::PUSH_BUFFER + 50;
+    let dir = tempfile::tempdir().unwrap();
+    // A short grace: each of alice's sends to bob, who does not acknowledge,
+    // is stored (and answered) after it, while bob keeps the push.
+    let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
+    let plenty = Rate::per(100_000, Duration::from_secs(1), 100_000);
+    let service = ServiceConfig {
+        live_grace: Duration::from_millis(1),
+        send_rate: plenty,
+        request_rate: plenty,
+        ..ServiceConfig::default()
+    };
+    let running = app::start(config, service, StoreOptions::default()).unwrap();
+    let mut alice = client(&dir, "alice", &running).await;
+    let bob = client(&dir, "bob", &running).await;
+    let home = Home::at(dir.path().join("bob"));
+    drop(bob);
+    let mut options = ConnectOptions::default();
+    options.close_timeout = Duration::from_secs(30);
+    let mut passphrase = Passphrase::new("correct horse".to_owned());
+    let mut bob = Client::open(&home, &mut passphrase, options).unwrap();
+    timeout(WAIT, bob.connect()).await.unwrap().unwrap();
+    timeout(WAIT, alice.send("bob", "first"))
+        .await
+        .unwrap()
+        .unwrap();
+    let push = timeout(WAIT, bob.next_push()).await.unwrap().unwrap();
+    timeout(WAIT, bob.handle_push(push)).await.unwrap().unwrap();
+
+    for i in 0..UNREAD {
+        timeout(WAIT, alice.send("bob", &format!("unread {i}")))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    timeout(WAIT, bob.close())
+        .await
+        .expect("the close waited behind the unread pushes");
+    let stored = running
+        .service
+        .store()
+        .pending("bob", 0, UNREAD + 10)
+        .unwrap();
+    assert_eq!(stored.len(), UNREAD, "every unread message still stored");
 }
