@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
 use messenger_proto::ErrorCode;
-use messenger_proto::msg::{EnvelopePush, Push, Reply, Request};
+use messenger_proto::msg::{Push, Reply, Request};
 use zeroize::Zeroizing;
 
-use crate::handler::{CloseReason, ConnectionContext, Handler, PendingReply, PushSender};
+use crate::handler::{
+    CloseReason, ConnectionContext, Handler, PendingReply, PushFrame, PushSender,
+};
 use crate::server::{Server, ServerConfig, ServerError, ServerHandle};
 use crate::service::{PushTarget, Service, ServiceConfig, Session, system_clock};
 use crate::store::{Store, StoreError, StoreOptions};
@@ -29,8 +31,8 @@ impl PushTarget for PushSender {
         PushSender::push(self, push).is_ok()
     }
 
-    fn push_envelope(&self, envelope: EnvelopePush<'_>) -> bool {
-        PushSender::push_envelope(self, envelope).is_ok()
+    fn push_frame(&self, frame: PushFrame) -> bool {
+        PushSender::push_frame(self, frame).is_ok()
     }
 
     fn close(&self, _reason: &'static str) {

@@ -280,6 +280,52 @@ pub enum PushError {
     /// The connection has ended.
     #[error("the connection has ended")]
     Closed,
+    /// The push does not fit in a frame (a service bug; dropped).
+    #[error("the push does not fit in a frame")]
+    Encode,
+}
+
+/// The frame of one push (length prefix and body), encoded by whoever
+/// pushes, and written to the client as it is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PushFrame(Box<[u8]>);
+
+impl PushFrame {
+    /// The frame of `push`; `None` (logged) if it does not fit in a frame,
+    /// a service bug: the client fetches what it missed at its next login.
+    pub fn new(push: Push) -> Option<Self> {
+        Self::encode(|out| encode_into(out, &ServerFrame::Push(push)))
+    }
+
+    /// The frame of an envelope push made from borrowed parts: the same
+    /// bytes as [`PushFrame::new`] of the owned `Push::Envelope`.
+    pub fn envelope(envelope: &EnvelopePush<'_>) -> Option<Self> {
+        Self::encode(|out| encode_into(out, envelope))
+    }
+
+    fn encode(encode: impl FnOnce(&mut Vec<u8>) -> Result<(), FrameError>) -> Option<Self> {
+        let mut bytes = Vec::new();
+        match encode(&mut bytes) {
+            Ok(()) => Some(Self(bytes.into_boxed_slice())),
+            Err(error) => {
+                tracing::warn!(%error, "push could not be encoded; dropped");
+                None
+            }
+        }
+    }
+
+    /// The push in this frame.
+    pub fn decode(&self) -> Option<Push> {
+        decode_push(&self.0)
+    }
+}
+
+impl std::fmt::Debug for PushFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushFrame")
+            .field("len", &self.0.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Queues pushes for one connection; cheap to clone.
@@ -323,44 +369,27 @@ impl PushSender {
     ///
     /// [`PushError::Full`] if the queue is full (the connection is then
     /// closed with [`CloseReason::TooSlow`]); [`PushError::Closed`] if the
-    /// connection has ended.
+    /// connection has ended; [`PushError::Encode`] if it does not fit in
+    /// a frame.
     pub fn push(&self, push: Push) -> Result<(), PushError> {
-        self.push_frame(|out| encode_into(out, &ServerFrame::Push(push)))
+        self.push_frame(PushFrame::new(push).ok_or(PushError::Encode)?)
     }
 
-    /// Queues the push of an envelope made from borrowed parts, as
-    /// [`PushSender::push`] does an owned one (the same frame bytes).
+    /// Queues a push already framed (e.g. with [`PushFrame::envelope`],
+    /// outside a lock).
     ///
     /// # Errors
     ///
-    /// As [`PushSender::push`].
-    pub fn push_envelope(&self, envelope: EnvelopePush<'_>) -> Result<(), PushError> {
-        self.push_frame(|out| encode_into(out, &envelope))
-    }
-
-    /// Queues the frame `encode` appends to an empty buffer (nothing is
-    /// encoded for a full or closed queue).
-    fn push_frame(
-        &self,
-        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), FrameError>,
-    ) -> Result<(), PushError> {
-        let permit = match self.tx.try_reserve() {
-            Ok(permit) => permit,
-            Err(mpsc::error::TrySendError::Full(())) => {
+    /// As [`PushSender::push`], but for `Encode`.
+    pub fn push_frame(&self, frame: PushFrame) -> Result<(), PushError> {
+        match self.tx.try_send(frame.0) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close.request(CloseReason::TooSlow);
-                return Err(PushError::Full);
+                Err(PushError::Full)
             }
-            Err(mpsc::error::TrySendError::Closed(())) => return Err(PushError::Closed),
-        };
-        let mut bytes = Vec::new();
-        if let Err(error) = encode(&mut bytes) {
-            // A push too large for a frame is a service bug; the client
-            // fetches what it missed at its next login.
-            tracing::warn!(%error, "push could not be encoded; dropped");
-            return Ok(());
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PushError::Closed),
         }
-        permit.send(bytes.into_boxed_slice());
-        Ok(())
     }
 
     /// Closes the connection with `reason` once the pushes already queued
@@ -508,17 +537,18 @@ mod tests {
             sent_at: 1_700_000_000,
             body: vec![0xAB; 1024],
         };
-        sender
-            .push_envelope(EnvelopePush {
-                seq: owned.seq,
-                from: &owned.from,
-                from_device: owned.from_device,
-                group: owned.group.as_deref(),
-                id: &owned.id,
-                sent_at: owned.sent_at,
-                body: &owned.body,
-            })
-            .unwrap();
+        let frame = PushFrame::envelope(&EnvelopePush {
+            seq: owned.seq,
+            from: &owned.from,
+            from_device: owned.from_device,
+            group: owned.group.as_deref(),
+            id: &owned.id,
+            sent_at: owned.sent_at,
+            body: &owned.body,
+        })
+        .unwrap();
+        assert_eq!(frame.decode(), Some(Push::Envelope(owned.clone())));
+        sender.push_frame(frame).unwrap();
         sender.push(Push::Envelope(owned.clone())).unwrap();
         let first = queue.recv_frame().await.unwrap();
         let second = queue.recv_frame().await.unwrap();

@@ -1209,24 +1209,31 @@ fn close_connection(conn: &quinn::Connection, reason: CloseReason) {
 
 /// Writes the frame of a push together with the pushes already queued
 /// behind it, up to [`WRITE_BATCH`] bytes, in one write (taken once the lock
-/// is held, as in [`write_replies`]). The frames go to QUIC as they were
-/// queued, without being copied into one buffer first.
+/// is held, as in [`write_replies`]). A frame alone goes to QUIC as it was
+/// queued; several are copied into one buffer first, so that the stream
+/// keeps one piece per write rather than one per frame: quinn looks up the
+/// data of each packet it builds piece by piece from the oldest
+/// unacknowledged one, which over a long round trip and a full send window
+/// would be a thousand pieces of 1 KiB envelopes.
 async fn write_pushes(
     send: &AsyncMutex<quinn::SendStream>,
     pushes: &mut PushQueue,
     push: Box<[u8]>,
 ) -> Result<(), quinn::WriteError> {
     let mut send = send.lock().await;
-    let mut size = push.len();
-    let mut frames = vec![Bytes::from(push)];
-    while size < WRITE_BATCH {
+    let Some(next) = pushes.try_recv_frame() else {
+        return send.write_chunk(Bytes::from(push)).await;
+    };
+    let mut batch = Vec::with_capacity(2 * (push.len() + next.len()));
+    batch.extend_from_slice(&push);
+    batch.extend_from_slice(&next);
+    while batch.len() < WRITE_BATCH {
         let Some(push) = pushes.try_recv_frame() else {
             break;
         };
-        size += push.len();
-        frames.push(Bytes::from(push));
+        batch.extend_from_slice(&push);
     }
-    send.write_all_chunks(&mut frames).await
+    send.write_chunk(Bytes::from(batch)).await
 }
 
 fn finish(

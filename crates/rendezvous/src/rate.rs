@@ -36,6 +36,10 @@ struct Bucket {
 pub struct Buckets {
     rate: Rate,
     buckets: HashMap<String, Arc<Mutex<Bucket>>>,
+    /// Above this many keys the next lookup prunes: [`MAX_TRACKED`], or
+    /// twice what the last prune kept, so that buckets nobody may forget
+    /// (held, or not yet full) do not make every lookup a scan.
+    prune_above: usize,
 }
 
 /// One key's bucket, held outside its [`Buckets`] (by a logged-in
@@ -65,6 +69,7 @@ impl Buckets {
         Self {
             rate,
             buckets: HashMap::new(),
+            prune_above: MAX_TRACKED,
         }
     }
 
@@ -86,7 +91,7 @@ impl Buckets {
     }
 
     fn bucket(&mut self, key: &str, now_ms: u64) -> Arc<Mutex<Bucket>> {
-        if self.buckets.len() > MAX_TRACKED {
+        if self.buckets.len() > self.prune_above {
             let rate = self.rate;
             self.buckets.retain(|_, b| {
                 Arc::strong_count(b) > 1 || {
@@ -94,6 +99,7 @@ impl Buckets {
                     refill(rate, b, now_ms).tokens < rate.burst
                 }
             });
+            self.prune_above = MAX_TRACKED.max(2 * self.buckets.len());
         }
         // Looked up before inserting, so that the common case (a key already
         // tracked) does not allocate.
@@ -185,5 +191,28 @@ mod tests {
         }
         assert!(b.take("other", 20_000));
         assert!(!b.buckets.contains_key("a"), "no longer held: forgotten");
+    }
+
+    #[test]
+    fn held_buckets_past_the_bound_do_not_make_every_lookup_prune() {
+        let rate = Rate::per(10, Duration::from_secs(1), 3);
+        let mut b = Buckets::new(rate);
+        let held: Vec<SharedBucket> = (0..=MAX_TRACKED)
+            .map(|i| b.shared(&format!("k{i}"), 0))
+            .collect();
+        // One prune, which keeps every held bucket, then none until the map
+        // has doubled: an idle full bucket added meanwhile is kept.
+        assert!(b.take("first", 0));
+        assert_eq!(b.prune_above, 2 * (MAX_TRACKED + 1));
+        b.buckets.insert(
+            "idle".to_owned(),
+            Arc::new(Mutex::new(Bucket {
+                tokens: rate.burst,
+                at_ms: 0,
+            })),
+        );
+        assert!(b.take("second", 0));
+        assert!(b.buckets.contains_key("idle"), "pruned again too soon");
+        drop(held);
     }
 }

@@ -45,6 +45,7 @@ use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
+use crate::handler::PushFrame;
 use crate::invite::{check_reset_token, check_token};
 use crate::rate::{Buckets, Rate, SharedBucket};
 use crate::store::{
@@ -139,21 +140,11 @@ pub trait PushTarget: Clone + Send + Sync + 'static {
     /// Must not wait: the service calls it while holding its map of who
     /// is online.
     fn push(&self, push: Push) -> bool;
-    /// Queues the push of an envelope given by its parts, as [`push`]
-    /// does a `Push::Envelope` with the same fields (a target that frames
-    /// pushes itself can do so without an owned copy of the body).
-    ///
-    /// [`push`]: PushTarget::push
-    fn push_envelope(&self, envelope: EnvelopePush<'_>) -> bool {
-        self.push(Push::Envelope(Envelope {
-            seq: envelope.seq,
-            from: envelope.from.to_owned(),
-            from_device: envelope.from_device,
-            group: envelope.group.map(str::to_owned),
-            id: *envelope.id,
-            sent_at: envelope.sent_at,
-            body: envelope.body.to_vec(),
-        }))
+    /// Queues a push already framed ([`PushFrame`]); the default decodes it
+    /// and calls [`push`](PushTarget::push) (for targets that keep pushes
+    /// as values, e.g. in tests).
+    fn push_frame(&self, frame: PushFrame) -> bool {
+        frame.decode().is_some_and(|push| self.push(push))
     }
     /// Closes the connection (another login replaced it).
     fn close(&self, reason: &'static str);
@@ -507,11 +498,15 @@ impl<P: PushTarget> Service<P> {
         self.now_ms() / 1000
     }
 
-    /// [`Service::push_to`] for an envelope given by its parts.
+    /// [`Service::push_to`] for an envelope given by its parts, framed
+    /// before the lock is taken.
     fn push_envelope_to(&self, user: &str, envelope: EnvelopePush<'_>) -> bool {
+        let Some(frame) = PushFrame::envelope(&envelope) else {
+            return false;
+        };
         lock(&self.online)
             .get(user)
-            .is_some_and(|o| o.push.push_envelope(envelope))
+            .is_some_and(|o| o.push.push_frame(frame))
     }
 
     fn push_to(&self, user: &str, push: Push) -> bool {
@@ -1126,7 +1121,10 @@ impl<P: PushTarget> Service<P> {
             return None;
         }
         let id = LIVE_SEQ_BIT | self.next_live.fetch_add(1, Ordering::Relaxed);
-        let pushed = o.push.push_envelope(EnvelopePush {
+        // Framed under the lock, which the window check and the entry below
+        // need anyway: framing first would cost a copy of the body for every
+        // recipient found offline.
+        let frame = PushFrame::envelope(&EnvelopePush {
             seq: id,
             from: &new.sender,
             from_device: DEFAULT_DEVICE,
@@ -1134,7 +1132,8 @@ impl<P: PushTarget> Service<P> {
             id: &new.message_id,
             sent_at: new.sent_at,
             body: &new.body,
-        });
+        })?;
+        let pushed = o.push.push_frame(frame);
         if !pushed {
             return None;
         }
@@ -1239,8 +1238,8 @@ impl<P: PushTarget> Service<P> {
                         // The connection the envelope was pushed to is gone
                         // and the recipient is back on a new one: push the
                         // stored copy there, as the stored path does.
-                        if let (false, Some(new)) = (duplicate, envelopes.pop()) {
-                            o.push.push_envelope(EnvelopePush {
+                        if let (false, Some(new)) = (duplicate, envelopes.pop())
+                            && let Some(frame) = PushFrame::envelope(&EnvelopePush {
                                 seq,
                                 from: &new.sender,
                                 from_device: DEFAULT_DEVICE,
@@ -1248,7 +1247,9 @@ impl<P: PushTarget> Service<P> {
                                 id: &new.message_id,
                                 sent_at: new.sent_at,
                                 body: &new.body,
-                            });
+                            })
+                        {
+                            o.push.push_frame(frame);
                         }
                         false
                     }

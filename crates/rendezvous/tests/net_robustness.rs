@@ -1068,7 +1068,7 @@ async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
 }
 
 /// The frame and login deadlines share one timer, moved only when a deadline
-/// falls before it (`net::read_requests`). Three cases it must get right:
+/// falls before it (`net::read_requests`). The cases it must get right:
 /// - a frame deadline before the login deadline moves the timer earlier
 ///   (a dripped frame before login is closed `SlowFrame`, not at the login
 ///   timeout);
@@ -1077,7 +1077,9 @@ async fn a_connection_that_never_logs_in_is_closed_after_the_login_timeout() {
 ///   not earlier, not never);
 /// - frames split in halves, each completed in time, keep a logged-in
 ///   connection open far past the frame timeout, though the timer fires
-///   for the first frame's deadline meanwhile.
+///   for the first frame's deadline meanwhile;
+/// - after a quick login, part of a frame moves the timer from the (now
+///   cleared) login deadline to the earlier frame deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_frame_and_login_deadlines_share_one_timer_correctly() {
     let _turn = HEAVY.lock().await;
@@ -1155,6 +1157,25 @@ async fn the_frame_and_login_deadlines_share_one_timer_correctly() {
         c.conn.close_reason().is_none(),
         "{:?}",
         c.conn.close_reason()
+    );
+
+    // 4. Logged in at once (the timer still set for the login deadline),
+    // then part of a frame: closed `SlowFrame` at the frame deadline, not
+    // at the login deadline the timer was set for.
+    let bob = person("bob", 24);
+    let since = Instant::now();
+    let mut d = registered_and_logged_in(addr, &fp, &bob).await;
+    let frame = encode(&ClientFrame {
+        id: 77,
+        request: Request::Users,
+    })
+    .unwrap();
+    d.send.write_all(&frame[..3]).await.unwrap();
+    let (code, took) = closed_after(&d.conn, since, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(CloseReason::SlowFrame.code().into()));
+    assert!(
+        took >= limits.frame_timeout && took < limits.login_timeout,
+        "a dripped frame after login closed after {took:?}"
     );
     running.handle.shutdown().await;
 }
