@@ -67,6 +67,7 @@ use std::convert::Infallible;
 use std::future::{Future, poll_fn, ready};
 use std::net::IpAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
@@ -723,15 +724,16 @@ async fn read_requests<H: Handler>(
     // a deadline falls before it, and, when it fires with nothing due,
     // armed again for the next deadline. Under steady traffic a new partial
     // frame sets a later frame deadline nearly every read; moving the timer
-    // each time would cost a timer-wheel update per read.
-    let timer = tokio::time::sleep_until(login_deadline);
-    tokio::pin!(timer);
-    let mut armed = Some(login_deadline);
+    // each time would cost a timer-wheel update per read. Boxed, and only
+    // while armed: an idle logged-in connection has none (docs/benchmarks.md
+    // §2).
+    let mut timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)> = None;
     // Made once: a new one per turn of the loop would join and leave the
     // stop signal's waiter list (one list, and one lock, for every
     // connection) on each turn.
-    let stopped = stop.wait_for(|stopped| *stopped);
-    tokio::pin!(stopped);
+    // Boxed: kept for the whole connection, inline it would grow every
+    // connection's task past an allocator size class.
+    let mut stopped = Box::pin(stop.wait_for(|stopped| *stopped));
     // Cleared once a login succeeds; a login is not pipelined, so the
     // handler has set the user by the time its reply is written.
     let mut login_deadline = Some(login_deadline);
@@ -823,21 +825,29 @@ async fn read_requests<H: Handler>(
         }
         if login_deadline.is_some() && ctx.user.is_some() {
             login_deadline = None;
+            if frame_deadline.is_none() {
+                // Logged in: the timer was for the login deadline alone.
+                timer = None;
+            }
         }
         let due = match (frame_deadline, login_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if let Some(due) = due
-            && armed.is_none_or(|at| at > due)
-        {
-            timer.as_mut().reset(due);
-            armed = Some(due);
+        if let Some(due) = due {
+            match &mut timer {
+                Some((at, sleep)) if *at > due => {
+                    sleep.as_mut().reset(due);
+                    *at = due;
+                }
+                Some(_) => {}
+                None => timer = Some((due, Box::pin(tokio::time::sleep_until(due)))),
+            }
         }
         let event = tokio::select! {
             done = next_reply(pending), if !pending.is_empty() => Event::Done(done),
             chunk = recv.read_chunk(READ_CHUNK, true), if reading => Event::Read(chunk),
-            () = &mut timer, if armed.is_some() => Event::Timer,
+            () = fire(&mut timer) => Event::Timer,
             _ = &mut stopped => Event::Stop,
         };
         let chunk = match event {
@@ -849,7 +859,7 @@ async fn read_requests<H: Handler>(
             Event::Done(None) => continue,
             Event::Read(chunk) => chunk,
             Event::Timer => {
-                armed = None;
+                timer = None;
                 let now = Instant::now();
                 if frame_deadline.is_some_and(|at| at <= now) {
                     return Err(Ended::Close(CloseReason::SlowFrame));
@@ -881,6 +891,14 @@ async fn read_requests<H: Handler>(
                 });
             }
         }
+    }
+}
+
+/// Waits for the armed timer of the request loop; for ever if none is.
+async fn fire(timer: &mut Option<(Instant, Pin<Box<tokio::time::Sleep>>)>) {
+    match timer {
+        Some((_, sleep)) => sleep.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

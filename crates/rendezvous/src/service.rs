@@ -172,7 +172,8 @@ pub struct Session<P> {
     push: P,
     user: Option<String>,
     /// The logged-in user's request and send buckets, taken from the
-    /// service's maps at login so that a request does not look them up.
+    /// service's maps at the first request after login, so that later
+    /// requests do not look them up.
     buckets: Option<Box<UserBuckets>>,
 }
 
@@ -540,8 +541,18 @@ impl<P: PushTarget> Service<P> {
 
     /// Takes one token of the per-user (or, before login, per-connection)
     /// request rate.
-    fn take_request_token(&self, s: &Session<P>) -> Result<(), ErrorCode> {
+    fn take_request_token(&self, s: &mut Session<P>) -> Result<(), ErrorCode> {
         let now = self.now_ms();
+        // The user's buckets are taken at their first request after login,
+        // not at login: a connection that only waits for pushes holds none.
+        if s.buckets.is_none()
+            && let Some(user) = &s.user
+        {
+            s.buckets = Some(Box::new(UserBuckets {
+                request: lock(&self.request_buckets).shared(user, now),
+                send: lock(&self.send_buckets).shared(user, now),
+            }));
+        }
         let taken = match (&s.buckets, &s.user) {
             (Some(buckets), _) => buckets.request.take(now),
             (None, Some(user)) => lock(&self.request_buckets).take(user, now),
@@ -744,11 +755,9 @@ impl<P: PushTarget> Service<P> {
         let sig: [u8; 64] = signature.try_into().map_err(|_| ErrorCode::BadSignature)?;
         verify_login(identity.identity_key(), &s.nonce, &s.exporter, &sig)
             .map_err(|_| ErrorCode::BadSignature)?;
-        let now = self.now_ms();
-        s.buckets = Some(Box::new(UserBuckets {
-            request: lock(&self.request_buckets).shared(&user, now),
-            send: lock(&self.send_buckets).shared(&user, now),
-        }));
+        // Another user's buckets, should this connection have logged in
+        // before, are not this one's.
+        s.buckets = None;
         s.user = Some(user.clone());
         let previous = lock(&self.online).insert(
             user.clone(),
@@ -1030,7 +1039,7 @@ impl<P: PushTarget> Service<P> {
 
     async fn start_send(
         &self,
-        s: &Session<P>,
+        s: &mut Session<P>,
         e: OutgoingEnvelope,
     ) -> Result<QueuedSend, Result<Reply, ErrorCode>> {
         self.take_request_token(s).map_err(Err)?;
@@ -1042,7 +1051,7 @@ impl<P: PushTarget> Service<P> {
 
     async fn start_ack(
         &self,
-        s: &Session<P>,
+        s: &mut Session<P>,
         seqs: Vec<u64>,
     ) -> Result<Option<AckReceiver>, Result<Reply, ErrorCode>> {
         self.take_request_token(s).map_err(Err)?;
