@@ -325,6 +325,8 @@ fn end_to_end_exchange_leaves_no_plaintext_on_the_server() {
         logs.contains("TRACE") || logs.contains("DEBUG") || logs.contains("INFO"),
         "logs were captured"
     );
+    // Written to a pipe, not a terminal: no colour escape codes.
+    assert!(!logs.contains('\u{1b}'), "escape codes in piped logs");
     // Every file of the data dir, subdirectories included (envelope bodies
     // live in segment files under `rendezvous.redb.bodies/`).
     let mut files = Vec::new();
