@@ -33,15 +33,31 @@ const WAIT: Duration = Duration::from_secs(10);
 const GRACE: Duration = Duration::from_secs(3);
 
 fn server(dir: &TempDir) -> Running {
+    server_with(
+        dir,
+        ServiceConfig {
+            live_grace: GRACE,
+            ..ServiceConfig::default()
+        },
+    )
+}
+
+fn server_with(dir: &TempDir, service: ServiceConfig) -> Running {
     let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
-    let service = ServiceConfig {
-        live_grace: GRACE,
-        ..ServiceConfig::default()
-    };
     app::start(config, service, StoreOptions::default()).unwrap()
 }
 
 async fn client(dir: &TempDir, name: &str, running: &Running) -> Client {
+    client_with(dir, name, running, ConnectOptions::default()).await
+}
+
+/// A registered client whose connections use `options`.
+async fn client_with(
+    dir: &TempDir,
+    name: &str,
+    running: &Running,
+    options: ConnectOptions,
+) -> Client {
     let home = Home::at(dir.path().join(name));
     let mut passphrase = Passphrase::new("correct horse".to_owned());
     home.init(
@@ -67,7 +83,7 @@ async fn client(dir: &TempDir, name: &str, running: &Running) -> Client {
     .await
     .unwrap()
     .unwrap();
-    Client::open(&home, &mut passphrase, ConnectOptions::default()).unwrap()
+    Client::open(&home, &mut passphrase, options).unwrap()
 }
 
 /// The texts of the messages among `events`, in order.
@@ -216,23 +232,20 @@ async fn closing_with_more_pushes_unread_than_kept_does_not_wait_out_the_close_t
     let dir = tempfile::tempdir().unwrap();
     // A short grace: each of alice's sends to bob, who does not acknowledge,
     // is stored (and answered) after it, while bob keeps the push.
-    let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
     let plenty = Rate::per(100_000, Duration::from_secs(1), 100_000);
-    let service = ServiceConfig {
-        live_grace: Duration::from_millis(1),
-        send_rate: plenty,
-        request_rate: plenty,
-        ..ServiceConfig::default()
-    };
-    let running = app::start(config, service, StoreOptions::default()).unwrap();
+    let running = server_with(
+        &dir,
+        ServiceConfig {
+            live_grace: Duration::from_millis(1),
+            send_rate: plenty,
+            request_rate: plenty,
+            ..ServiceConfig::default()
+        },
+    );
     let mut alice = client(&dir, "alice", &running).await;
-    let bob = client(&dir, "bob", &running).await;
-    let home = Home::at(dir.path().join("bob"));
-    drop(bob);
     let mut options = ConnectOptions::default();
     options.close_timeout = Duration::from_secs(30);
-    let mut passphrase = Passphrase::new("correct horse".to_owned());
-    let mut bob = Client::open(&home, &mut passphrase, options).unwrap();
+    let mut bob = client_with(&dir, "bob", &running, options).await;
     timeout(WAIT, bob.connect()).await.unwrap().unwrap();
     timeout(WAIT, alice.send("bob", "first"))
         .await

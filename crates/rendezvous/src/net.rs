@@ -727,12 +727,12 @@ async fn read_requests<H: Handler>(
     // each time would cost a timer-wheel update per read. Boxed, and only
     // while armed: an idle logged-in connection has none (docs/benchmarks.md
     // §2).
-    let mut timer: Option<(Instant, Pin<Box<tokio::time::Sleep>>)> = None;
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // Made once: a new one per turn of the loop would join and leave the
     // stop signal's waiter list (one list, and one lock, for every
-    // connection) on each turn.
-    // Boxed: kept for the whole connection, inline it would grow every
-    // connection's task past an allocator size class.
+    // connection) on each turn. Boxed: kept for the whole connection,
+    // inline it would grow every connection's task past an allocator size
+    // class.
     let mut stopped = Box::pin(stop.wait_for(|stopped| *stopped));
     // Cleared once a login succeeds; a login is not pipelined, so the
     // handler has set the user by the time its reply is written.
@@ -836,12 +836,9 @@ async fn read_requests<H: Handler>(
         };
         if let Some(due) = due {
             match &mut timer {
-                Some((at, sleep)) if *at > due => {
-                    sleep.as_mut().reset(due);
-                    *at = due;
-                }
+                Some(sleep) if sleep.deadline() > due => sleep.as_mut().reset(due),
                 Some(_) => {}
-                None => timer = Some((due, Box::pin(tokio::time::sleep_until(due)))),
+                None => timer = Some(Box::pin(tokio::time::sleep_until(due))),
             }
         }
         let event = tokio::select! {
@@ -895,9 +892,9 @@ async fn read_requests<H: Handler>(
 }
 
 /// Waits for the armed timer of the request loop; for ever if none is.
-async fn fire(timer: &mut Option<(Instant, Pin<Box<tokio::time::Sleep>>)>) {
+async fn fire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     match timer {
-        Some((_, sleep)) => sleep.as_mut().await,
+        Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,
     }
 }

@@ -154,6 +154,17 @@ mod tests {
         assert!(granted >= 100);
     }
 
+    /// Tracks `key` with a full bucket last touched at time 0, as one
+    /// nobody has used for a while.
+    fn insert_idle_full(b: &mut Buckets, key: &str) {
+        let bucket = Bucket {
+            tokens: b.rate.burst,
+            at_ms: 0,
+        };
+        b.buckets
+            .insert(key.to_owned(), Arc::new(Mutex::new(bucket)));
+    }
+
     #[test]
     fn a_shared_bucket_is_the_keys_bucket_and_is_kept_while_held() {
         let rate = Rate::per(10, Duration::from_secs(1), 3);
@@ -168,26 +179,14 @@ mod tests {
         // Past the tracking bound, idle full buckets are forgotten, but not
         // one that is held: "a" refills to full meanwhile, yet stays.
         for i in 0..=MAX_TRACKED {
-            b.buckets.insert(
-                format!("k{i}"),
-                Arc::new(Mutex::new(Bucket {
-                    tokens: rate.burst,
-                    at_ms: 0,
-                })),
-            );
+            insert_idle_full(&mut b, &format!("k{i}"));
         }
         assert!(b.take("other", 10_000));
         assert!(b.buckets.contains_key("a"));
         assert!(!b.buckets.contains_key("k0"));
         drop(held);
         for i in 0..=MAX_TRACKED {
-            b.buckets.insert(
-                format!("k{i}"),
-                Arc::new(Mutex::new(Bucket {
-                    tokens: rate.burst,
-                    at_ms: 0,
-                })),
-            );
+            insert_idle_full(&mut b, &format!("k{i}"));
         }
         assert!(b.take("other", 20_000));
         assert!(!b.buckets.contains_key("a"), "no longer held: forgotten");
@@ -204,13 +203,7 @@ mod tests {
         // has doubled: an idle full bucket added meanwhile is kept.
         assert!(b.take("first", 0));
         assert_eq!(b.prune_above, 2 * (MAX_TRACKED + 1));
-        b.buckets.insert(
-            "idle".to_owned(),
-            Arc::new(Mutex::new(Bucket {
-                tokens: rate.burst,
-                at_ms: 0,
-            })),
-        );
+        insert_idle_full(&mut b, "idle");
         assert!(b.take("second", 0));
         assert!(b.buckets.contains_key("idle"), "pruned again too soon");
         drop(held);

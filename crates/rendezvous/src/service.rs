@@ -553,10 +553,10 @@ impl<P: PushTarget> Service<P> {
                 send: lock(&self.send_buckets).shared(user, now),
             }));
         }
-        let taken = match (&s.buckets, &s.user) {
-            (Some(buckets), _) => buckets.request.take(now),
-            (None, Some(user)) => lock(&self.request_buckets).take(user, now),
-            (None, None) => lock(&self.request_buckets).take(&format!("conn:{}", s.conn), now),
+        // Without buckets, nobody has logged in on this connection yet.
+        let taken = match &s.buckets {
+            Some(buckets) => buckets.request.take(now),
+            None => lock(&self.request_buckets).take(&format!("conn:{}", s.conn), now),
         };
         if taken {
             Ok(())
@@ -918,14 +918,14 @@ impl<P: PushTarget> Service<P> {
         if seqs.len() > MAX_ACKS {
             return Err(ErrorCode::TooLarge);
         }
-        let live = seqs.iter().filter(|seq| *seq & LIVE_SEQ_BIT != 0).count();
+        let live = seqs.iter().filter(|seq| is_live(**seq)).count();
         let seqs = if live == 0 {
             seqs
         } else {
             // Those of the live ids already stored are deleted by their seq.
-            let mut stored = self.ack_live(me, seqs.iter().filter(|seq| *seq & LIVE_SEQ_BIT != 0));
+            let mut stored = self.ack_live(me, seqs.iter().filter(|seq| is_live(**seq)));
             if live < seqs.len() {
-                stored.extend(seqs.iter().filter(|seq| *seq & LIVE_SEQ_BIT == 0));
+                stored.extend(seqs.iter().filter(|seq| !is_live(**seq)));
             }
             stored
         };
@@ -1133,15 +1133,7 @@ impl<P: PushTarget> Service<P> {
         // Framed under the lock, which the window check and the entry below
         // need anyway: framing first would cost a copy of the body for every
         // recipient found offline.
-        let frame = PushFrame::envelope(&EnvelopePush {
-            seq: id,
-            from: &new.sender,
-            from_device: DEFAULT_DEVICE,
-            group: None,
-            id: &new.message_id,
-            sent_at: new.sent_at,
-            body: &new.body,
-        })?;
+        let frame = PushFrame::envelope(&envelope_push(new, id))?;
         let pushed = o.push.push_frame(frame);
         if !pushed {
             return None;
@@ -1248,15 +1240,7 @@ impl<P: PushTarget> Service<P> {
                         // and the recipient is back on a new one: push the
                         // stored copy there, as the stored path does.
                         if let (false, Some(new)) = (duplicate, envelopes.pop())
-                            && let Some(frame) = PushFrame::envelope(&EnvelopePush {
-                                seq,
-                                from: &new.sender,
-                                from_device: DEFAULT_DEVICE,
-                                group: None,
-                                id: &new.message_id,
-                                sent_at: new.sent_at,
-                                body: &new.body,
-                            })
+                            && let Some(frame) = PushFrame::envelope(&envelope_push(&new, seq))
                         {
                             o.push.push_frame(frame);
                         }
@@ -1321,18 +1305,7 @@ impl<P: PushTarget> Service<P> {
         match outcome {
             AppendOutcome::Stored { seq } => {
                 if let Some(new) = envelopes.pop() {
-                    self.push_envelope_to(
-                        &new.recipient,
-                        EnvelopePush {
-                            seq,
-                            from: &new.sender,
-                            from_device: DEFAULT_DEVICE,
-                            group: None,
-                            id: &new.message_id,
-                            sent_at: new.sent_at,
-                            body: &new.body,
-                        },
-                    );
+                    self.push_envelope_to(&new.recipient, envelope_push(&new, seq));
                 }
                 Ok(Reply::Accepted {
                     seq,
@@ -1859,6 +1832,25 @@ impl<P: PushTarget> Service<P> {
             push.push(Push::Announcement(a.clone()));
         }
         Ok(Reply::Ok)
+    }
+}
+
+/// Whether `seq` names a live delivery ([`LIVE_SEQ_BIT`]), not a mailbox
+/// seq.
+fn is_live(seq: u64) -> bool {
+    seq & LIVE_SEQ_BIT != 0
+}
+
+/// The push of `new` under `seq` (its mailbox seq or live delivery id).
+fn envelope_push(new: &NewEnvelope, seq: u64) -> EnvelopePush<'_> {
+    EnvelopePush {
+        seq,
+        from: &new.sender,
+        from_device: DEFAULT_DEVICE,
+        group: new.group.as_deref(),
+        id: &new.message_id,
+        sent_at: new.sent_at,
+        body: &new.body,
     }
 }
 
