@@ -509,35 +509,62 @@ impl Client {
         let reply = conn.request(request);
         tokio::pin!(reply);
         loop {
-            let push = match self.pushes.as_mut() {
-                Some(rx) => tokio::select! {
-                    biased;
-                    result = &mut reply => return Ok(result),
-                    push = rx.recv() => push,
-                },
-                None => None,
+            let Some(rx) = self.pushes.as_mut() else {
+                // No pushes (or no more): just the reply.
+                return Ok(reply.await);
+            };
+            let push = tokio::select! {
+                biased;
+                result = &mut reply => {
+                    // The server writes a push queued before a reply was
+                    // ready ahead of that reply, so the envelopes that the
+                    // reply waited for (the other side writing to us at the
+                    // same moment) are read by now. Keep and acknowledge
+                    // them too: left for later, their senders would wait
+                    // the server's grace for our acknowledgement.
+                    while let Some(push) = self.pushes.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                        if self.keep_push(conn, push, later).await?.is_err() {
+                            // Not acknowledged: delivered again later.
+                            break;
+                        }
+                    }
+                    return Ok(result);
+                }
+                push = rx.recv() => push,
             };
             match push {
-                Some(Push::Envelope(envelope)) => {
-                    if let Some(event) = self.receive(&envelope)? {
-                        self.pending.push(event);
-                    }
-                    // Kept (or dropped as a duplicate or unreadable, as
-                    // `handle_push` does): acknowledge it, unanswered.
-                    if let Err(e) = conn
-                        .notify(Request::Ack {
-                            seqs: vec![envelope.seq],
-                        })
-                        .await
-                    {
+                Some(push) => {
+                    if let Err(e) = self.keep_push(conn, push, later).await? {
                         return Ok(Err(e));
                     }
                 }
-                Some(other) => later.push(other),
-                // No pushes (or no more): just the reply.
                 None => return Ok(reply.await),
             }
         }
+    }
+
+    /// Keeps an envelope pushed while a reply is awaited and acknowledges
+    /// it with a notification; other pushes are put in `later`.
+    async fn keep_push(
+        &mut self,
+        conn: &Connection,
+        push: Push,
+        later: &mut Vec<Push>,
+    ) -> Result<Result<(), ConnError>, ClientError> {
+        let Push::Envelope(envelope) = push else {
+            later.push(push);
+            return Ok(Ok(()));
+        };
+        if let Some(event) = self.receive(&envelope)? {
+            self.pending.push(event);
+        }
+        // Kept (or dropped as a duplicate or unreadable, as `handle_push`
+        // does): acknowledge it, unanswered.
+        Ok(conn
+            .notify(Request::Ack {
+                seqs: vec![envelope.seq],
+            })
+            .await)
     }
 
     /// Tops up one-time prekeys and rotates the signed prekey; failures are

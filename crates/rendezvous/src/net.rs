@@ -391,7 +391,16 @@ async fn serve<H: Handler>(
     // forever, so the request loop always runs to its end: a handler's work
     // is not cancelled. Its push queue is dropped then, or with it here:
     // before `on_disconnect`, so pushes from then on fail as closed.
+    //
+    // Biased, the writer first: a push queued before a reply was ready is
+    // written ahead of that reply. A client waiting for its `Send` to be
+    // answered by the recipient's acknowledgement while that recipient
+    // writes to it (two people writing to each other at once) thus reads
+    // the recipient's envelope before the answer, and acknowledges it
+    // rather than leaving it for later (docs/protocol.md §4).
     let ended = tokio::select! {
+        biased;
+        never = write_then_wait(&conn, &send, push_queue) => match never {},
         ended = read_and_flush(
             &shared,
             &conn,
@@ -403,7 +412,6 @@ async fn serve<H: Handler>(
             &mut stop,
             login_deadline,
         ) => ended,
-        never = write_then_wait(&conn, &send, push_queue) => match never {},
     };
     finish(&conn, id, peer, ctx.user.as_deref(), ended);
     // Boxed for the same reason as in `handled`.

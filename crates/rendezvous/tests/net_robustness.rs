@@ -1,6 +1,7 @@
 //! The real server (`app::start`: the service and store behind the QUIC
 //! layer) under hostile input on 127.0.0.1: mutated frames of every kind
-//! (T-30), slow-drip and silent connections (T-37), and 0-RTT (T-45).
+//! (T-30), slow-drip and silent connections (T-37), 0-RTT (T-45), and the
+//! order of a push and the reply it made ready.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
 use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
 use messenger_proto::msg::{
-    ClientFrame, Login, NOTIFY_ID, OutgoingEnvelope, Register, Reply, Request, ServerFrame,
+    ClientFrame, Login, NOTIFY_ID, OutgoingEnvelope, Push, Register, Reply, Request, ServerFrame,
     SignedRoster, roster_signed_bytes,
 };
 use messenger_proto::{ALPN, MAX_FRAME_LEN, PROTOCOL_VERSION, decode, encode};
@@ -1269,4 +1270,111 @@ async fn half_open_connections_give_their_slots_back_at_the_login_timeout() {
     login(&mut c, &dave).await;
     assert!(c.request(Request::Users).await.is_ok());
     running.handle.shutdown().await;
+}
+
+/// Alice's live `Send` to bob is answered when bob acknowledges it. Bob,
+/// writing back at that moment, sends his own envelope to alice and the
+/// acknowledgement together, so the push of bob's envelope is queued on
+/// alice's connection just before her reply is ready. Alice must read that
+/// push before the reply: a client that stops reading pushes once its reply
+/// is in (as `messenger` does) would otherwise leave bob's envelope
+/// unacknowledged, and bob would wait the whole grace. The two became ready
+/// in the same turn of alice's connection task, and its writer could go
+/// second (an unbiased `select!`): that failed in most of these rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_queued_before_a_reply_was_ready_is_written_first() {
+    const ROUNDS: u64 = 40;
+    let dir = temp_dir();
+    let running = start_app(Limits::default(), &dir);
+    let (addr, fp) = address(&running);
+    let (alice, bob) = (person("alice", 1), person("bob", 2));
+    let mut a = registered_and_logged_in(addr, &fp, &alice).await;
+    let mut b = registered_and_logged_in(addr, &fp, &bob).await;
+    let envelope = |to: &str, n: u64| {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&n.to_be_bytes());
+        Request::Send(OutgoingEnvelope {
+            to: to.into(),
+            to_device: 1,
+            id,
+            body: vec![7; 64],
+        })
+    };
+    let mut out_of_order = 0;
+    for round in 0..ROUNDS {
+        let a_send = a.send_request(envelope("bob", round)).await;
+        let seq = loop {
+            match b.frame().await.unwrap() {
+                ServerFrame::Push(Push::Envelope(e)) => break e.seq,
+                // `PrekeysLow` and the like.
+                ServerFrame::Push(_) => {}
+                other => panic!("round {round}: bob expected alice's envelope, got {other:?}"),
+            }
+        };
+        // One write: the server reads both frames in one go.
+        let b_send = b.next_request_id();
+        let b_ack = b.next_request_id();
+        let mut both = encode(&ClientFrame {
+            id: b_send,
+            request: envelope("alice", round),
+        })
+        .unwrap();
+        both.extend(
+            encode(&ClientFrame {
+                id: b_ack,
+                request: Request::Ack { seqs: vec![seq] },
+            })
+            .unwrap(),
+        );
+        b.send.write_all(&both).await.unwrap();
+
+        // Alice: bob's envelope, then her answer.
+        let mut pushed = None;
+        loop {
+            match a.frame().await.unwrap() {
+                ServerFrame::Push(Push::Envelope(e)) => pushed = Some(e.seq),
+                ServerFrame::Push(_) => {}
+                ServerFrame::Reply { id, result } => {
+                    assert_eq!(id, a_send, "round {round}");
+                    assert!(matches!(result, Ok(Reply::Accepted { .. })), "{result:?}");
+                    break;
+                }
+                other => panic!("round {round}: alice got {other:?}"),
+            }
+        }
+        let pushed = match pushed {
+            Some(seq) => seq,
+            None => {
+                out_of_order += 1;
+                loop {
+                    match a.frame().await.unwrap() {
+                        ServerFrame::Push(Push::Envelope(e)) => break e.seq,
+                        ServerFrame::Push(_) => {}
+                        other => {
+                            panic!("round {round}: alice expected bob's envelope, got {other:?}")
+                        }
+                    }
+                }
+            }
+        };
+        assert_eq!(
+            a.request(Request::Ack { seqs: vec![pushed] }).await,
+            Ok(Reply::Ok)
+        );
+        // Bob: his answer (live, from alice's acknowledgement) and the ack's.
+        let mut answered = HashSet::from([b_send, b_ack]);
+        while !answered.is_empty() {
+            match b.frame().await.unwrap() {
+                ServerFrame::Reply { id, result } if answered.remove(&id) => {
+                    assert!(result.is_ok(), "round {round}: {result:?}");
+                }
+                ServerFrame::Push(_) => {}
+                other => panic!("round {round}: bob got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        out_of_order, 0,
+        "alice's reply came before bob's envelope in {out_of_order} of {ROUNDS} rounds"
+    );
 }
