@@ -34,7 +34,9 @@
 //!
 //! The server (or redis) runs pinned to CPU 1, this load generator (one
 //! tokio current-thread runtime) to CPU 0; server CPU seconds come from
-//! `/proc/<pid>/stat`.
+//! `/proc/<pid>/stat`. For the QUIC systems each run also prints the
+//! server's datagrams and STREAM and ACK frames per delivered message, in
+//! and out, summed from its clients' connection statistics.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -418,6 +420,49 @@ struct Outcome {
     /// UDP datagrams the server's and the load generator's sockets dropped
     /// (receive buffer full) during the traffic; None for TCP.
     drops: Option<(u64, u64)>,
+    /// The server's QUIC traffic in the measured window per delivered
+    /// message, as its clients counted it; None for TCP.
+    traffic: Option<Traffic>,
+}
+
+/// QUIC traffic of the server, summed over its clients' connection
+/// statistics (what a client received, the server sent).
+#[derive(Debug, Clone, Copy, Default)]
+struct Traffic {
+    datagrams_out: f64,
+    datagrams_in: f64,
+    stream_frames_out: f64,
+    stream_frames_in: f64,
+    ack_frames_out: f64,
+    ack_frames_in: f64,
+}
+
+impl Traffic {
+    fn now(conns: &[quinn::Connection]) -> Self {
+        let mut t = Self::default();
+        for c in conns {
+            let s = c.stats();
+            t.datagrams_out += s.udp_rx.datagrams as f64;
+            t.datagrams_in += s.udp_tx.datagrams as f64;
+            t.stream_frames_out += s.frame_rx.stream as f64;
+            t.stream_frames_in += s.frame_tx.stream as f64;
+            t.ack_frames_out += s.frame_rx.acks as f64;
+            t.ack_frames_in += s.frame_tx.acks as f64;
+        }
+        t
+    }
+
+    /// `(self - earlier) / n`.
+    fn per(self, earlier: Self, n: f64) -> Self {
+        Self {
+            datagrams_out: (self.datagrams_out - earlier.datagrams_out) / n,
+            datagrams_in: (self.datagrams_in - earlier.datagrams_in) / n,
+            stream_frames_out: (self.stream_frames_out - earlier.stream_frames_out) / n,
+            stream_frames_in: (self.stream_frames_in - earlier.stream_frames_in) / n,
+            ack_frames_out: (self.ack_frames_out - earlier.ack_frames_out) / n,
+            ack_frames_in: (self.ack_frames_in - earlier.ack_frames_in) / n,
+        }
+    }
 }
 
 /// Lets the traffic tasks run through warm-up and the measured window,
@@ -430,6 +475,7 @@ async fn measure(
     mut tasks: JoinSet<()>,
     connect_s: f64,
     udp_ports: Option<(u16, u16)>,
+    conns: &[quinn::Connection],
 ) -> Outcome {
     let drops = || {
         udp_ports.map(|(s, c)| {
@@ -442,8 +488,13 @@ async fn measure(
     let drops0 = drops();
     tokio::time::sleep_until(run.warm_end.into()).await;
     let cpu0 = cpu_seconds(server_pid);
+    let (traffic0, delivered0) = (Traffic::now(conns), run.delivered.get());
     tokio::time::sleep_until(run.end.into()).await;
     let cpu_s = cpu_seconds(server_pid) - cpu0;
+    let traffic = (!conns.is_empty()).then(|| {
+        let n = run.delivered.get().saturating_sub(delivered0).max(1) as f64;
+        Traffic::now(conns).per(traffic0, n)
+    });
     let deadline = Instant::now() + DRAIN;
     let in_flight = || -> u64 {
         pairs
@@ -487,6 +538,7 @@ async fn measure(
         per_ack: run.acked.get() as f64 / run.acks.get().max(1) as f64,
         connect_s,
         drops,
+        traffic,
     }
 }
 
@@ -651,6 +703,7 @@ async fn ours_run(people: Rc<Vec<Person>>) -> Outcome {
         tasks,
         connect_s,
         Some((addr.port(), client_port)),
+        &conns,
     )
     .await;
     for c in &conns {
@@ -741,6 +794,7 @@ async fn bare_run() -> Outcome {
         tasks,
         connect_s,
         Some((addr.port(), client_port)),
+        &conns,
     )
     .await;
     for c in &conns {
@@ -943,7 +997,7 @@ async fn redis_run() -> Option<Outcome> {
             .await;
         });
     }
-    let out = measure(run, &pairs, pid, tasks, connect_s, None).await;
+    let out = measure(run, &pairs, pid, tasks, connect_s, None, &[]).await;
     Some(out)
 }
 
@@ -1027,6 +1081,18 @@ async fn relay_scenario(systems: Vec<System>) {
                 o.errors,
                 o.connect_s
             );
+            if let Some(t) = o.traffic {
+                println!(
+                    "      server QUIC traffic per delivered message: {:.2} datagrams out, {:.2} in; \
+                     STREAM frames {:.2} out, {:.2} in; ACK frames {:.2} out, {:.2} in",
+                    t.datagrams_out,
+                    t.datagrams_in,
+                    t.stream_frames_out,
+                    t.stream_frames_in,
+                    t.ack_frames_out,
+                    t.ack_frames_in
+                );
+            }
             outs.push(o);
         }
     }
