@@ -13,6 +13,8 @@
 //! * [`Rendezvous::start`] starts a real `rendezvous` (given the path of the
 //!   binary) on a loopback address in a data directory, reads its address
 //!   and certificate fingerprint from stdout, and kills it on drop.
+//! * [`redb_fault`]: a redb storage backend that fails like a full or
+//!   failing disk, for the stores' fault tests.
 //!
 //! ## What it does not do
 //!
@@ -40,6 +42,8 @@
 //! ```
 
 #![forbid(unsafe_code)]
+
+pub mod redb_fault;
 
 use std::ffi::OsStr;
 use std::io::{self, BufRead, BufReader, Read};

@@ -177,9 +177,9 @@ fn io_error(op: &'static str, e: io::Error) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use std::ops::Bound;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use messenger_testkit::redb_fault::{Fault, FaultBackend};
 
     use super::*;
     use crate::store::Store;
@@ -277,110 +277,17 @@ mod tests {
         }
     }
 
-    /// Fails writes and file growth after a budget of bytes, and `fsync`s
-    /// from a given one on, like a disk filling or failing during creation.
-    #[derive(Debug)]
-    struct Failing {
-        inner: FileBackend,
-        budget: Arc<AtomicU64>,
-        syncs_left: Arc<AtomicU64>,
-    }
-
-    impl Failing {
-        fn spend(&self, bytes: u64) -> io::Result<()> {
-            self.budget
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(bytes))
-                .map(|_| ())
-                .map_err(|_| io::Error::from(io::ErrorKind::StorageFull))
-        }
-    }
-
-    impl StorageBackend for Failing {
-        fn len(&self) -> io::Result<u64> {
-            self.inner.len()
-        }
-
-        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-            self.inner.read(offset, out)
-        }
-
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            let current = self.inner.len()?;
-            if len > current {
-                self.spend(len - current)?;
-            }
-            self.inner.set_len(len)
-        }
-
-        fn sync_data(&self) -> io::Result<()> {
-            self.syncs_left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .map_err(|_| io::Error::other("injected fsync failure"))?;
-            self.inner.sync_data()
-        }
-
-        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-            self.spend(data.len() as u64)?;
-            self.inner.write(offset, data)
-        }
-
-        fn close(&self) -> io::Result<()> {
-            self.inner.close()
-        }
-
-        fn try_lock_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<bool, redb::BackendError> {
-            self.inner.try_lock_range(start, end)
-        }
-
-        fn try_lock_shared_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<bool, redb::BackendError> {
-            self.inner.try_lock_shared_range(start, end)
-        }
-
-        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
-            self.inner.lock_range(start, end)
-        }
-
-        fn lock_shared_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<(), redb::BackendError> {
-            self.inner.lock_shared_range(start, end)
-        }
-
-        fn unlock_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<(), redb::BackendError> {
-            self.inner.unlock_range(start, end)
-        }
-
-        fn query_lock_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<bool, redb::BackendError> {
-            self.inner.query_lock_range(start, end)
-        }
-    }
-
-    /// Creates the database at `path` on a [`Failing`] backend.
+    /// Creates the database at `path` on a fault backend: writes and file
+    /// growth fail like a full disk after `budget` bytes, and `fsync`
+    /// number `syncs` (counting from 0; `u64::MAX` for none) fails.
     fn create_failing(path: &Path, budget: u64, syncs: u64) -> Result<(), StoreError> {
-        ensure_created_with(path, StoreOptions::default(), |file| {
-            Ok(Failing {
-                inner: FileBackend::new(file).map_err(io::Error::other)?,
-                budget: Arc::new(AtomicU64::new(budget)),
-                syncs_left: Arc::new(AtomicU64::new(syncs)),
-            })
+        let fault = Arc::new(Fault::default());
+        fault.arm(budget);
+        if let Some(n) = syncs.checked_add(1) {
+            fault.fail_sync(n);
+        }
+        ensure_created_with(path, StoreOptions::default(), move |file| {
+            FaultBackend::new(file, Arc::clone(&fault))
         })
     }
 
