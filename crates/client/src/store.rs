@@ -35,7 +35,11 @@ use messenger_crypto::ratchet::SessionPickle;
 use messenger_crypto::secret::Secret32;
 use messenger_proto::msg::MessageId;
 use rand::Rng;
-use redb::{Database, DatabaseError, Durability, ReadableTable, TableDefinition, WriteTransaction};
+use redb::backends::FileBackend;
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, StorageBackend, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
@@ -390,12 +394,18 @@ impl Store {
         storage_key: &Secret32,
         owner: &IdentityKey,
     ) -> Result<Store, StoreError> {
-        let db = Database::builder().create(path).map_err(|e| match e {
-            DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
-                path: path.to_owned(),
-            },
-            other => db_error("open")(other),
-        })?;
+        let db = Database::builder().create(path).map_err(open_error(path))?;
+        Self::on_database(db, path, storage_key, owner)
+    }
+
+    /// [`Store::open_existing`] once the database is open: derives the
+    /// keys, creates the tables and checks (or, new, writes) the metadata.
+    fn on_database(
+        db: Database,
+        path: &Path,
+        storage_key: &Secret32,
+        owner: &IdentityKey,
+    ) -> Result<Store, StoreError> {
         let hk = Hkdf::<Sha256>::new(None, storage_key.expose());
         let mut keys = Keys {
             record: [0; 32],
@@ -1183,9 +1193,6 @@ fn db_error<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreEr
     }
 }
 
-/// Creates `path` empty with mode 0600 if it does not exist (redb then
-/// initialises the empty file), so the store is never world-readable even
-/// for a moment.
 /// Marks the temporary file a new store is built in: `<name>.creating.`
 /// followed by 16 random hex digits, in the store's directory.
 pub const CREATING_MARK: &str = ".creating.";
@@ -1202,6 +1209,19 @@ fn create_new_store(
     path: &Path,
     storage_key: &Secret32,
     owner: &IdentityKey,
+) -> Result<(), StoreError> {
+    create_new_store_with(path, storage_key, owner, |file| {
+        FileBackend::new(file).map_err(io::Error::other)
+    })
+}
+
+/// [`create_new_store`] with the temporary file's storage made by
+/// `backend` (tests inject disk faults there).
+fn create_new_store_with<B: StorageBackend>(
+    path: &Path,
+    storage_key: &Secret32,
+    owner: &IdentityKey,
+    backend: impl FnOnce(fs::File) -> io::Result<B>,
 ) -> Result<(), StoreError> {
     let io_err = |action: &'static str, at: &Path| {
         let at = at.to_owned();
@@ -1227,8 +1247,12 @@ fn create_new_store(
         rand::random::<u64>()
     ));
     let built = (|| {
-        create_private_file(&temp)?;
-        drop(Store::open_existing(&temp, storage_key, owner)?);
+        let file = create_private_file(&temp)?;
+        let backend = backend(file).map_err(io_err("open", &temp))?;
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(open_error(&temp))?;
+        drop(Store::on_database(db, &temp, storage_key, owner)?);
         fs::File::open(&temp)
             .and_then(|f| f.sync_all())
             .map_err(io_err("sync", &temp))?;
@@ -1278,28 +1302,40 @@ fn remove_stale_creations(path: &Path, name: &str) {
     }
 }
 
-fn create_private_file(path: &Path) -> Result<(), StoreError> {
+/// Creates the new file `path` with mode 0600 (so the store is never
+/// world-readable, even for a moment) and returns it open for reading and
+/// writing; redb then initialises it.
+fn create_private_file(path: &Path) -> Result<fs::File, StoreError> {
     let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.read(true).write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    match options.open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(StoreError::Io {
-            action: "create",
-            path: path.to_owned(),
-            source,
-        }),
+    options.open(path).map_err(|source| StoreError::Io {
+        action: "create",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Maps a failure to open the database at `path`: another process holding
+/// it is [`StoreError::Locked`].
+fn open_error(path: &Path) -> impl FnOnce(DatabaseError) -> StoreError {
+    let path = path.to_owned();
+    move |e| match e {
+        DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path },
+        other => db_error("open")(other),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use messenger_crypto::identity::IdentityKeyPair;
+    use messenger_testkit::redb_fault::{Fault, FaultBackend};
 
     use super::*;
 
@@ -1368,6 +1404,81 @@ mod tests {
         ));
         drop(open(dir.path(), 1, &me).unwrap());
         assert_eq!(names_in(dir.path()), [STORE_FILE]);
+    }
+
+    /// Builds a store at `dir/STORE_FILE` whose temporary file fails like a
+    /// full disk after `budget` bytes and whose `fsync` number `syncs`
+    /// (from 0; `u64::MAX` for none) fails.
+    fn create_failing(
+        dir: &Path,
+        me: &IdentityKeyPair,
+        budget: u64,
+        syncs: u64,
+    ) -> Result<(), StoreError> {
+        let fault = Arc::new(Fault::default());
+        fault.arm(budget);
+        if let Some(n) = syncs.checked_add(1) {
+            fault.fail_sync(n);
+        }
+        create_new_store_with(
+            &dir.join(STORE_FILE),
+            &Secret32::from_bytes([1; 32]),
+            me.identity_key(),
+            move |file| FaultBackend::new(file, Arc::clone(&fault)),
+        )
+    }
+
+    /// A disk that fills or fails at any write or `fsync` of a new store's
+    /// creation: an error, nothing at the store's path and no temporary
+    /// file left, and the next open creates a working store. Budgets large
+    /// enough succeed, so the failures are the injected ones.
+    #[test]
+    fn a_creation_failing_at_any_write_or_fsync_leaves_nothing_behind() {
+        let me = IdentityKeyPair::generate(&mut rand::rng());
+        // The cause is kept in the error's chain for the user to see.
+        let check_failed = |dir: &Path, what: &str, cause: &str, e: StoreError| {
+            assert!(
+                matches!(e, StoreError::Database { .. }) && format!("{e:?}").contains(cause),
+                "{what}: {e:?}"
+            );
+            assert_eq!(names_in(dir), Vec::<String>::new(), "{what}: files left");
+            drop(open(dir, 1, &me).unwrap());
+            assert_eq!(names_in(dir), [STORE_FILE], "{what}");
+        };
+        let mut failed = 0;
+        let mut budget = 0u64;
+        loop {
+            assert!(budget < 64 << 20, "creation never succeeded");
+            let dir = tempfile::tempdir().unwrap();
+            match create_failing(dir.path(), &me, budget, u64::MAX) {
+                Ok(()) => break,
+                Err(e) => check_failed(dir.path(), &format!("budget {budget}"), "StorageFull", e),
+            }
+            failed += 1;
+            budget = if budget < 8192 {
+                budget + 512
+            } else {
+                budget * 2
+            };
+        }
+        let mut syncs = 0u64;
+        loop {
+            assert!(syncs < 100, "creation never succeeded");
+            let dir = tempfile::tempdir().unwrap();
+            match create_failing(dir.path(), &me, u64::MAX, syncs) {
+                Ok(()) => break,
+                Err(e) => check_failed(
+                    dir.path(),
+                    &format!("fsync {syncs}"),
+                    "injected fsync failure",
+                    e,
+                ),
+            }
+            syncs += 1;
+        }
+        assert!(failed >= 3, "only {failed} creations failed on a write");
+        assert!(syncs >= 1, "the creation made no fsync");
+        eprintln!("{failed} creations failed on a write, {syncs} on an fsync");
     }
 
     #[test]
