@@ -24,6 +24,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{Key, KeyInit, XChaCha20Poly1305, XNonce};
@@ -37,8 +38,8 @@ use messenger_proto::msg::MessageId;
 use rand::Rng;
 use redb::backends::FileBackend;
 use redb::{
-    Database, DatabaseError, Durability, ReadableTable, StorageBackend, TableDefinition,
-    WriteTransaction,
+    Database, DatabaseError, Durability, ReadableTable, StorageBackend, StorageError,
+    TableDefinition, TransactionError, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -328,10 +329,22 @@ struct Keys {
 
 /// The open store. `Debug` shows only the path.
 pub struct Store {
-    db: Database,
+    /// None only while a reopen failed; the next transaction tries again.
+    db: Mutex<Option<Database>>,
+    /// Opens the database again after an I/O error ([`Store::begin`]).
+    opener: Opener,
     keys: Keys,
     owner: IdentityKey,
     path: PathBuf,
+}
+
+/// How a [`Store`] opens its database file again.
+type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+
+/// Opens the database file at `path` with redb's own file backend.
+fn path_opener(path: &Path) -> Opener {
+    let path = path.to_owned();
+    Box::new(move || Database::builder().create(&path).map_err(open_error(&path)))
 }
 
 impl fmt::Debug for Store {
@@ -394,14 +407,16 @@ impl Store {
         storage_key: &Secret32,
         owner: &IdentityKey,
     ) -> Result<Store, StoreError> {
-        let db = Database::builder().create(path).map_err(open_error(path))?;
-        Self::on_database(db, path, storage_key, owner)
+        let opener = path_opener(path);
+        Self::on_database(opener()?, opener, path, storage_key, owner)
     }
 
-    /// [`Store::open_existing`] once the database is open: derives the
-    /// keys, creates the tables and checks (or, new, writes) the metadata.
+    /// [`Store::open_existing`] once the database is open (and `opener`
+    /// opens it again): derives the keys, creates the tables and checks
+    /// (or, new, writes) the metadata.
     fn on_database(
         db: Database,
+        opener: Opener,
         path: &Path,
         storage_key: &Secret32,
         owner: &IdentityKey,
@@ -418,7 +433,8 @@ impl Store {
             return Err(StoreError::WrongKey);
         }
         let store = Store {
-            db,
+            db: Mutex::new(Some(db)),
+            opener,
             keys,
             owner: *owner,
             path: path.to_owned(),
@@ -472,7 +488,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut tx = self.db.begin_write().map_err(db_error("begin"))?;
+        let mut tx = self.begin()?;
         tx.set_durability(Durability::Immediate)
             .map_err(db_error("set durability"))?;
         tx.set_two_phase_commit(true);
@@ -497,11 +513,33 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let tx = self.db.begin_write().map_err(db_error("begin"))?;
+        let tx = self.begin()?;
         let mut tx = Tx { tx, store: self };
         let result = f(&mut tx);
         let _ = tx.tx.abort();
         result
+    }
+
+    /// Begins a write transaction. After an I/O error (a full disk, a
+    /// failed `fsync`) redb refuses every transaction with `PreviousIo`
+    /// until the database is opened again; this reopens it then and tries
+    /// once more, so that a long-running client goes on once the disk is
+    /// back. A transaction refused so did nothing, and the reopened
+    /// database holds exactly what was committed.
+    fn begin(&self) -> Result<WriteTransaction, StoreError> {
+        let mut slot = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(db) = slot.as_ref() {
+            match db.begin_write() {
+                Err(TransactionError::Storage(StorageError::PreviousIo)) => {}
+                other => return other.map_err(db_error("begin")),
+            }
+        }
+        // The old handle goes first: it holds the file's lock.
+        *slot = None;
+        let db = (self.opener)()?;
+        let tx = db.begin_write().map_err(db_error("begin"));
+        *slot = Some(db);
+        tx
     }
 
     fn seal(&self, table: Table, key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -1252,7 +1290,14 @@ fn create_new_store_with<B: StorageBackend>(
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(open_error(&temp))?;
-        drop(Store::on_database(db, &temp, storage_key, owner)?);
+        // Never reopened: any error fails the creation.
+        drop(Store::on_database(
+            db,
+            path_opener(&temp),
+            &temp,
+            storage_key,
+            owner,
+        )?);
         fs::File::open(&temp)
             .and_then(|f| f.sync_all())
             .map_err(io_err("sync", &temp))?;
@@ -1479,6 +1524,86 @@ mod tests {
         assert!(failed >= 3, "only {failed} creations failed on a write");
         assert!(syncs >= 1, "the creation made no fsync");
         eprintln!("{failed} creations failed on a write, {syncs} on an fsync");
+    }
+
+    /// The existing store in `dir`, opened (and reopened) through
+    /// backends failing as `fault` says.
+    fn open_faulty(dir: &Path, me: &IdentityKeyPair, fault: &Arc<Fault>) -> Store {
+        let path = dir.join(STORE_FILE);
+        let (at, fault) = (path.clone(), Arc::clone(fault));
+        let opener: Opener = Box::new(move || {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&at)
+                .map_err(|source| StoreError::Io {
+                    action: "open",
+                    path: at.clone(),
+                    source,
+                })?;
+            let backend =
+                FaultBackend::new(file, Arc::clone(&fault)).map_err(|source| StoreError::Io {
+                    action: "open",
+                    path: at.clone(),
+                    source,
+                })?;
+            Database::builder()
+                .create_with_backend(backend)
+                .map_err(open_error(&at))
+        });
+        let key = Secret32::from_bytes([1; 32]);
+        Store::on_database(opener().unwrap(), opener, &path, &key, me.identity_key()).unwrap()
+    }
+
+    /// A full disk, then a failing `fsync`, under writes of a store in use:
+    /// each write is an error with its cause and stores nothing of itself;
+    /// what was written before is kept; once the disk is back, the same
+    /// open store writes again, and a reopen finds exactly the writes that
+    /// succeeded.
+    #[test]
+    fn a_full_or_failing_disk_loses_no_earlier_write_and_the_store_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = IdentityKeyPair::generate(&mut rand::rng());
+        drop(open(dir.path(), 1, &me).unwrap());
+        let fault = Arc::new(Fault::default());
+        let store = open_faulty(dir.path(), &me, &fault);
+        let bob = user("bob");
+        let append = |store: &Store, text: &str, n: usize| {
+            store.write(|tx| {
+                for _ in 0..n {
+                    tx.append_history(&bob, &entry(text))?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        };
+        append(&store, "before", 10).unwrap();
+
+        fault.arm(4096);
+        let e = append(&store, &"full".repeat(1000), 100).unwrap_err();
+        assert!(format!("{e:?}").contains("StorageFull"), "{e:?}");
+        fault.disarm();
+        fault.fail_sync(1);
+        let e = append(&store, "unsynced", 1).unwrap_err();
+        assert!(format!("{e:?}").contains("injected fsync failure"), "{e:?}");
+        fault.disarm();
+
+        append(&store, "after", 3).unwrap();
+        let texts = |store: &Store| -> Vec<String> {
+            store
+                .read(|tx| tx.history(&bob, 1000))
+                .unwrap()
+                .into_iter()
+                .map(|e| e.text)
+                .collect()
+        };
+        let want: Vec<String> = [vec!["before"; 10], vec!["after"; 3]]
+            .concat()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(texts(&store), want);
+        drop(store);
+        assert_eq!(texts(&open(dir.path(), 1, &me).unwrap()), want);
     }
 
     #[test]
