@@ -88,6 +88,10 @@ impl Handler for App {
         Service::<PushSender>::begins_ahead(request)
     }
 
+    fn rate_exempt(&self, request: &Request) -> bool {
+        Service::<PushSender>::rate_exempt(request)
+    }
+
     async fn begin(
         &self,
         ctx: &mut ConnectionContext,

@@ -89,6 +89,16 @@ pub trait Handler: Send + Sync + 'static {
         false
     }
 
+    /// Whether `request` is handled without a token of the connection's
+    /// request rate. Only one that settles what the server itself handed
+    /// this connection, whose work is bounded by that, and whose refusal
+    /// as a notification could not be told to the client may say yes: the
+    /// service's `Ack` of live delivery ids only. None is by default.
+    fn rate_exempt(&self, request: &Request) -> bool {
+        let _ = request;
+        false
+    }
+
     /// Starts a pipelined request: does, before returning, everything that
     /// must happen in request order (checks, queuing work), and returns the
     /// rest as a [`PendingReply`]. The default handles the whole request at

@@ -754,7 +754,7 @@ async fn read_requests<H: Handler>(
         loop {
             let item = match held.pop_front() {
                 Some(item) => item,
-                None => match decoder.next_with(|body| take_frame(body, &mut bucket)) {
+                None => match decoder.next_with(|body| take_frame(handler, body, &mut bucket)) {
                     Some(item) => item,
                     None => break,
                 },
@@ -907,15 +907,18 @@ async fn fire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
-/// Decodes a frame's body and takes a token for it from `bucket`.
-fn take_frame(body: &[u8], bucket: &mut TokenBucket) -> Held {
+/// Decodes a frame's body and takes a token for it from `bucket`, unless
+/// the handler exempts it ([`Handler::rate_exempt`]).
+fn take_frame<H: Handler>(handler: &H, body: &[u8], bucket: &mut TokenBucket) -> Held {
     match decode::<ClientFrame>(body) {
         Err(e) => Held::Malformed(CloseReason::for_frame_error(&e)),
         // A notification could not be answered, so only an `Ack` may be one.
         Ok(frame) if frame.is_notification() && !matches!(frame.request, Request::Ack { .. }) => {
             Held::Malformed(CloseReason::BadRequest)
         }
-        Ok(frame) if !bucket.take() => Held::Limited { id: frame.id },
+        Ok(frame) if !handler.rate_exempt(&frame.request) && !bucket.take() => {
+            Held::Limited { id: frame.id }
+        }
         Ok(frame) => Held::Request {
             id: frame.id,
             request: frame.request,
@@ -977,7 +980,7 @@ async fn read_ahead<H: Handler>(
     bucket: &mut TokenBucket,
 ) {
     while room_ahead(held) {
-        let Some(item) = decoder.next_with(|body| take_frame(body, bucket)) else {
+        let Some(item) = decoder.next_with(|body| take_frame(handler, body, bucket)) else {
             break;
         };
         held.push_back(item);

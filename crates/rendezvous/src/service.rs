@@ -567,7 +567,9 @@ impl<P: PushTarget> Service<P> {
 
     /// Answers one request.
     pub async fn handle(&self, s: &mut Session<P>, request: Request) -> Result<Reply, ErrorCode> {
-        self.take_request_token(s)?;
+        if !Self::rate_exempt(&request) {
+            self.take_request_token(s)?;
+        }
         match request {
             Request::Register(r) => self.register(r).await,
             Request::Login(l) => self.login(s, &l.username, &l.signature).await,
@@ -984,6 +986,19 @@ impl<P: PushTarget> Service<P> {
         matches!(request, Request::Send(_) | Request::Ack { .. })
     }
 
+    /// Whether `request` is exempt from the request rate
+    /// ([`crate::handler::Handler::rate_exempt`]): an `Ack` of live
+    /// delivery ids only. It settles deliveries the server pushed to this
+    /// connection, in memory (at most [`MAX_ACKS`] lookups, no disk), and
+    /// answers the senders waiting for it. Refused, a notification would be
+    /// lost without a word: each of those senders would wait the whole
+    /// grace and its envelope would be stored and delivered a second time,
+    /// more work for everyone than the `Ack` itself. An `Ack` naming a
+    /// mailbox seq (a delete in the group commit) still takes its token.
+    pub fn rate_exempt(request: &Request) -> bool {
+        matches!(request, Request::Ack { seqs } if acks_live_only(seqs))
+    }
+
     /// Whether `request` may be begun ahead of this connection's earlier
     /// pipelined requests while they wait for room (the network layer's
     /// read-ahead, [`crate::handler::Handler::begins_ahead`]): an `Ack`.
@@ -1054,7 +1069,9 @@ impl<P: PushTarget> Service<P> {
         s: &mut Session<P>,
         seqs: Vec<u64>,
     ) -> Result<Option<AckReceiver>, Result<Reply, ErrorCode>> {
-        self.take_request_token(s).map_err(Err)?;
+        if !acks_live_only(&seqs) {
+            self.take_request_token(s).map_err(Err)?;
+        }
         let me = s.user.as_deref().ok_or(Err(ErrorCode::NotAuthenticated))?;
         self.queue_ack(me, seqs).await.map_err(Err)
     }
@@ -1839,6 +1856,12 @@ impl<P: PushTarget> Service<P> {
 /// seq.
 fn is_live(seq: u64) -> bool {
     seq & LIVE_SEQ_BIT != 0
+}
+
+/// Whether `seqs`, an `Ack`'s, are live delivery ids only (and within
+/// [`MAX_ACKS`]; a longer one is refused anyway).
+fn acks_live_only(seqs: &[u64]) -> bool {
+    !seqs.is_empty() && seqs.len() <= MAX_ACKS && seqs.iter().all(|seq| is_live(*seq))
 }
 
 /// The push of `new` under `seq` (its mailbox seq or live delivery id).

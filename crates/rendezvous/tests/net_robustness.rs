@@ -1378,3 +1378,70 @@ async fn a_push_queued_before_a_reply_was_ready_is_written_first() {
         "alice's reply came before bob's envelope in {out_of_order} of {ROUNDS} rounds"
     );
 }
+
+/// A connection that has spent its request rate still has its `Ack`
+/// notifications of live delivery ids applied: dropped, alice's send would
+/// wait the grace and be answered from the mailbox (a seq without the live
+/// bit), and bob would get the envelope a second time. Its other requests
+/// are still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_acks_are_applied_beyond_the_connection_request_rate() {
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.requests_per_second = 1;
+    limits.request_burst = 6;
+    let running = start_app(limits, &dir);
+    let (addr, fp) = address(&running);
+    let (alice, bob) = (person("alice", 3), person("bob", 4));
+    let mut a = registered_and_logged_in(addr, &fp, &alice).await;
+    let mut b = registered_and_logged_in(addr, &fp, &bob).await;
+    // Bob spends what is left of his connection's burst.
+    let mut spent = 0;
+    while b.request(Request::Users).await != Err(messenger_proto::ErrorCode::RateLimited) {
+        spent += 1;
+        assert!(spent <= 6, "the rate never ran out");
+    }
+    for round in 0..3u64 {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&round.to_be_bytes());
+        let sent = a
+            .send_request(Request::Send(OutgoingEnvelope {
+                to: "bob".into(),
+                to_device: 1,
+                id,
+                body: vec![5; 32],
+            }))
+            .await;
+        let seq = loop {
+            match b.frame().await.unwrap() {
+                ServerFrame::Push(Push::Envelope(e)) => break e.seq,
+                ServerFrame::Push(_) => {}
+                other => panic!("round {round}: bob got {other:?}"),
+            }
+        };
+        let ack = encode(&ClientFrame {
+            id: NOTIFY_ID,
+            request: Request::Ack { seqs: vec![seq] },
+        })
+        .unwrap();
+        b.send.write_all(&ack).await.unwrap();
+        loop {
+            match a.frame().await.unwrap() {
+                ServerFrame::Reply { id, result } => {
+                    assert_eq!(id, sent);
+                    let Ok(Reply::Accepted { seq: answered, .. }) = result else {
+                        panic!("round {round}: {result:?}")
+                    };
+                    assert_eq!(answered, seq, "round {round}: answered from the mailbox");
+                    break;
+                }
+                ServerFrame::Push(_) => {}
+                other => panic!("round {round}: alice got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        b.request(Request::Users).await,
+        Err(messenger_proto::ErrorCode::RateLimited)
+    );
+}

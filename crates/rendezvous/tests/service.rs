@@ -1734,3 +1734,74 @@ async fn a_sender_gone_during_the_fallback_does_not_hold_a_place_in_the_live_win
          delivered live (his only place in the window is still taken): {second:?}"
     );
 }
+
+/// An `Ack` of live delivery ids only takes no token of the request rate,
+/// pipelined or not: refused (as a notification, without a word), each
+/// sender waiting for it would wait the whole grace, and its envelope would
+/// be stored and delivered a second time. An `Ack` that names a mailbox seq
+/// (a delete in the group commit) still takes its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_of_live_delivery_ids_are_not_rate_limited() {
+    let config = ServiceConfig {
+        request_rate: Rate::per(10, Duration::from_secs(3600), 10),
+        live_grace: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let w = World::new(config);
+    let (alice, bob) = (user("alice", 60, 0), user("bob", 61, 0));
+    w.registered(&alice).await;
+    w.registered(&bob).await;
+    let mut a = w.login(&alice).await;
+    let mut b = w.login(&bob).await;
+    drain(&mut b);
+    // Bob spends his whole request rate.
+    let mut spent = 0;
+    while w.ask(&mut b, Request::Users).await != Err(ErrorCode::RateLimited) {
+        spent += 1;
+        assert!(spent <= 10, "the rate never ran out");
+    }
+    let mut replies = Vec::new();
+    for i in 0..4u8 {
+        let reply = w
+            .service
+            .begin(&mut a.session, send("bob", i, &[i; 8]))
+            .await;
+        replies.push(tokio::spawn(reply));
+    }
+    let pushed = live_pushes(&mut b);
+    assert_eq!(pushed.len(), 4, "{pushed:?}");
+    // Two acks pipelined, two not: all applied at once.
+    for (n, (id, _)) in pushed.iter().enumerate() {
+        let ack = Request::Ack { seqs: vec![*id] };
+        let result = if n % 2 == 0 {
+            w.service.begin(&mut b.session, ack).await.await
+        } else {
+            w.ask(&mut b, ack).await
+        };
+        assert_eq!(result, Ok(Reply::Ok), "ack {n}");
+    }
+    for (reply, (id, _)) in replies.into_iter().zip(&pushed) {
+        let answered = tokio::time::timeout(Duration::from_secs(5), reply)
+            .await
+            .expect("answered live, not after the grace")
+            .unwrap();
+        assert_eq!(
+            answered,
+            Ok(Reply::Accepted {
+                seq: *id,
+                duplicate: false
+            })
+        );
+    }
+    assert!(w.service.store().pending("bob", 0, 10).unwrap().is_empty());
+    // One that names a mailbox seq is refused, alone or with live ids.
+    for seqs in [vec![1], vec![pushed[0].0, 1]] {
+        assert_eq!(
+            w.ask(&mut b, Request::Ack { seqs: seqs.clone() }).await,
+            Err(ErrorCode::RateLimited),
+            "{seqs:?}"
+        );
+        let pipelined = w.service.begin(&mut b.session, Request::Ack { seqs }).await;
+        assert_eq!(pipelined.await, Err(ErrorCode::RateLimited));
+    }
+}
