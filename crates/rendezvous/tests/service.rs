@@ -167,6 +167,15 @@ impl World {
         let mut c = self.connect();
         assert_eq!(self.ask(&mut c, register(u)).await, Ok(Reply::Ok));
     }
+
+    /// Alice and bob (made from these seeds, no one-time prekeys),
+    /// registered and logged in.
+    async fn alice_and_bob(&self, alice_seed: u64, bob_seed: u64) -> (Conn, Conn) {
+        let (alice, bob) = (user("alice", alice_seed, 0), user("bob", bob_seed, 0));
+        self.registered(&alice).await;
+        self.registered(&bob).await;
+        (self.login(&alice).await, self.login(&bob).await)
+    }
 }
 
 fn drain(c: &mut Conn) -> Vec<Push> {
@@ -1369,11 +1378,7 @@ async fn live_delivery_is_answered_by_the_recipients_ack_and_never_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unacknowledged_live_delivery_is_stored_after_the_grace() {
     let w = World::new(fast_config());
-    let (alice, bob) = (user("alice", 42, 0), user("bob", 43, 0));
-    w.registered(&alice).await;
-    w.registered(&bob).await;
-    let mut a = w.login(&alice).await;
-    let mut b = w.login(&bob).await;
+    let (mut a, mut b) = w.alice_and_bob(42, 43).await;
     drain(&mut b);
     let Ok(Reply::Accepted {
         seq,
@@ -1476,11 +1481,7 @@ async fn a_full_live_window_sends_envelopes_to_the_mailbox() {
         ..fast_config()
     };
     let w = World::new(config);
-    let (alice, bob) = (user("alice", 46, 0), user("bob", 47, 0));
-    w.registered(&alice).await;
-    w.registered(&bob).await;
-    let mut a = w.login(&alice).await;
-    let mut b = w.login(&bob).await;
+    let (mut a, mut b) = w.alice_and_bob(46, 47).await;
     drain(&mut b);
     let mut waiting = Vec::new();
     for i in 1..=2u8 {
@@ -1521,11 +1522,7 @@ async fn a_live_delivery_acknowledged_while_it_is_stored_is_deleted_after_the_co
         ..fast_config()
     };
     let w = World::with_fault(config, &fault);
-    let (alice, bob) = (user("alice", 48, 0), user("bob", 49, 0));
-    w.registered(&alice).await;
-    w.registered(&bob).await;
-    let mut a = w.login(&alice).await;
-    let mut b = w.login(&bob).await;
+    let (mut a, mut b) = w.alice_and_bob(48, 49).await;
     drain(&mut b);
     fault.hold_syncs();
     let reply = tokio::spawn(
@@ -1588,11 +1585,7 @@ async fn a_failed_fallback_frees_its_place_in_the_live_window() {
         ..fast_config()
     };
     let w = World::with_fault(config, &fault);
-    let (alice, bob) = (user("alice", 50, 0), user("bob", 51, 0));
-    w.registered(&alice).await;
-    w.registered(&bob).await;
-    let mut a = w.login(&alice).await;
-    let mut b = w.login(&bob).await;
+    let (mut a, mut b) = w.alice_and_bob(50, 51).await;
     drain(&mut b);
     fault.arm(0);
     assert_eq!(
@@ -1632,11 +1625,7 @@ async fn pipelined_live_deliveries_to_a_silent_recipient_share_one_grace() {
         ..fast_config()
     };
     let w = World::new(config);
-    let (alice, bob) = (user("alice", 52, 0), user("bob", 53, 0));
-    w.registered(&alice).await;
-    w.registered(&bob).await;
-    let mut a = w.login(&alice).await;
-    let mut b = w.login(&bob).await;
+    let (mut a, mut b) = w.alice_and_bob(52, 53).await;
     drain(&mut b);
     let mut replies = Vec::new();
     for i in 1..=8u8 {
@@ -1748,11 +1737,7 @@ async fn acks_of_live_delivery_ids_are_not_rate_limited() {
         ..fast_config()
     };
     let w = World::new(config);
-    let (alice, bob) = (user("alice", 60, 0), user("bob", 61, 0));
-    w.registered(&alice).await;
-    w.registered(&bob).await;
-    let mut a = w.login(&alice).await;
-    let mut b = w.login(&bob).await;
+    let (mut a, mut b) = w.alice_and_bob(60, 61).await;
     drain(&mut b);
     // Bob spends his whole request rate.
     let mut spent = 0;
