@@ -522,9 +522,17 @@ impl Client {
                     // same moment) are read by now. Keep and acknowledge
                     // them too: left for later, their senders would wait
                     // the server's grace for our acknowledgement.
-                    while let Some(push) = self.pushes.as_mut().and_then(|rx| rx.try_recv().ok()) {
-                        if self.keep_push(conn, push, later).await?.is_err() {
-                            // Not acknowledged: delivered again later.
+                    // Only those already there: pushes that keep coming do
+                    // not hold the reply back.
+                    let queued = self.pushes.as_ref().map_or(0, mpsc::Receiver::len);
+                    for _ in 0..queued {
+                        let Some(push) = self.pushes.as_mut().and_then(|rx| rx.try_recv().ok())
+                        else {
+                            break;
+                        };
+                        if !matches!(self.keep_push(conn, push, later).await, Ok(Ok(()))) {
+                            // Not acknowledged (the server delivers it again)
+                            // or not kept: the reply in hand still counts.
                             break;
                         }
                     }

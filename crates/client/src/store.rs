@@ -341,10 +341,12 @@ pub struct Store {
 /// How a [`Store`] opens its database file again.
 type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
 
-/// Opens the database file at `path` with redb's own file backend.
-fn path_opener(path: &Path) -> Opener {
+/// Opens the existing database file at `path` again, with redb's own file
+/// backend. Never creates one: should the file have gone meanwhile, the
+/// store reports it rather than carry on in an empty new file.
+fn reopener(path: &Path) -> Opener {
     let path = path.to_owned();
-    Box::new(move || Database::builder().create(&path).map_err(open_error(&path)))
+    Box::new(move || Database::builder().open(&path).map_err(open_error(&path)))
 }
 
 impl fmt::Debug for Store {
@@ -407,8 +409,8 @@ impl Store {
         storage_key: &Secret32,
         owner: &IdentityKey,
     ) -> Result<Store, StoreError> {
-        let opener = path_opener(path);
-        Self::on_database(opener()?, opener, path, storage_key, owner)
+        let db = Database::builder().create(path).map_err(open_error(path))?;
+        Self::on_database(db, reopener(path), path, storage_key, owner)
     }
 
     /// [`Store::open_existing`] once the database is open (and `opener`
@@ -483,7 +485,10 @@ impl Store {
     }
 
     /// Runs `f` in one write transaction and commits (durably, two-phase)
-    /// only if it returns `Ok`; on `Err` nothing of it is stored.
+    /// only if it returns `Ok`; if `f` returns `Err` nothing of it is
+    /// stored. A commit that fails with an I/O error is not on disk if the
+    /// write or first `fsync` failed; one whose final `fsync` reported an
+    /// error after writing may be.
     pub fn write<T, E: From<StoreError>>(
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
@@ -1293,7 +1298,7 @@ fn create_new_store_with<B: StorageBackend>(
         // Never reopened: any error fails the creation.
         drop(Store::on_database(
             db,
-            path_opener(&temp),
+            reopener(&temp),
             &temp,
             storage_key,
             owner,
@@ -1582,9 +1587,16 @@ mod tests {
         let e = append(&store, &"full".repeat(1000), 100).unwrap_err();
         assert!(format!("{e:?}").contains("StorageFull"), "{e:?}");
         fault.disarm();
+        // Reopened (after the full disk) by this write; the next commit's
+        // first `fsync` fails: the commit, not the reopen.
+        append(&store, "between", 1).unwrap();
         fault.fail_sync(1);
         let e = append(&store, "unsynced", 1).unwrap_err();
-        assert!(format!("{e:?}").contains("injected fsync failure"), "{e:?}");
+        let shown = format!("{e:?}");
+        assert!(
+            shown.contains("injected fsync failure") && shown.contains("\"commit\""),
+            "{e:?}"
+        );
         fault.disarm();
 
         append(&store, "after", 3).unwrap();
@@ -1596,7 +1608,7 @@ mod tests {
                 .map(|e| e.text)
                 .collect()
         };
-        let want: Vec<String> = [vec!["before"; 10], vec!["after"; 3]]
+        let want: Vec<String> = [vec!["before"; 10], vec!["between"], vec!["after"; 3]]
             .concat()
             .into_iter()
             .map(str::to_owned)

@@ -393,11 +393,15 @@ async fn serve<H: Handler>(
     // before `on_disconnect`, so pushes from then on fail as closed.
     //
     // Biased, the writer first: a push queued before a reply was ready is
-    // written ahead of that reply. A client waiting for its `Send` to be
-    // answered by the recipient's acknowledgement while that recipient
-    // writes to it (two people writing to each other at once) thus reads
-    // the recipient's envelope before the answer, and acknowledges it
-    // rather than leaving it for later (docs/protocol.md §4).
+    // written ahead of that reply, as a rule. A client waiting for its
+    // `Send` to be answered by the recipient's acknowledgement while that
+    // recipient writes to it (two people writing to each other at once)
+    // thus reads the recipient's envelope before the answer, and
+    // acknowledges it rather than leaving it for later (docs/protocol.md
+    // §4). Not always: a push queued while the writer waits on flow
+    // control, or between the writer's turn and the request loop's within
+    // one run of this task, can follow the reply; its sender then waits
+    // the grace at worst.
     let ended = tokio::select! {
         biased;
         never = write_then_wait(&conn, &send, push_queue) => match never {},

@@ -175,6 +175,11 @@ pub struct Session<P> {
     /// service's maps at the first request after login, so that later
     /// requests do not look them up.
     buckets: Option<Box<UserBuckets>>,
+    /// Whether this connection's `Ack`s of live delivery ids still take no
+    /// token of the request rate ([`Service::rate_exempt`]). Cleared for
+    /// good once such an `Ack` names an id that was not outstanding: a
+    /// client that does so cannot make the server look ids up for free.
+    live_acks_exempt: bool,
 }
 
 /// A logged-in user's per-user rate buckets (shared by their connections).
@@ -464,6 +469,7 @@ impl<P: PushTarget> Service<P> {
             push,
             user: None,
             buckets: None,
+            live_acks_exempt: true,
         }
     }
 
@@ -567,9 +573,13 @@ impl<P: PushTarget> Service<P> {
 
     /// Answers one request.
     pub async fn handle(&self, s: &mut Session<P>, request: Request) -> Result<Reply, ErrorCode> {
-        if !Self::rate_exempt(&request) {
-            self.take_request_token(s)?;
+        if let Request::Ack { seqs } = request {
+            return match self.start_ack(s, seqs).await {
+                Ok(acked) => Self::finish_ack(acked).await,
+                Err(done) => done,
+            };
         }
+        self.take_request_token(s)?;
         match request {
             Request::Register(r) => self.register(r).await,
             Request::Login(l) => self.login(s, &l.username, &l.signature).await,
@@ -626,7 +636,7 @@ impl<P: PushTarget> Service<P> {
                 }
                 Ok(Reply::Envelopes { envelopes, more })
             }
-            Request::Ack { seqs } => Self::finish_ack(self.queue_ack(me, seqs).await?).await,
+            Request::Ack { seqs } => Self::finish_ack(self.queue_ack(me, seqs).await?.0).await,
             Request::Users => self.users(me).await,
             Request::Lookup { username } => self.lookup(me, &username).await,
             Request::FriendRequest { username } => self.friend_request(me, &username).await,
@@ -916,39 +926,47 @@ impl<P: PushTarget> Service<P> {
     /// Queues an `Ack` for the group commit; the returned receiver yields
     /// `Ok` once it is committed (relaxed: see [`Store::ack`]). `None` when
     /// there is nothing to commit: only live delivery ids, settled at once.
-    async fn queue_ack(&self, me: &str, seqs: Vec<u64>) -> Result<Option<AckReceiver>, ErrorCode> {
+    /// Queues `me`'s acknowledgement of `seqs`; also says whether every
+    /// live delivery id among them was outstanding.
+    async fn queue_ack(
+        &self,
+        me: &str,
+        seqs: Vec<u64>,
+    ) -> Result<(Option<AckReceiver>, bool), ErrorCode> {
         if seqs.len() > MAX_ACKS {
             return Err(ErrorCode::TooLarge);
         }
         let live = seqs.iter().filter(|seq| is_live(**seq)).count();
-        let seqs = if live == 0 {
-            seqs
+        let (seqs, all_outstanding) = if live == 0 {
+            (seqs, true)
         } else {
             // Those of the live ids already stored are deleted by their seq.
-            let mut stored = self.ack_live(me, seqs.iter().filter(|seq| is_live(**seq)));
+            let (mut stored, unknown) = self.ack_live(me, seqs.iter().filter(|seq| is_live(**seq)));
             if live < seqs.len() {
                 stored.extend(seqs.iter().filter(|seq| !is_live(**seq)));
             }
-            stored
+            (stored, unknown == 0)
         };
         if seqs.is_empty() {
-            return Ok(None);
+            return Ok((None, all_outstanding));
         }
         let (tx, rx) = oneshot::channel();
         self.enqueue(CommitJob::Ack(me.to_owned(), seqs, tx))
             .await?;
-        Ok(Some(rx))
+        Ok((Some(rx), all_outstanding))
     }
 
     /// Applies `me`'s acknowledgements of live delivery ids: a waiting
     /// sender is answered, one being stored is marked, and the mailbox seqs
     /// of those already stored are returned for deletion. Ids `me` was not
-    /// given (or no longer waiting) are ignored, like unknown seqs.
-    fn ack_live<'a>(&self, me: &str, ids: impl Iterator<Item = &'a u64>) -> Vec<u64> {
+    /// given (or no longer waiting) are ignored, like unknown seqs; how
+    /// many there were is returned with the mailbox seqs.
+    fn ack_live<'a>(&self, me: &str, ids: impl Iterator<Item = &'a u64>) -> (Vec<u64>, usize) {
         let mut stored = Vec::new();
+        let mut unknown = 0;
         let mut online = lock(&self.online);
         let Some(o) = online.get_mut(me) else {
-            return stored;
+            return (stored, ids.count());
         };
         for id in ids {
             match o.live.get_mut(id) {
@@ -963,10 +981,10 @@ impl<P: PushTarget> Service<P> {
                         let _ = waiting.send(());
                     }
                 }
-                None => {}
+                None => unknown += 1,
             }
         }
-        stored
+        (stored, unknown)
     }
 
     async fn finish_ack(acked: Option<AckReceiver>) -> Result<Reply, ErrorCode> {
@@ -986,15 +1004,18 @@ impl<P: PushTarget> Service<P> {
         matches!(request, Request::Send(_) | Request::Ack { .. })
     }
 
-    /// Whether `request` is exempt from the request rate
+    /// Whether `request` may be exempt from the request rate
     /// ([`crate::handler::Handler::rate_exempt`]): an `Ack` of live
     /// delivery ids only. It settles deliveries the server pushed to this
-    /// connection, in memory (at most [`MAX_ACKS`] lookups, no disk), and
-    /// answers the senders waiting for it. Refused, a notification would be
-    /// lost without a word: each of those senders would wait the whole
-    /// grace and its envelope would be stored and delivered a second time,
-    /// more work for everyone than the `Ack` itself. An `Ack` naming a
-    /// mailbox seq (a delete in the group commit) still takes its token.
+    /// connection, in memory (at most [`MAX_ACKS`] lookups), and answers
+    /// the senders waiting for it. Refused, a notification would be lost
+    /// without a word: each of those senders would wait the whole grace
+    /// and its envelope would be stored and delivered a second time, more
+    /// work for everyone than the `Ack` itself. An `Ack` naming a mailbox
+    /// seq (a delete in the group commit) still takes its token, and so
+    /// does every `Ack` of a connection once one of its exempt `Ack`s named
+    /// a live id that was not outstanding (the per-user rate then applies;
+    /// the network layer's per-connection rate never counts these).
     pub fn rate_exempt(request: &Request) -> bool {
         matches!(request, Request::Ack { seqs } if acks_live_only(seqs))
     }
@@ -1069,11 +1090,16 @@ impl<P: PushTarget> Service<P> {
         s: &mut Session<P>,
         seqs: Vec<u64>,
     ) -> Result<Option<AckReceiver>, Result<Reply, ErrorCode>> {
-        if !acks_live_only(&seqs) {
+        let exempt = s.live_acks_exempt && acks_live_only(&seqs);
+        if !exempt {
             self.take_request_token(s).map_err(Err)?;
         }
         let me = s.user.as_deref().ok_or(Err(ErrorCode::NotAuthenticated))?;
-        self.queue_ack(me, seqs).await.map_err(Err)
+        let (acked, all_outstanding) = self.queue_ack(me, seqs).await.map_err(Err)?;
+        if exempt && !all_outstanding {
+            s.live_acks_exempt = false;
+        }
+        Ok(acked)
     }
 
     async fn send(&self, me: &str, e: OutgoingEnvelope) -> Result<Reply, ErrorCode> {
@@ -1271,7 +1297,7 @@ impl<P: PushTarget> Service<P> {
             // The recipient holds it: delete the stored copy (relaxed, like
             // any ack; should it be lost, the copy is delivered again and
             // the client drops the duplicate).
-            let done = self.queue_ack(&recipient, vec![seq]).await?;
+            let (done, _) = self.queue_ack(&recipient, vec![seq]).await?;
             if let Err(e) = Self::finish_ack(done).await {
                 tracing::warn!(error = ?e, "deleting a stored copy the recipient acknowledged");
             }

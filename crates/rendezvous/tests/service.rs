@@ -1789,4 +1789,46 @@ async fn acks_of_live_delivery_ids_are_not_rate_limited() {
         let pipelined = w.service.begin(&mut b.session, Request::Ack { seqs }).await;
         assert_eq!(pipelined.await, Err(ErrorCode::RateLimited));
     }
+    // An `Ack` naming a live id that is not outstanding (never given, or
+    // acknowledged already) is applied, but ends the exemption for this
+    // connection: lookups of made-up ids are not free.
+    let bogus = Request::Ack {
+        seqs: vec![LIVE_SEQ_BIT | 999_999],
+    };
+    assert_eq!(w.ask(&mut b, bogus).await, Ok(Reply::Ok));
+    let reply = w
+        .service
+        .begin(&mut a.session, send("bob", 9, &[9; 8]))
+        .await;
+    let _waiting = tokio::spawn(reply);
+    let pushed = live_pushes(&mut b);
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    let ack = Request::Ack {
+        seqs: vec![pushed[0].0],
+    };
+    assert_eq!(
+        w.ask(&mut b, ack.clone()).await,
+        Err(ErrorCode::RateLimited)
+    );
+    // A new connection starts exempt again.
+    let mut b2 = w.login(&user("bob", 61, 0)).await;
+    let reply = w
+        .service
+        .begin(&mut a.session, send("bob", 10, &[10; 8]))
+        .await;
+    let reply = tokio::spawn(reply);
+    let pushed = live_pushes(&mut b2);
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    let ack = Request::Ack {
+        seqs: vec![pushed[0].0],
+    };
+    assert_eq!(w.ask(&mut b2, ack).await, Ok(Reply::Ok));
+    let answered = tokio::time::timeout(Duration::from_secs(5), reply)
+        .await
+        .expect("answered live")
+        .unwrap();
+    assert!(
+        matches!(answered, Ok(Reply::Accepted { seq, .. }) if seq == pushed[0].0),
+        "{answered:?}"
+    );
 }
