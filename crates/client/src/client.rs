@@ -517,11 +517,12 @@ impl Client {
                 biased;
                 result = &mut reply => {
                     // The server writes a push queued before a reply was
-                    // ready ahead of that reply, so the envelopes that the
-                    // reply waited for (the other side writing to us at the
-                    // same moment) are read by now. Keep and acknowledge
-                    // them too: left for later, their senders would wait
-                    // the server's grace for our acknowledgement.
+                    // ready ahead of that reply (as a rule), so the
+                    // envelopes that the reply waited for (the other side
+                    // writing to us at the same moment) are mostly read by
+                    // now. Keep and acknowledge them too: left for later,
+                    // their senders would wait the server's grace for our
+                    // acknowledgement.
                     // Only those already there: pushes that keep coming do
                     // not hold the reply back.
                     let queued = self.pushes.as_ref().map_or(0, mpsc::Receiver::len);

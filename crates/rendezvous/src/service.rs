@@ -636,7 +636,6 @@ impl<P: PushTarget> Service<P> {
                 }
                 Ok(Reply::Envelopes { envelopes, more })
             }
-            Request::Ack { seqs } => Self::finish_ack(self.queue_ack(me, seqs).await?.0).await,
             Request::Users => self.users(me).await,
             Request::Lookup { username } => self.lookup(me, &username).await,
             Request::FriendRequest { username } => self.friend_request(me, &username).await,
@@ -674,8 +673,9 @@ impl<P: PushTarget> Service<P> {
                 groups.sort();
                 Ok(Reply::Groups { groups })
             }
-            // Register, Login and Announce are answered before this point;
-            // on a logged-in connection they, and unknown requests, are out of place.
+            // Register, Login, Announce and Ack are answered before this
+            // point; on a logged-in connection the first three, and unknown
+            // requests, are out of place.
             _ => Err(ErrorCode::BadRequest),
         }
     }
@@ -923,11 +923,11 @@ impl<P: PushTarget> Service<P> {
         }
     }
 
-    /// Queues an `Ack` for the group commit; the returned receiver yields
-    /// `Ok` once it is committed (relaxed: see [`Store::ack`]). `None` when
-    /// there is nothing to commit: only live delivery ids, settled at once.
-    /// Queues `me`'s acknowledgement of `seqs`; also says whether every
-    /// live delivery id among them was outstanding.
+    /// Queues `me`'s `Ack` of `seqs` for the group commit; the returned
+    /// receiver yields `Ok` once it is committed (relaxed: see
+    /// [`Store::ack`]), `None` when there is nothing to commit (only live
+    /// delivery ids, settled at once). Also says whether every live delivery
+    /// id among them was outstanding.
     async fn queue_ack(
         &self,
         me: &str,

@@ -1796,39 +1796,39 @@ async fn acks_of_live_delivery_ids_are_not_rate_limited() {
         seqs: vec![LIVE_SEQ_BIT | 999_999],
     };
     assert_eq!(w.ask(&mut b, bogus).await, Ok(Reply::Ok));
-    let reply = w
-        .service
-        .begin(&mut a.session, send("bob", 9, &[9; 8]))
-        .await;
-    let _waiting = tokio::spawn(reply);
-    let pushed = live_pushes(&mut b);
-    assert_eq!(pushed.len(), 1, "{pushed:?}");
-    let ack = Request::Ack {
-        seqs: vec![pushed[0].0],
-    };
-    assert_eq!(
-        w.ask(&mut b, ack.clone()).await,
-        Err(ErrorCode::RateLimited)
-    );
+    let (_waiting, id) = one_live_send(&w, &mut a, &mut b, 9).await;
+    let ack = Request::Ack { seqs: vec![id] };
+    assert_eq!(w.ask(&mut b, ack).await, Err(ErrorCode::RateLimited));
     // A new connection starts exempt again.
     let mut b2 = w.login(&user("bob", 61, 0)).await;
-    let reply = w
-        .service
-        .begin(&mut a.session, send("bob", 10, &[10; 8]))
-        .await;
-    let reply = tokio::spawn(reply);
-    let pushed = live_pushes(&mut b2);
-    assert_eq!(pushed.len(), 1, "{pushed:?}");
-    let ack = Request::Ack {
-        seqs: vec![pushed[0].0],
-    };
+    let (reply, id) = one_live_send(&w, &mut a, &mut b2, 10).await;
+    let ack = Request::Ack { seqs: vec![id] };
     assert_eq!(w.ask(&mut b2, ack).await, Ok(Reply::Ok));
     let answered = tokio::time::timeout(Duration::from_secs(5), reply)
         .await
         .expect("answered live")
         .unwrap();
     assert!(
-        matches!(answered, Ok(Reply::Accepted { seq, .. }) if seq == pushed[0].0),
+        matches!(answered, Ok(Reply::Accepted { seq, .. }) if seq == id),
         "{answered:?}"
     );
+}
+
+/// Begins a send from `from`'s connection to bob, whose connection `to` is
+/// online, and returns its reply (awaited in a task) with the delivery id
+/// of the one envelope pushed live to `to`.
+async fn one_live_send(
+    w: &World,
+    from: &mut Conn,
+    to: &mut Conn,
+    id: u8,
+) -> (tokio::task::JoinHandle<Result<Reply, ErrorCode>>, u64) {
+    let reply = w
+        .service
+        .begin(&mut from.session, send("bob", id, &[id; 8]))
+        .await;
+    let reply = tokio::spawn(reply);
+    let pushed = live_pushes(to);
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    (reply, pushed[0].0)
 }
