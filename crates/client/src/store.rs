@@ -391,13 +391,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 create_new_store(path, storage_key, owner)?;
             }
-            Err(source) => {
-                return Err(StoreError::Io {
-                    action: "inspect",
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+            Err(source) => return Err(io_error("inspect", path)(source)),
         }
         Self::open_existing(path, storage_key, owner)
     }
@@ -1266,18 +1260,10 @@ fn create_new_store_with<B: StorageBackend>(
     owner: &IdentityKey,
     backend: impl FnOnce(fs::File) -> io::Result<B>,
 ) -> Result<(), StoreError> {
-    let io_err = |action: &'static str, at: &Path| {
-        let at = at.to_owned();
-        move |source: io::Error| StoreError::Io {
-            action,
-            path: at,
-            source,
-        }
-    };
     let name = path
         .file_name()
         .ok_or_else(|| {
-            io_err("create", path)(io::Error::new(
+            io_error("create", path)(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "the store path has no file name",
             ))
@@ -1291,7 +1277,7 @@ fn create_new_store_with<B: StorageBackend>(
     ));
     let built = (|| {
         let file = create_private_file(&temp)?;
-        let backend = backend(file).map_err(io_err("open", &temp))?;
+        let backend = backend(file).map_err(io_error("open", &temp))?;
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(open_error(&temp))?;
@@ -1305,12 +1291,12 @@ fn create_new_store_with<B: StorageBackend>(
         )?);
         fs::File::open(&temp)
             .and_then(|f| f.sync_all())
-            .map_err(io_err("sync", &temp))?;
+            .map_err(io_error("sync", &temp))?;
         // A hard link never replaces an existing file, unlike a rename.
         match fs::hard_link(&temp, path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(_) => fs::rename(&temp, path).map_err(io_err("rename", &temp))?,
+            Err(_) => fs::rename(&temp, path).map_err(io_error("rename", &temp))?,
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Makes the new name durable (not possible on every platform).
@@ -1363,11 +1349,17 @@ fn create_private_file(path: &Path) -> Result<fs::File, StoreError> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    options.open(path).map_err(|source| StoreError::Io {
-        action: "create",
-        path: path.to_owned(),
+    options.open(path).map_err(io_error("create", path))
+}
+
+/// Maps an I/O error of `action` on the file `at` to a [`StoreError`].
+fn io_error(action: &'static str, at: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = at.to_owned();
+    move |source| StoreError::Io {
+        action,
+        path,
         source,
-    })
+    }
 }
 
 /// Maps a failure to open the database at `path`: another process holding
@@ -1541,17 +1533,9 @@ mod tests {
                 .read(true)
                 .write(true)
                 .open(&at)
-                .map_err(|source| StoreError::Io {
-                    action: "open",
-                    path: at.clone(),
-                    source,
-                })?;
+                .map_err(io_error("open", &at))?;
             let backend =
-                FaultBackend::new(file, Arc::clone(&fault)).map_err(|source| StoreError::Io {
-                    action: "open",
-                    path: at.clone(),
-                    source,
-                })?;
+                FaultBackend::new(file, Arc::clone(&fault)).map_err(io_error("open", &at))?;
             Database::builder()
                 .create_with_backend(backend)
                 .map_err(open_error(&at))
