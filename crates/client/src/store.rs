@@ -1602,6 +1602,21 @@ mod tests {
         assert_eq!(texts(&open(dir.path(), 1, &me).unwrap()), want);
     }
 
+    /// The reopen after an I/O error never makes a new file: a store file
+    /// that vanished meanwhile is an error, not a fresh empty store.
+    #[test]
+    fn a_reopen_does_not_create_a_vanished_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = IdentityKeyPair::generate(&mut rand::rng());
+        drop(open(dir.path(), 1, &me).unwrap());
+        let path = dir.path().join(STORE_FILE);
+        assert!(reopener(&path)().is_ok(), "the existing store reopens");
+        fs::remove_file(&path).unwrap();
+        let e = reopener(&path)().unwrap_err();
+        assert!(matches!(e, StoreError::Database { .. }), "{e:?}");
+        assert!(!path.exists(), "the reopen created {}", path.display());
+    }
+
     #[test]
     fn creation_leftovers_are_removed_once_stale_and_never_used() {
         let dir = tempfile::tempdir().unwrap();
