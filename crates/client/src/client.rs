@@ -516,11 +516,12 @@ impl Client {
             let push = tokio::select! {
                 biased;
                 result = &mut reply => {
-                    // The server writes a push queued before a reply was
-                    // ready ahead of that reply (as a rule), so the
-                    // envelopes that the reply waited for (the other side
-                    // writing to us at the same moment) are mostly read by
-                    // now. Keep and acknowledge them too: left for later,
+                    // The server writes the pushes queued before a reply
+                    // ahead of it (docs/protocol.md §4), so the envelopes
+                    // that the reply waited for (the other side writing to
+                    // us at the same moment) are queued here by now: the
+                    // connection's reader hands frames over in stream
+                    // order. Keep and acknowledge them too: left for later,
                     // their senders would wait the server's grace for our
                     // acknowledgement.
                     // Only those already there: pushes that keep coming do

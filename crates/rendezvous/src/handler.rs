@@ -444,9 +444,19 @@ impl PushQueue {
         }
     }
 
-    /// The next push's frame (length prefix and body), waiting for one.
-    pub(crate) async fn recv_frame(&mut self) -> Option<Box<[u8]>> {
-        self.rx.recv().await
+    /// The next push's frame (length prefix and body) if one is queued;
+    /// otherwise `cx` is woken when one is, or when every sender is gone
+    /// (then `None`).
+    pub(crate) fn poll_recv_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Box<[u8]>>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// How many pushes are queued.
+    pub(crate) fn len(&self) -> usize {
+        self.rx.len()
     }
 
     /// The next push's frame if one is queued.
@@ -560,8 +570,8 @@ mod tests {
         assert_eq!(frame.decode(), Some(Push::Envelope(owned.clone())));
         sender.push_frame(frame).unwrap();
         sender.push(Push::Envelope(owned.clone())).unwrap();
-        let first = queue.recv_frame().await.unwrap();
-        let second = queue.recv_frame().await.unwrap();
+        let first = queue.try_recv_frame().unwrap();
+        let second = queue.try_recv_frame().unwrap();
         assert_eq!(first, second, "the same frame bytes");
         assert_eq!(decode_push(&first), Some(Push::Envelope(owned)));
     }

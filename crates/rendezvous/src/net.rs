@@ -384,7 +384,7 @@ async fn serve<H: Handler>(
     // pushes queue up until the queue is full (`CloseReason::TooSlow`).
     // No channel and no second task: both cost every idle connection
     // memory (docs/benchmarks.md §2).
-    let send = AsyncMutex::new(send);
+    let outbox = Outbox::new(send, push_queue);
     // Both futures are made inside the `select!`, which stores them once
     // in this task (a local moved into a call or `pin!` would be stored
     // twice). The writer, once done (the connection was closed), waits
@@ -392,25 +392,23 @@ async fn serve<H: Handler>(
     // is not cancelled. Its push queue is dropped then, or with it here:
     // before `on_disconnect`, so pushes from then on fail as closed.
     //
-    // Biased, the writer first: a push queued before a reply was ready is
-    // written ahead of that reply, as a rule. A client waiting for its
-    // `Send` to be answered by the recipient's acknowledgement while that
-    // recipient writes to it (two people writing to each other at once)
-    // thus reads the recipient's envelope before the answer, and
-    // acknowledges it rather than leaving it for later (docs/protocol.md
-    // §4). Not always: a push queued while the writer waits on flow
-    // control, or between the writer's turn and the request loop's within
-    // one run of this task, can follow the reply; its sender then waits
-    // the grace at worst.
+    // A push queued before a reply is written goes out ahead of it: the
+    // request loop writes the pushes queued by then first (`Outbox`). A
+    // client waiting for its `Send` to be answered by the recipient's
+    // acknowledgement while that recipient writes to it (two people
+    // writing to each other at once) thus reads the recipient's envelope
+    // before the answer, and acknowledges it rather than leaving it for
+    // later (docs/protocol.md §4). Biased, the writer first, so that it
+    // takes what is queued in the common case.
     let ended = tokio::select! {
         biased;
-        never = write_then_wait(&conn, &send, push_queue) => match never {},
+        never = write_then_wait(&conn, &outbox) => match never {},
         ended = read_and_flush(
             &shared,
             &conn,
             recv,
             decoder,
-            &send,
+            &outbox,
             &mut ctx,
             &mut session,
             &mut stop,
@@ -431,7 +429,7 @@ async fn read_and_flush<H: Handler>(
     conn: &quinn::Connection,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    send: &AsyncMutex<quinn::SendStream>,
+    outbox: &Outbox,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
@@ -442,7 +440,7 @@ async fn read_and_flush<H: Handler>(
         conn,
         recv,
         decoder,
-        send,
+        outbox,
         ctx,
         session,
         stop,
@@ -450,18 +448,14 @@ async fn read_and_flush<H: Handler>(
     )
     .await;
     if is_graceful(&ended) && conn.close_reason().is_none() {
-        finish_stream(send).await;
+        finish_stream(&outbox.send).await;
     }
     ended
 }
 
 /// [`write_loop`], then nothing, for ever.
-async fn write_then_wait(
-    conn: &quinn::Connection,
-    send: &AsyncMutex<quinn::SendStream>,
-    pushes: PushQueue,
-) -> Infallible {
-    write_loop(conn, send, pushes).await;
+async fn write_then_wait(conn: &quinn::Connection, outbox: &Outbox) -> Infallible {
+    write_loop(conn, outbox).await;
     std::future::pending().await
 }
 
@@ -614,7 +608,7 @@ async fn read_loop<H: Handler>(
     conn: &quinn::Connection,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    send: &AsyncMutex<quinn::SendStream>,
+    outbox: &Outbox,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
@@ -627,7 +621,7 @@ async fn read_loop<H: Handler>(
         conn,
         recv,
         decoder,
-        send,
+        outbox,
         ctx,
         session,
         stop,
@@ -653,7 +647,7 @@ async fn read_loop<H: Handler>(
                 pending.push_back((id, reply));
             }
         }
-        if let Err(lost) = Box::pin(drain(&mut pending, send, ctx.id)).await {
+        if let Err(lost) = Box::pin(drain(&mut pending, outbox, ctx.id)).await {
             return lost;
         }
     }
@@ -718,7 +712,7 @@ async fn read_requests<H: Handler>(
     conn: &quinn::Connection,
     mut recv: quinn::RecvStream,
     mut decoder: FrameDecoder,
-    send: &AsyncMutex<quinn::SendStream>,
+    outbox: &Outbox,
     ctx: &mut ConnectionContext,
     session: &mut H::Session,
     stop: &mut watch::Receiver<bool>,
@@ -778,7 +772,7 @@ async fn read_requests<H: Handler>(
                 Held::Limited { id } => {
                     let result = Err(ErrorCode::RateLimited);
                     if pending.is_empty() {
-                        write_reply(send, id, result, ctx.id).await?;
+                        write_reply(outbox, id, result, ctx.id).await?;
                     } else {
                         pending.push_back((id, Box::pin(ready(result))));
                     }
@@ -794,10 +788,10 @@ async fn read_requests<H: Handler>(
                     // sees their effects (a `Pull` after a `Send`).
                     if !pending.is_empty() {
                         // Boxed, rare: only after pipelined requests.
-                        Box::pin(drain(pending, send, ctx.id)).await?;
+                        Box::pin(drain(pending, outbox, ctx.id)).await?;
                     }
                     let result = handled(handler, ctx, session, request).await;
-                    write_reply(send, id, result, ctx.id).await?;
+                    write_reply(outbox, id, result, ctx.id).await?;
                 }
             }
         }
@@ -862,7 +856,7 @@ async fn read_requests<H: Handler>(
         let chunk = match event {
             Event::Done(Some((id, result))) => {
                 // Replies completed by the same commit go out as one write.
-                write_replies(send, pending, id, result, ctx.id).await?;
+                write_replies(outbox, pending, id, result, ctx.id).await?;
                 continue;
             }
             Event::Done(None) => continue,
@@ -1017,13 +1011,9 @@ fn end_of_stream(decoder: &FrameDecoder) -> Ended {
 }
 
 /// Waits for every pending reply, writing each in order.
-async fn drain(
-    pending: &mut Pending,
-    send: &AsyncMutex<quinn::SendStream>,
-    conn: u64,
-) -> Result<(), Ended> {
+async fn drain(pending: &mut Pending, outbox: &Outbox, conn: u64) -> Result<(), Ended> {
     while let Some((id, result)) = next_reply(pending).await {
-        write_replies(send, pending, id, result, conn).await?;
+        write_replies(outbox, pending, id, result, conn).await?;
     }
     Ok(())
 }
@@ -1037,12 +1027,13 @@ async fn next_reply(pending: &mut Pending) -> Option<(u32, Result<Reply, ErrorCo
     Some((id, result))
 }
 
-/// Encodes the reply to request `id` and writes it.
+/// Encodes the reply to request `id` and writes it, after the pushes
+/// queued by then ([`write_queued_first`]).
 ///
 /// Not an `async fn`: the reply is encoded before the future is made, so
 /// the future (part of the request loop's) holds its bytes, not a `Reply`.
 fn write_reply<'a>(
-    send: &'a AsyncMutex<quinn::SendStream>,
+    outbox: &'a Outbox,
     id: u32,
     result: Result<Reply, ErrorCode>,
     conn: u64,
@@ -1055,7 +1046,11 @@ fn write_reply<'a>(
             // A notification's: nothing to write.
             return Ok(());
         }
-        write_frame(send, bytes).await.map_err(|_| Ended::Lost)
+        let mut send = outbox.send.lock().await;
+        write_queued_first(&mut send, outbox).await?;
+        send.write_chunk(Bytes::from(bytes))
+            .await
+            .map_err(|_| Ended::Lost)
     }
 }
 
@@ -1064,11 +1059,12 @@ fn write_reply<'a>(
 /// [`WRITE_BATCH`] bytes, in one write: each write locks the send half and
 /// wakes the connection's driver, and a group commit completes many
 /// replies at once. Those gathered are taken once the lock is held, so
-/// replies finished while a push was being written join too.
+/// replies finished while a push was being written join too. The pushes
+/// queued by then go first ([`write_queued_first`]).
 ///
 /// Not an `async fn`, like [`write_reply`].
 fn write_replies<'a>(
-    send: &'a AsyncMutex<quinn::SendStream>,
+    outbox: &'a Outbox,
     pending: &'a mut Pending,
     id: u32,
     result: Result<Reply, ErrorCode>,
@@ -1087,7 +1083,8 @@ fn write_replies<'a>(
                 return Ok(());
             }
         }
-        let mut send = send.lock().await;
+        let mut send = outbox.send.lock().await;
+        write_queued_first(&mut send, outbox).await?;
         take_ready(&mut bytes, pending, conn).await?;
         send.write_chunk(Bytes::from(bytes))
             .await
@@ -1148,24 +1145,27 @@ fn encode_reply(
     Ok(())
 }
 
-/// Writes whole frames, holding the send half meanwhile. The buffer is
-/// handed to QUIC as it is (a `&[u8]` write would copy it).
-async fn write_frame(
-    send: &AsyncMutex<quinn::SendStream>,
-    bytes: Vec<u8>,
-) -> Result<(), quinn::WriteError> {
-    send.lock().await.write_chunk(Bytes::from(bytes)).await
+/// Before a reply, with the send half held: writes every push queued
+/// until now, so that none is overtaken by a reply that became ready after
+/// it was queued (docs/protocol.md §4). Those queued meanwhile wait: a
+/// flood of pushes does not hold the reply back.
+async fn write_queued_first(send: &mut quinn::SendStream, outbox: &Outbox) -> Result<(), Ended> {
+    let mut left = outbox.queued_len();
+    while left != 0 {
+        match write_queued(send, outbox, left).await {
+            Ok(0) => break,
+            Ok(n) => left = left.saturating_sub(n),
+            Err(_) => return Err(Ended::Lost),
+        }
+    }
+    Ok(())
 }
 
 /// Writes pushes, refuses extra streams, and closes the connection when a
 /// [`PushSender`] asks. Returns once the connection is closed or its send
 /// half fails.
-async fn write_loop(
-    conn: &quinn::Connection,
-    send: &AsyncMutex<quinn::SendStream>,
-    mut pushes: PushQueue,
-) {
-    let close = pushes.close_signal();
+async fn write_loop(conn: &quinn::Connection, outbox: &Outbox) {
+    let close = outbox.close_signal();
     loop {
         tokio::select! {
             biased;
@@ -1176,14 +1176,16 @@ async fn write_loop(
                     // being written to a client that reads nothing holds
                     // the send half.
                     // Boxed: rare, and larger than the loop's other states.
-                    let flush = timeout(FLUSH_TIMEOUT * 2, flush_pushes(send, &mut pushes));
+                    let flush = timeout(FLUSH_TIMEOUT * 2, flush_pushes(outbox));
                     let _ = Box::pin(flush).await;
                 }
                 close_connection(conn, reason);
                 return;
             }
-            push = pushes.recv_frame() => {
-                let Some(push) = push else { return };
+            queued = outbox.push_queued() => {
+                if !queued {
+                    return;
+                }
                 // Waiting behind a reply the client does not read, the push
                 // queue may fill: that closes the connection at once.
                 tokio::select! {
@@ -1192,7 +1194,7 @@ async fn write_loop(
                         close_connection(conn, CloseReason::TooSlow);
                         return;
                     }
-                    written = write_pushes(send, &mut pushes, push) => if written.is_err() {
+                    written = write_pushes(outbox) => if written.is_err() {
                         return;
                     },
                 }
@@ -1216,13 +1218,15 @@ async fn write_loop(
 
 /// Writes the pushes still queued, then finishes the send half and waits
 /// for the client to acknowledge it.
-async fn flush_pushes(send: &AsyncMutex<quinn::SendStream>, pushes: &mut PushQueue) {
-    while let Some(push) = pushes.try_recv_frame() {
-        if write_pushes(send, pushes, push).await.is_err() {
-            return;
+async fn flush_pushes(outbox: &Outbox) {
+    loop {
+        match write_pushes(outbox).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return,
         }
     }
-    finish_stream(send).await;
+    finish_stream(&outbox.send).await;
 }
 
 /// Returns once a sender has asked to close with [`CloseReason::TooSlow`];
@@ -1237,33 +1241,115 @@ fn close_connection(conn: &quinn::Connection, reason: CloseReason) {
     conn.close(VarInt::from_u32(reason.code()), reason.reason().as_bytes());
 }
 
-/// Writes the frame of a push together with the pushes already queued
-/// behind it, up to [`WRITE_BATCH`] bytes, in one write (taken once the lock
-/// is held, as in [`write_replies`]). A frame alone goes to QUIC as it was
-/// queued; several are copied into one buffer first, so that the stream
-/// keeps one piece per write rather than one per frame: quinn looks up the
-/// data of each packet it builds piece by piece from the oldest
-/// unacknowledged one, which over a long round trip and a full send window
-/// would be a thousand pieces of 1 KiB envelopes.
-async fn write_pushes(
-    send: &AsyncMutex<quinn::SendStream>,
-    pushes: &mut PushQueue,
-    push: Box<[u8]>,
-) -> Result<(), quinn::WriteError> {
-    let mut send = send.lock().await;
-    let Some(next) = pushes.try_recv_frame() else {
-        return send.write_chunk(Bytes::from(push)).await;
+/// Writes the pushes queued, up to [`WRITE_BATCH`] bytes, in one write,
+/// taken once the send half is held (as in [`write_replies`]). Returns how
+/// many (none if the request loop wrote them first).
+async fn write_pushes(outbox: &Outbox) -> Result<usize, quinn::WriteError> {
+    let mut send = outbox.send.lock().await;
+    write_queued(&mut send, outbox, usize::MAX).await
+}
+
+/// Writes up to `most` queued pushes, up to [`WRITE_BATCH`] bytes, in one
+/// write, with the send half held. Returns how many. A frame alone goes
+/// to QUIC as it was queued; several are copied into one buffer first, so
+/// that the stream keeps one piece per write rather than one per frame:
+/// quinn looks up the data of each packet it builds piece by piece from
+/// the oldest unacknowledged one, which over a long round trip and a full
+/// send window would be a thousand pieces of 1 KiB envelopes.
+async fn write_queued(
+    send: &mut quinn::SendStream,
+    outbox: &Outbox,
+    most: usize,
+) -> Result<usize, quinn::WriteError> {
+    let Some(push) = outbox.next_push() else {
+        return Ok(0);
+    };
+    let next = if most > 1 { outbox.next_push() } else { None };
+    let Some(next) = next else {
+        send.write_chunk(Bytes::from(push)).await?;
+        return Ok(1);
     };
     let mut batch = Vec::with_capacity(2 * (push.len() + next.len()));
     batch.extend_from_slice(&push);
     batch.extend_from_slice(&next);
-    while batch.len() < WRITE_BATCH {
-        let Some(push) = pushes.try_recv_frame() else {
+    let mut taken = 2;
+    while batch.len() < WRITE_BATCH && taken < most {
+        let Some(push) = outbox.next_push() else {
             break;
         };
         batch.extend_from_slice(&push);
+        taken += 1;
     }
-    send.write_chunk(Bytes::from(batch)).await
+    send.write_chunk(Bytes::from(batch)).await?;
+    Ok(taken)
+}
+
+/// A connection's send half and the pushes queued for it, shared by its
+/// writer and its request loop (one task: never at once).
+///
+/// Whoever writes holds the send half's lock and takes the pushes to
+/// write under it, so pushes stay in order; before each reply, the
+/// request loop writes the pushes queued by then ([`write_queued_first`]).
+/// The writer never holds a push while it waits for the lock: it only
+/// notes that one has come ([`Outbox::push_queued`]).
+struct Outbox {
+    send: AsyncMutex<quinn::SendStream>,
+    queued: Mutex<Queued>,
+}
+
+struct Queued {
+    queue: PushQueue,
+    /// The push whose arrival woke the writer, not yet written: the next
+    /// to go, whoever writes.
+    head: Option<Box<[u8]>>,
+}
+
+impl Outbox {
+    fn new(send: quinn::SendStream, queue: PushQueue) -> Self {
+        Self {
+            send: AsyncMutex::new(send),
+            queued: Mutex::new(Queued { queue, head: None }),
+        }
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn close_signal(&self) -> Arc<CloseSignal> {
+        self.queued().queue.close_signal()
+    }
+
+    /// Waits until a push is queued; false once none can come (every
+    /// [`PushSender`] is gone).
+    fn push_queued(&self) -> impl Future<Output = bool> + Send + '_ {
+        poll_fn(|cx| {
+            let mut queued = self.queued();
+            if queued.head.is_some() {
+                return Poll::Ready(true);
+            }
+            match queued.queue.poll_recv_frame(cx) {
+                Poll::Ready(Some(push)) => {
+                    queued.head = Some(push);
+                    Poll::Ready(true)
+                }
+                Poll::Ready(None) => Poll::Ready(false),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    }
+
+    /// The next push to write, if one is queued.
+    fn next_push(&self) -> Option<Box<[u8]>> {
+        let mut queued = self.queued();
+        queued.head.take().or_else(|| queued.queue.try_recv_frame())
+    }
+
+    /// How many pushes are queued.
+    fn queued_len(&self) -> usize {
+        let queued = self.queued();
+        usize::from(queued.head.is_some()) + queued.queue.len()
+    }
 }
 
 fn finish(

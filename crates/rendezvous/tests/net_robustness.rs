@@ -1379,6 +1379,99 @@ async fn a_push_queued_before_a_reply_was_ready_is_written_first() {
     );
 }
 
+/// The same order when the push waits behind another: bob reads nothing
+/// for a while (a 2 KiB stream window), so the server's writer is held on
+/// flow control with carol's envelopes. Meanwhile alice's envelope to bob is
+/// queued, and then bob's `Send` to alice is answered (alice acknowledges
+/// it). When bob reads, alice's envelope must come before that answer: the
+/// reply, ready after the push was queued, must not take the send half
+/// first. It did, before the request loop wrote the queued pushes ahead of
+/// its replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_queued_behind_a_blocked_write_still_goes_before_a_later_reply() {
+    let dir = temp_dir();
+    let running = start_app(Limits::default(), &dir);
+    let (addr, fp) = address(&running);
+    let (alice, bob, carol) = (person("alice", 1), person("bob", 2), person("carol", 3));
+    let mut a = registered_and_logged_in(addr, &fp, &alice).await;
+    let mut c = registered_and_logged_in(addr, &fp, &carol).await;
+    registered_and_logged_in(addr, &fp, &bob).await;
+    // Bob again, on a connection with a small stream window.
+    let endpoint = client_endpoint(&fp);
+    let tls = pinned_client_config(&fp).unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut transport = quinn::TransportConfig::default();
+    transport.stream_receive_window(quinn::VarInt::from_u32(2048));
+    config.transport_config(Arc::new(transport));
+    let conn = endpoint
+        .connect_with(config, addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let mut b = TestClient::on(endpoint, conn).await;
+    login(&mut b, &bob).await;
+
+    let envelope = |to: &str, marker: u8, len: usize| {
+        Request::Send(OutgoingEnvelope {
+            to: to.into(),
+            to_device: 1,
+            id: [marker; 16],
+            body: vec![marker; len],
+        })
+    };
+    // Settling time for the server to act on what was just written; the
+    // order checked below does not depend on it being enough, only the
+    // test's power to catch a reply written first.
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    // Carol's envelopes fill bob's window: the writer is held.
+    for marker in 1..=8 {
+        c.send_request(envelope("bob", marker, 1024)).await;
+    }
+    settle().await;
+    // Bob writes to alice (live: answered when she acknowledges).
+    let b_send = b.send_request(envelope("alice", 50, 64)).await;
+    let seq = loop {
+        match a.frame().await.unwrap() {
+            ServerFrame::Push(Push::Envelope(e)) => break e.seq,
+            ServerFrame::Push(_) => {}
+            other => panic!("alice expected bob's envelope, got {other:?}"),
+        }
+    };
+    // Alice's envelope to bob is queued behind carol's...
+    a.send_request(envelope("bob", 99, 64)).await;
+    settle().await;
+    // ...and only then is bob's answer made ready.
+    let ack = encode(&ClientFrame {
+        id: NOTIFY_ID,
+        request: Request::Ack { seqs: vec![seq] },
+    })
+    .unwrap();
+    a.send.write_all(&ack).await.unwrap();
+    settle().await;
+
+    let mut seen = Vec::new();
+    loop {
+        match b.frame().await.unwrap() {
+            ServerFrame::Push(Push::Envelope(e)) => seen.push(e.id[0]),
+            ServerFrame::Push(_) => {}
+            ServerFrame::Reply { id, result } => {
+                assert_eq!(id, b_send);
+                assert!(matches!(result, Ok(Reply::Accepted { .. })), "{result:?}");
+                break;
+            }
+            other => panic!("bob got {other:?}"),
+        }
+    }
+    assert!(
+        seen.contains(&99),
+        "bob's answer came before alice's envelope, queued before it was ready \
+         (envelopes read before the answer: {seen:?})"
+    );
+    running.handle.shutdown().await;
+}
+
 /// A connection that has spent its request rate still has its `Ack`
 /// notifications of live delivery ids applied: dropped, alice's send would
 /// wait the grace and be answered from the mailbox (a seq without the live
