@@ -45,10 +45,14 @@ impl DhPublicKey {
         self.0.as_bytes()
     }
 
-    /// Refuses a point with a small-order component (a "torsioned" key) or a
-    /// low-order point. libsignal applies this to X3DH base keys so one
-    /// initial message has exactly one accepted encoding of its base key.
-    pub(crate) fn check_torsion_free(&self) -> Result<(), KeyError> {
+    /// Refuses a point with a small-order component (a "torsioned" key), a
+    /// low-order point, or a point on the twist. libsignal applies this to
+    /// X3DH base keys so one initial message has exactly one accepted
+    /// encoding of its base key. The server applies it to every published
+    /// key (identity, signed and one-time prekeys) at registration and
+    /// upload: a key made the X25519 way (a clamped scalar times the base
+    /// point) always passes, so only a weak or crafted one is refused.
+    pub fn check_torsion_free(&self) -> Result<(), KeyError> {
         let point = MontgomeryPoint(self.to_bytes());
         match point.to_edwards(0) {
             Some(ed) if ed.is_torsion_free() && !ed.is_small_order() => Ok(()),

@@ -683,7 +683,9 @@ impl<P: PushTarget> Service<P> {
     async fn register(&self, r: Register) -> Result<Reply, ErrorCode> {
         let username = name(&r.username)?;
         let identity = PublicIdentity::from_bytes(&r.identity).map_err(key_error)?;
+        strong_key(identity.dh_key())?;
         let spk = SignedPrekey::from_bytes(&r.signed_prekey).map_err(key_error)?;
+        strong_key(spk.key())?;
         spk.verify(identity.identity_key()).map_err(key_error)?;
         if r.one_time_prekeys.len() > MAX_PREKEYS_PER_UPLOAD {
             return Err(ErrorCode::TooLarge);
@@ -878,6 +880,7 @@ impl<P: PushTarget> Service<P> {
     async fn rotate_signed_prekey(&self, me: &str, raw: Vec<u8>) -> Result<Reply, ErrorCode> {
         let identity = self.identity_of(me).await?;
         let spk = SignedPrekey::from_bytes(&raw).map_err(key_error)?;
+        strong_key(spk.key())?;
         spk.verify(identity.identity_key()).map_err(key_error)?;
         let store = self.store.clone();
         let me = me.to_owned();
@@ -1929,11 +1932,19 @@ fn key_error(e: messenger_crypto::identity::KeyError) -> ErrorCode {
     }
 }
 
+/// Refuses a published X25519 key that is low-order, torsioned or not on
+/// the curve (`bad_request`): an honest client's keys never are, and a
+/// low-order one would make every agreement with it predictable.
+fn strong_key(key: &messenger_crypto::dh::DhPublicKey) -> Result<(), ErrorCode> {
+    key.check_torsion_free().map_err(|_| ErrorCode::BadRequest)
+}
+
 fn parse_prekeys(raw: &[Vec<u8>]) -> Result<Vec<(u32, Vec<u8>)>, ErrorCode> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::with_capacity(raw.len());
     for bytes in raw {
         let opk = OneTimePrekey::from_bytes(bytes).map_err(|_| ErrorCode::BadRequest)?;
+        strong_key(opk.key())?;
         if !seen.insert(opk.id()) {
             return Err(ErrorCode::BadRequest);
         }

@@ -315,6 +315,122 @@ async fn bad_registrations_refused() {
     assert!(w.service.store().account("mallory").unwrap().is_none());
 }
 
+/// X25519 keys no honest client publishes: the low-order points (the
+/// all-zero key among them), a torsioned point (a proper key plus a point of
+/// order 8), and a point on the twist.
+fn weak_dh_keys() -> Vec<[u8; 32]> {
+    use curve25519_dalek::constants::{EIGHT_TORSION, X25519_LOW_ORDER_POINTS};
+    use curve25519_dalek::{EdwardsPoint, Scalar};
+    let mut keys: Vec<[u8; 32]> = X25519_LOW_ORDER_POINTS
+        .iter()
+        .map(|p| p.to_bytes())
+        .filter(|k| k[31] & 0x80 == 0)
+        .collect();
+    let proper = EdwardsPoint::mul_base(&Scalar::from(0x5eed_u64 * 8));
+    keys.push((proper + EIGHT_TORSION[1]).to_montgomery().to_bytes());
+    // u = 2 is not on Curve25519 (u^3 + 486662 u^2 + u is not a square).
+    let mut twist = [0u8; 32];
+    twist[0] = 2;
+    keys.push(twist);
+    keys
+}
+
+/// "Refuses weak keys": a published X25519 key (the identity's, the signed
+/// prekey's, a one-time prekey's) that is low-order, torsioned or on the
+/// twist is refused at registration, upload and rotation, each validly
+/// signed so that only the key's weakness is left to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weak_published_keys_refused() {
+    let w = World::new(fast_config());
+    let mallory = user("mallory", 3, 1);
+    let mut c = w.connect();
+    let base = || match register(&mallory) {
+        Request::Register(r) => r,
+        _ => unreachable!(),
+    };
+    let signed_prekey = |id: u32, key: &[u8; 32]| {
+        let mut msg = id.to_be_bytes().to_vec();
+        msg.extend_from_slice(key);
+        let mut spk = msg.clone();
+        spk.extend_from_slice(&mallory.id.sign(SigningContext::SignedPrekey, &msg));
+        spk
+    };
+    let weak = weak_dh_keys();
+    assert_eq!(weak.len(), 9, "{weak:?}");
+    for key in &weak {
+        // The identity's X25519 key, bound by a valid signature.
+        let mut r = base();
+        r.identity[33..65].copy_from_slice(key);
+        let binding = mallory.id.sign(SigningContext::X25519Identity, key);
+        r.identity[65..129].copy_from_slice(&binding);
+        assert_eq!(
+            w.ask(&mut c, Request::Register(r)).await,
+            Err(ErrorCode::BadRequest),
+            "identity key {key:02x?}"
+        );
+        let mut r = base();
+        r.signed_prekey = signed_prekey(7, key);
+        assert_eq!(
+            w.ask(&mut c, Request::Register(r)).await,
+            Err(ErrorCode::BadRequest),
+            "signed prekey {key:02x?}"
+        );
+        let mut r = base();
+        let mut opk = 9u32.to_be_bytes().to_vec();
+        opk.extend_from_slice(key);
+        r.one_time_prekeys.push(opk);
+        assert_eq!(
+            w.ask(&mut c, Request::Register(r)).await,
+            Err(ErrorCode::BadRequest),
+            "one-time prekey {key:02x?}"
+        );
+    }
+    assert!(w.service.store().account("mallory").unwrap().is_none());
+
+    // Registered with good keys, mallory can add no weak one either.
+    assert_eq!(w.ask(&mut c, register(&mallory)).await, Ok(Reply::Ok));
+    let mut c = w.login(&mallory).await;
+    for key in &weak {
+        let mut opk = 1_000u32.to_be_bytes().to_vec();
+        opk.extend_from_slice(key);
+        assert_eq!(
+            w.ask(
+                &mut c,
+                Request::UploadPrekeys {
+                    one_time_prekeys: vec![opk]
+                }
+            )
+            .await,
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            w.ask(
+                &mut c,
+                Request::RotateSignedPrekey {
+                    signed_prekey: signed_prekey(1_000, key)
+                }
+            )
+            .await,
+            Err(ErrorCode::BadRequest)
+        );
+    }
+    // The same requests with a proper key pass, so the refusals above were
+    // about the key alone.
+    let proper = user("proper", 5, 1);
+    let good = proper.opks[0].public().to_bytes()[4..].to_vec();
+    let good: [u8; 32] = good.try_into().unwrap();
+    assert!(matches!(
+        w.ask(
+            &mut c,
+            Request::RotateSignedPrekey {
+                signed_prekey: signed_prekey(1_000, &good)
+            }
+        )
+        .await,
+        Ok(Reply::Ok)
+    ));
+}
+
 /// T-32: every request kind before login is refused, changing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_before_login_refused() {
