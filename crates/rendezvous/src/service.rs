@@ -1409,7 +1409,7 @@ impl<P: PushTarget> Service<P> {
             })
             .collect();
         let (_, results) = self.commit(envelopes).await?;
-        let mut any_stored = false;
+        let (mut any_stored, mut any_duplicate) = (false, false);
         for (recipient, result) in recipients.iter().zip(results) {
             match result {
                 Ok(AppendOutcome::Stored { seq }) => {
@@ -1427,15 +1427,21 @@ impl<P: PushTarget> Service<P> {
                         },
                     );
                 }
-                Ok(AppendOutcome::Duplicate { .. }) => {}
-                // A member whose mailbox is full misses this message; the others do not.
+                Ok(AppendOutcome::Duplicate { .. }) => any_duplicate = true,
+                // A member whose mailbox is full misses this message; the
+                // others do not, so one member who never reads cannot stop
+                // a group.
                 Err(StoreError::QuotaExceeded { .. }) => {}
                 Err(e) => return Err(store_error(e)),
             }
         }
+        if !any_stored && !any_duplicate && !recipients.is_empty() {
+            // Every member's mailbox is full: nobody holds it.
+            return Err(ErrorCode::QuotaExceeded);
+        }
         Ok(Reply::Accepted {
             seq: 0,
-            duplicate: !any_stored && !recipients.is_empty(),
+            duplicate: !any_stored && any_duplicate,
         })
     }
 

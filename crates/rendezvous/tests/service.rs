@@ -1102,6 +1102,82 @@ async fn mailbox_quotas() {
     );
 }
 
+/// A group send reaches the members with room in their mailboxes; a member
+/// whose mailbox is full misses it. Only when every member's is full is
+/// it refused (`quota_exceeded`, not a claim of a duplicate), and a resend
+/// of an id some member already holds is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_sends_to_full_mailboxes() {
+    let options = StoreOptions {
+        mailbox_max_messages: 2,
+        ..StoreOptions::default()
+    };
+    let w = World::with_store(fast_config(), options);
+    let (alice, bob, carol) = (
+        user("alice", 43, 0),
+        user("bob", 44, 0),
+        user("carol", 45, 0),
+    );
+    for u in [&alice, &bob, &carol] {
+        w.registered(u).await;
+    }
+    let mut a = w.login(&alice).await;
+    assert_eq!(
+        w.ask(
+            &mut a,
+            Request::GroupCreate(roster(&alice, "crew", 1, &["alice", "bob", "carol"]))
+        )
+        .await,
+        Ok(Reply::Ok)
+    );
+    // Bob's mailbox is filled by two direct sends.
+    for i in 0..2u8 {
+        assert!(matches!(
+            w.ask(&mut a, send("bob", i, b"x")).await,
+            Ok(Reply::Accepted { .. })
+        ));
+    }
+    // Carol has room: stored for her, missed by bob.
+    assert_eq!(
+        w.ask(&mut a, group_send("crew", 10, b"g1")).await,
+        Ok(Reply::Accepted {
+            seq: 0,
+            duplicate: false
+        })
+    );
+    // Resent: carol holds it already, bob still has no room.
+    assert_eq!(
+        w.ask(&mut a, group_send("crew", 10, b"g1")).await,
+        Ok(Reply::Accepted {
+            seq: 0,
+            duplicate: true
+        })
+    );
+    // Now both are full: nobody would hold a new one.
+    assert!(matches!(
+        w.ask(&mut a, group_send("crew", 11, b"g2")).await,
+        Ok(Reply::Accepted {
+            duplicate: false,
+            ..
+        })
+    ));
+    assert_eq!(
+        w.ask(&mut a, group_send("crew", 12, b"g3")).await,
+        Err(ErrorCode::QuotaExceeded)
+    );
+    // What each holds.
+    for (u, want) in [(&bob, vec![0u8, 1]), (&carol, vec![10, 11])] {
+        let mut c = w.login(u).await;
+        let Ok(Reply::Envelopes { envelopes, .. }) =
+            w.ask(&mut c, Request::Pull { after: 0, max: 10 }).await
+        else {
+            panic!("pull")
+        };
+        let ids: Vec<u8> = envelopes.iter().map(|e| e.id[0]).collect();
+        assert_eq!(ids, want, "{}", u.name);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookup_reads_the_directory_without_taking_a_prekey() {
     let w = World::new(fast_config());
