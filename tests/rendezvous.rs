@@ -520,6 +520,71 @@ fn announcements_reach_online_users_at_once_and_others_at_login() {
     );
 }
 
+/// With a certificate of the operator's own (`--cert`/`--key`, as from a
+/// CA), `rendezvous announce` reaches the server: it pins the certificate
+/// the running server recorded, not the self-signed one in the data
+/// directory (which it failed to connect with before).
+#[test]
+fn announce_works_with_the_operators_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let data = dir.path().join("data");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (server, fp, addr) = start_with(&data, &[], &["--cert", cert, "--key", key]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let alice = person("alice");
+    let mut a = runtime.block_on(connect_as(&alice, addr, &fp, true));
+    let out = operator(&["announce", "new certificate in place"], &data);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    runtime.block_on(async {
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match a.frame().await.unwrap() {
+                    messenger_proto::msg::ServerFrame::Push(Push::Announcement(x)) => return x,
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.text, "new certificate in place");
+    });
+    drop(runtime);
+    terminate(server);
+}
+
+/// A serve option given before another command would be ignored (the
+/// command would use the default data directory): refused instead.
+#[test]
+fn serve_options_before_another_command_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rendezvous"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("invite")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--data-dir before the command `invite`"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    // Nothing was made in the directory either.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // After the command it works.
+    let out = operator(&["invite"], dir.path());
+    assert!(out.status.success());
+}
+
 /// T-50 (CI size): a sender records every id the real server answered
 /// `Accepted`; the server is killed with SIGKILL at a random moment, 3 times,
 /// restarted on the same data directory; then the recipient pulls: every

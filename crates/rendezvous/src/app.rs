@@ -155,7 +155,8 @@ pub enum StartError {
 }
 
 /// File in the data directory holding the bound address of the running
-/// server, for `rendezvous announce`.
+/// server and, on a second line, the fingerprint of the certificate it
+/// serves, for `rendezvous announce`.
 pub const ADDRESS_FILE: &str = "rendezvous.addr";
 
 /// Loads the server's secret key bytes (64: an Ed25519 seed and an X25519
@@ -300,8 +301,13 @@ pub fn start(
     ));
     let data_dir = config.data_dir.clone();
     let handle = Server::spawn(config, App::new(Arc::clone(&service), server_key))?;
-    // Best effort: only `rendezvous announce` reads it.
-    let _ = fs::write(data_dir.join(ADDRESS_FILE), handle.local_addr().to_string());
+    // Best effort: only `rendezvous announce` reads it. The certificate's
+    // fingerprint too, as it may be a CA-issued one (`--cert`) rather than
+    // the self-signed one in the data directory.
+    let _ = fs::write(
+        data_dir.join(ADDRESS_FILE),
+        format!("{}\n{}\n", handle.local_addr(), handle.fingerprint()),
+    );
     Ok(Running {
         handle,
         service,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 use crate::admin::send_announcement;
 use crate::app::{
@@ -104,13 +104,36 @@ struct ServeArgs {
     key: Option<PathBuf>,
 }
 
+/// The ids of [`ServeArgs`]' options, which are also accepted with no
+/// command (`rendezvous --listen ...` serves).
+const SERVE_FLAGS: [&str; 6] = ["listen", "data_dir", "registration", "users", "cert", "key"];
+
 fn default_data_dir() -> Option<PathBuf> {
     directories::ProjectDirs::from("", "", "rendezvous").map(|d| d.data_dir().to_path_buf())
 }
 
 /// Runs the command line; the binary's `main` is this.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `rendezvous --data-dir X invite` would otherwise take X as a serve
+    // option and ignore it: the command would use the default directory.
+    if let Some(name) = matches.subcommand_name()
+        && let Some(flag) = SERVE_FLAGS
+            .iter()
+            .find(|id| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--{} before the command `{name}` would be ignored: a command's \
+                     options go after it (see `rendezvous {name} --help`)",
+                    flag.replace('_', "-")
+                ),
+            )
+            .exit();
+    }
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
@@ -194,19 +217,34 @@ fn announce(
         ));
     }
     let secret = load_or_create_server_secret(&dir).map_err(|e| e.to_string())?;
-    let identity = ServerIdentity::load_or_create(&dir).map_err(|e| e.to_string())?;
-    let mut addr = match server {
-        Some(a) => a,
-        None => std::fs::read_to_string(dir.join(ADDRESS_FILE))
-            .map_err(|e| {
-                format!(
-                    "no running server recorded in {} ({e}); pass --server ADDR",
-                    dir.display()
-                )
-            })?
+    // What the running server recorded: its address, and the fingerprint of
+    // the certificate it serves (CA-issued with `--cert`, else the
+    // self-signed one in the data directory).
+    let recorded = std::fs::read_to_string(dir.join(ADDRESS_FILE));
+    let mut lines = recorded.as_deref().unwrap_or("").lines();
+    let (recorded_addr, recorded_fingerprint) = (lines.next(), lines.next());
+    let mut addr = match (server, recorded_addr) {
+        (Some(a), _) => a,
+        (None, Some(line)) => line
             .trim()
             .parse()
             .map_err(|e| format!("bad address in {}: {e}", dir.join(ADDRESS_FILE).display()))?,
+        (None, None) => {
+            let why = recorded
+                .err()
+                .map_or_else(|| "empty".to_owned(), |e| e.to_string());
+            return Err(format!(
+                "no running server recorded in {} ({why}); pass --server ADDR",
+                dir.display()
+            ));
+        }
+    };
+    let fingerprint = match recorded_fingerprint {
+        Some(line) if line.trim().starts_with("SHA256:") => line.trim().to_owned(),
+        _ => ServerIdentity::load_or_create(&dir)
+            .map_err(|e| e.to_string())?
+            .fingerprint()
+            .to_owned(),
     };
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
@@ -224,7 +262,7 @@ fn announce(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(send_announcement(addr, identity.fingerprint(), signed))?;
+    runtime.block_on(send_announcement(addr, &fingerprint, signed))?;
     Ok(format!("announced to {addr}"))
 }
 
