@@ -1,7 +1,8 @@
 //! The real server (`app::start`: the service and store behind the QUIC
 //! layer) under hostile input on 127.0.0.1: mutated frames of every kind
-//! (T-30), slow-drip and silent connections (T-37), 0-RTT (T-45), and the
-//! order of a push and the reply it made ready.
+//! (T-30), slow-drip and silent connections (T-37), 0-RTT (T-45), stalled
+//! handshakes and vanished peers, and the order of a push and the reply it
+//! made ready.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -1269,6 +1270,197 @@ async fn half_open_connections_give_their_slots_back_at_the_login_timeout() {
     assert_eq!(c.request(register(&dave)).await, Ok(Reply::Ok));
     login(&mut c, &dave).await;
     assert!(c.request(Request::Users).await.is_ok());
+    running.handle.shutdown().await;
+}
+
+/// A UDP relay on 127.0.0.1 between one client and the server that can be
+/// made to go silent: it passes the client's first `client_datagrams`
+/// datagrams (all, with `usize::MAX`) and the server's answers until
+/// [`Relay::cut`], then drops everything both ways, as a peer that loses
+/// its network does. Stopped when dropped.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    /// Datagrams passed from the client to the server so far.
+    passed: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(server: SocketAddr, client_datagrams: usize) -> Self {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        back.connect(server).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let passed = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let (cut, passed) = (Arc::clone(&cut), Arc::clone(&passed));
+            async move {
+                let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+                let mut client = None;
+                loop {
+                    tokio::select! {
+                        got = front.recv_from(&mut up) => {
+                            let Ok((n, from)) = got else { return };
+                            client = Some(from);
+                            if !cut.load(Ordering::SeqCst)
+                                && passed.load(Ordering::SeqCst) < client_datagrams
+                            {
+                                let _ = back.send(&up[..n]).await;
+                                passed.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        got = back.recv(&mut down) => {
+                            let Ok(n) = got else { return };
+                            if let (false, Some(to)) = (cut.load(Ordering::SeqCst), client) {
+                                let _ = front.send_to(&down[..n], to).await;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            cut,
+            passed,
+            task,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A handshake that stalls (the client's first packet arrives, then
+/// nothing: no answer reaches it) holds its address's connection slot only
+/// until the handshake timeout, not the much longer idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_gives_its_slot_back_at_the_handshake_timeout() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.max_connections_per_ip = 1;
+    limits.handshake_timeout = Duration::from_secs(1);
+    limits.idle_timeout = Duration::from_secs(60);
+    let running = start_app(limits.clone(), &dir);
+    let (addr, fp) = address(&running);
+    let relay = Relay::start(addr, 1).await;
+    let stalled_endpoint = client_endpoint(&fp);
+    let connecting = stalled_endpoint.connect(relay.addr, "localhost").unwrap();
+    let stalled = tokio::spawn(tokio::time::timeout(Duration::from_secs(30), connecting));
+    let endpoint = client_endpoint(&fp);
+    // Once the server has the stalled one's first packet, it holds the
+    // address's one slot: a connection of our own is refused.
+    let passed = tokio::time::timeout(WAIT, async {
+        while relay.passed.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    passed
+        .await
+        .expect("the stalled client's first packet sent");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = connect_raw(&endpoint, addr).await;
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "the stalled handshake did not hold the slot: {refused:?}"
+    );
+    // Given back at the handshake timeout: well before the idle timeout.
+    let deadline = Instant::now() + limits.handshake_timeout + Duration::from_secs(4);
+    let conn = loop {
+        match connect_raw(&endpoint, addr).await {
+            Ok(conn) => break conn,
+            Err(error) => assert!(Instant::now() < deadline, "slot never freed: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut c = TestClient::on(endpoint.clone(), conn).await;
+    let dave = person("dave", 24);
+    assert_eq!(c.request(register(&dave)).await, Ok(Reply::Ok));
+    stalled.abort();
+    drop(relay);
+    running.handle.shutdown().await;
+}
+
+/// "A dropped connection is seen as offline within the QUIC idle timeout":
+/// alice's network vanishes without a close; her friend bob is told she
+/// went offline once the server's keep-alives go unanswered for the idle
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_vanishes_is_offline_for_its_friends_after_the_idle_timeout() {
+    let _turn = HEAVY.lock().await;
+    let dir = temp_dir();
+    let mut limits = Limits::default();
+    limits.idle_timeout = Duration::from_secs(2);
+    limits.keep_alive = Duration::from_millis(500);
+    let running = start_app(limits.clone(), &dir);
+    let (addr, fp) = address(&running);
+    let (alice, bob) = (person("alice", 1), person("bob", 2));
+    let mut b = registered_and_logged_in(addr, &fp, &bob).await;
+    let mut a = TestClient::connect(addr, &fp).await;
+    assert_eq!(a.request(register(&alice)).await, Ok(Reply::Ok));
+    a.conn.close(0u32.into(), b"");
+    // Alice again, through the relay.
+    let relay = Relay::start(addr, usize::MAX).await;
+    let endpoint = client_endpoint(&fp);
+    let conn = connect_raw(&endpoint, relay.addr).await.unwrap();
+    let mut a = TestClient::on(endpoint, conn).await;
+    login(&mut a, &alice).await;
+    let friend = |username: &str| username.to_owned();
+    assert_eq!(
+        a.request(Request::FriendRequest {
+            username: friend("bob")
+        })
+        .await,
+        Ok(Reply::Ok)
+    );
+    assert_eq!(
+        b.request(Request::FriendAccept {
+            username: friend("alice")
+        })
+        .await,
+        Ok(Reply::Ok)
+    );
+    relay.cut();
+    let cut_at = Instant::now();
+    let bound = limits.idle_timeout + Duration::from_secs(5);
+    let offline = tokio::time::timeout(bound, async {
+        loop {
+            let pushed = std::mem::take(&mut b.pushes);
+            if pushed.iter().any(|p| {
+                matches!(p, Push::Presence { username, online: false, .. } if username == "alice")
+            }) {
+                return;
+            }
+            match b.frame().await {
+                Ok(ServerFrame::Push(push)) => b.pushes.push(push),
+                Ok(_) => {}
+                // `frame` gives up after its own wait; keep waiting.
+                Err(e) if e == "timed out" => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        offline.is_ok(),
+        "bob was not told alice went offline within {bound:?}"
+    );
+    // Not before the idle timeout had a chance to run.
+    assert!(
+        cut_at.elapsed() >= limits.idle_timeout / 2,
+        "{:?}",
+        cut_at.elapsed()
+    );
     running.handle.shutdown().await;
 }
 
