@@ -644,11 +644,15 @@ async fn t30_mutated_frames_of_every_kind() {
     );
     b.conn.close(0u32.into(), b"");
 
-    // The honest client: requests every 20 ms, each must succeed.
+    // The honest client: requests every 20 ms, each must succeed; the ids
+    // of its envelopes to bob that were accepted are kept, to be found in
+    // bob's mailbox at the end.
     let stop = Arc::new(AtomicBool::new(false));
     let honest_ok = Arc::new(AtomicUsize::new(0));
+    let honest_accepted = Arc::new(std::sync::Mutex::new(HashSet::new()));
     let honest_task = {
         let (stop, ok, fp) = (stop.clone(), honest_ok.clone(), fp.clone());
+        let accepted = honest_accepted.clone();
         tokio::spawn(async move {
             let mut c = registered_and_logged_in(addr, &fp, &honest).await;
             let mut n = 0u8;
@@ -663,8 +667,13 @@ async fn t30_mutated_frames_of_every_kind() {
                         body: vec![n; 32],
                     }),
                 };
+                let is_send = matches!(request, Request::Send(_));
                 let r = c.request(request).await;
                 assert!(r.is_ok(), "an honest request failed: {r:?}");
+                if is_send {
+                    assert!(matches!(r, Ok(Reply::Accepted { .. })), "{r:?}");
+                    accepted.lock().unwrap().insert([n; 16]);
+                }
                 ok.fetch_add(1, Ordering::SeqCst);
                 n = n.wrapping_add(1);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -742,6 +751,34 @@ async fn t30_mutated_frames_of_every_kind() {
     );
     assert!(honest_ok.load(Ordering::SeqCst) > 0);
     assert!(closed > 0 && answered > 0);
+    // Nothing accepted was lost: every envelope the honest client was told
+    // was accepted is in bob's mailbox, with its body.
+    let mut b = TestClient::connect(addr, &fp).await;
+    login(&mut b, &bob).await;
+    let mut stored = HashSet::new();
+    let mut after = 0;
+    loop {
+        let Ok(Reply::Envelopes { envelopes, more }) =
+            b.request(Request::Pull { after, max: 256 }).await
+        else {
+            panic!("bob's pull failed");
+        };
+        for e in &envelopes {
+            after = after.max(e.seq);
+            // Mallory's mutated sends that still decoded are there too.
+            if e.from == "honest" {
+                assert_eq!(e.body, vec![e.id[0]; 32], "envelope {:?}", e.id);
+                stored.insert(e.id);
+            }
+        }
+        if !more || envelopes.is_empty() {
+            break;
+        }
+    }
+    let accepted = honest_accepted.lock().unwrap().clone();
+    assert!(!accepted.is_empty());
+    let lost: Vec<_> = accepted.difference(&stored).collect();
+    assert!(lost.is_empty(), "accepted but not stored: {lost:?}");
     assert!(
         rss_end * 10 < rss_start * 11,
         "RSS grew from {rss_start} to {rss_end} KiB"
