@@ -1702,6 +1702,90 @@ async fn a_full_live_window_sends_envelopes_to_the_mailbox() {
     assert!(waiting.iter().all(|r| !r.is_finished()));
 }
 
+/// "Group commit: many envelopes per redb transaction under load, each
+/// acknowledged only after its own commit": while one commit waits in its
+/// `fsync`, the sends that come meanwhile from other users wait unanswered,
+/// then go into the next commit together (far fewer `fsync`s than
+/// envelopes), and each is answered only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_that_wait_for_a_commit_share_the_next_one() {
+    const SENDERS: u8 = 4;
+    const EACH: u8 = 5;
+    let fault = Arc::new(common::Fault::default());
+    let w = World::with_fault(fast_config(), &fault);
+    let bob = user("bob", 60, 0);
+    w.registered(&bob).await;
+    let mut senders = Vec::new();
+    for i in 0..=SENDERS {
+        let u = user(&format!("s{i}"), 61 + u64::from(i), 0);
+        w.registered(&u).await;
+        senders.push(w.login(&u).await);
+    }
+    fault.hold_syncs();
+    // The first commit, held in its fsync.
+    let first = tokio::spawn(
+        w.service
+            .begin(&mut senders[0].session, send("bob", 0, b"first"))
+            .await,
+    );
+    let held = {
+        let fault = Arc::clone(&fault);
+        tokio::task::spawn_blocking(move || fault.wait_for_held_sync(Duration::from_secs(10)))
+            .await
+            .unwrap()
+    };
+    assert!(held, "the first commit reached its fsync");
+    // Meanwhile, pipelined sends from four other users.
+    let mut waiting = Vec::new();
+    for (n, c) in senders.iter_mut().enumerate().skip(1) {
+        for k in 0..EACH {
+            let id = u8::try_from(n).unwrap() * 16 + k;
+            waiting.push(tokio::spawn(
+                w.service.begin(&mut c.session, send("bob", id, b"x")).await,
+            ));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!first.is_finished());
+    assert!(
+        waiting.iter().all(|r| !r.is_finished()),
+        "answered before a commit"
+    );
+    let syncs_before = fault.syncs.load(Ordering::SeqCst);
+    fault.release_syncs();
+    for reply in waiting.into_iter().chain([first]) {
+        let answered = tokio::time::timeout(Duration::from_secs(10), reply)
+            .await
+            .expect("answered after the commits")
+            .unwrap();
+        assert!(
+            matches!(
+                answered,
+                Ok(Reply::Accepted {
+                    duplicate: false,
+                    ..
+                })
+            ),
+            "{answered:?}"
+        );
+    }
+    let syncs = fault.syncs.load(Ordering::SeqCst) - syncs_before;
+    let envelopes = u64::from(SENDERS * EACH);
+    // One commit for all twenty: its fsyncs and the end of the held one's.
+    assert!(
+        syncs < envelopes / 2,
+        "{syncs} fsyncs after the release for {envelopes} envelopes"
+    );
+    // All stored, in bob's mailbox.
+    let mut b = w.login(&bob).await;
+    let Ok(Reply::Envelopes { envelopes: got, .. }) =
+        w.ask(&mut b, Request::Pull { after: 0, max: 100 }).await
+    else {
+        panic!("pull")
+    };
+    assert_eq!(got.len(), usize::from(SENDERS * EACH) + 1);
+}
+
 /// The recipient acknowledges a live delivery while it is being stored
 /// (the grace ran out, and the commit is held at its `fsync`): once the
 /// commit is done the stored copy is deleted at once, and the sender is

@@ -22,6 +22,8 @@ pub struct Fault {
     budget: AtomicU64,
     /// Failures injected so far.
     pub failures: AtomicU64,
+    /// `sync_data` calls so far (a commit makes one or two).
+    pub syncs: AtomicU64,
     /// `sync_data` calls from now on until the one that fails (after it
     /// synced: what it wrote is on the file); 0 for none.
     fail_sync_in: AtomicU64,
@@ -160,6 +162,7 @@ impl StorageBackend for FaultBackend {
     // The panic is the fault asked for (`Fault::panic_in_next_commit`).
     #[allow(clippy::panic)]
     fn sync_data(&self) -> io::Result<()> {
+        self.fault.syncs.fetch_add(1, Ordering::SeqCst);
         self.fault.wait_while_held();
         if self.fault.header_written.load(Ordering::SeqCst)
             && self.fault.panic_on_sync.swap(false, Ordering::SeqCst)
