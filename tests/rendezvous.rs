@@ -60,10 +60,15 @@ fn start_with(
 }
 
 fn terminate(started: Started) {
+    stop_with(started, "TERM");
+}
+
+/// Sends the signal `sig` (`TERM`, `INT`) and waits for a clean exit (0).
+fn stop_with(started: Started, sig: &str) {
     let mut started = started;
     let pid = started.child.id();
     let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([format!("-{sig}"), pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -75,7 +80,7 @@ fn terminate(started: Started) {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no exit within 10 s of SIGTERM"
+            "no exit within 10 s of SIG{sig}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -86,13 +91,53 @@ fn prints_address_and_certificate_and_reuses_it() {
     let dir = tempfile::tempdir().unwrap();
     let (first, fp1, _) = start(dir.path(), &[]);
     assert_eq!(fp1.len(), "SHA256:".len() + 43);
-    terminate(first);
+    assert!(dir.path().join("rendezvous.addr").exists());
+    // Ctrl-C stops it as cleanly as SIGTERM: exit 0, the address record
+    // gone (`announce` then says no server runs).
+    stop_with(first, "INT");
+    assert!(!dir.path().join("rendezvous.addr").exists());
     let (second, fp2, _) = start(dir.path(), &[]);
     assert_eq!(
         fp1, fp2,
         "a restart must keep the certificate clients pinned"
     );
     terminate(second);
+}
+
+/// `--users friends`: a user's `Users` lists only their online friends
+/// (and themself), not everyone online.
+#[test]
+fn users_lists_only_friends_with_users_friends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, fp, addr) = start_with(dir.path(), &[], &["--users", "friends"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (alice, bob, carol) = (person("alice"), person("bob"), person("carol"));
+        let mut a = connect_as(&alice, addr, &fp, true).await;
+        let mut b = connect_as(&bob, addr, &fp, true).await;
+        let _c = connect_as(&carol, addr, &fp, true).await;
+        let names = |r: Result<Reply, messenger_proto::ErrorCode>| match r {
+            Ok(Reply::Users { users }) => users
+                .into_iter()
+                .map(|u| u.username)
+                .collect::<Vec<String>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(names(a.request(Request::Users).await), ["alice"]);
+        let ok = |r: Result<Reply, messenger_proto::ErrorCode>| assert_eq!(r, Ok(Reply::Ok));
+        ok(a.request(Request::FriendRequest {
+            username: "bob".into(),
+        })
+        .await);
+        ok(b.request(Request::FriendAccept {
+            username: "alice".into(),
+        })
+        .await);
+        assert_eq!(names(a.request(Request::Users).await), ["alice", "bob"]);
+        assert_eq!(names(b.request(Request::Users).await), ["alice", "bob"]);
+    });
+    drop(runtime);
+    terminate(server);
 }
 
 struct Person {
