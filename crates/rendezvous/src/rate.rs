@@ -75,10 +75,17 @@ impl Buckets {
 
     /// Takes one token for `key` at time `now_ms`; false when none is left.
     pub fn take(&mut self, key: &str, now_ms: u64) -> bool {
+        self.take_n(key, 1.0, now_ms)
+    }
+
+    /// Takes `cost` tokens for `key` at time `now_ms` (at most the burst,
+    /// so that any request can pass once the bucket is full); false, taking
+    /// none, when fewer are left.
+    pub fn take_n(&mut self, key: &str, cost: f64, now_ms: u64) -> bool {
         let rate = self.rate;
         let bucket = self.bucket(key, now_ms);
         let mut bucket = bucket.lock().unwrap_or_else(PoisonError::into_inner);
-        take_one(rate, &mut bucket, now_ms)
+        take_cost(rate, &mut bucket, now_ms, cost.min(rate.burst))
     }
 
     /// `key`'s bucket, to take its tokens without this map
@@ -117,9 +124,14 @@ impl Buckets {
 
 /// Refills `bucket` to `now_ms` and takes a token from it if it has one.
 fn take_one(rate: Rate, bucket: &mut Bucket, now_ms: u64) -> bool {
+    take_cost(rate, bucket, now_ms, 1.0)
+}
+
+/// Refills `bucket` to `now_ms` and takes `cost` tokens if it has them.
+fn take_cost(rate: Rate, bucket: &mut Bucket, now_ms: u64, cost: f64) -> bool {
     *bucket = refill(rate, *bucket, now_ms);
-    if bucket.tokens >= 1.0 {
-        bucket.tokens -= 1.0;
+    if bucket.tokens >= cost {
+        bucket.tokens -= cost;
         true
     } else {
         false
@@ -152,6 +164,21 @@ mod tests {
         let granted = (0..10_000u64).filter(|i| b.take("c", *i)).count();
         assert!(granted <= 5 + 100 + 1, "{granted}");
         assert!(granted >= 100);
+    }
+
+    #[test]
+    fn a_cost_takes_that_many_tokens_and_at_most_the_burst() {
+        let mut b = Buckets::new(Rate::per(1, Duration::from_secs(1), 10));
+        assert!(b.take_n("a", 4.0, 0));
+        assert!(b.take_n("a", 4.0, 0));
+        // Two left: a cost of four is refused and takes nothing.
+        assert!(!b.take_n("a", 4.0, 0));
+        assert!(b.take_n("a", 2.0, 0));
+        assert!(!b.take("a", 0));
+        // A cost above the burst passes once the bucket is full again.
+        assert!(!b.take_n("a", 1_000.0, 5_000));
+        assert!(b.take_n("a", 1_000.0, 10_000));
+        assert!(!b.take("a", 10_000));
     }
 
     /// Tracks `key` with a full bucket last touched at time 0, as one

@@ -1387,7 +1387,12 @@ impl<P: PushTarget> Service<P> {
         if !record.members.iter().any(|m| m == me) {
             return Err(ErrorCode::NotInGroup);
         }
-        if !lock(&self.send_buckets).take(me, self.now_ms()) {
+        // One envelope per other member: a send to a large group (the
+        // lobby has no member cap) costs more of the sender's send rate, so
+        // that one account cannot make the server write fifty times its
+        // rate times the group's size.
+        let cost = group_send_cost(record.members.len().saturating_sub(1));
+        if !lock(&self.send_buckets).take_n(me, cost, self.now_ms()) {
             return Err(ErrorCode::RateLimited);
         }
         let sent_at = self.now();
@@ -1936,6 +1941,17 @@ fn key_error(e: messenger_crypto::identity::KeyError) -> ErrorCode {
         KeyError::BadSignature(_) => ErrorCode::BadSignature,
         _ => ErrorCode::BadRequest,
     }
+}
+
+/// Other members whose envelopes cost one more token of the sender's send
+/// rate, on top of the one every send costs.
+pub const FAN_OUT_PER_SEND_TOKEN: usize = 20;
+
+/// Tokens of the send rate a group send to `others` other members takes:
+/// 1, plus one per [`FAN_OUT_PER_SEND_TOKEN`] of them (the bucket caps it at
+/// its burst, so a send to any group can pass).
+fn group_send_cost(others: usize) -> f64 {
+    1.0 + others as f64 / FAN_OUT_PER_SEND_TOKEN as f64
 }
 
 /// Refuses a published X25519 key that is low-order, torsioned or not on

@@ -764,6 +764,53 @@ async fn send_rate_limited() {
     assert_eq!(pipelined, 4);
 }
 
+/// A group send costs the sender's send rate by its fan-out: 1 token, plus
+/// one per 20 other members. In a lobby of 41 a post costs 3, so a burst of
+/// 10 allows three posts where it allows ten 1:1 sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_sends_cost_the_send_rate_by_their_fan_out() {
+    let w = World::new(ServiceConfig {
+        send_rate: Rate::per(1, Duration::from_secs(3_600), 10),
+        ..fast_config()
+    });
+    let mut members = Vec::new();
+    for i in 0..41u64 {
+        let u = user(&format!("m{i}"), 200 + i, 0);
+        w.registered(&u).await;
+        let mut c = w.login(&u).await;
+        assert_eq!(
+            w.ask(&mut c, named(|group| Request::GroupJoin { group }, "lobby"))
+                .await,
+            Ok(Reply::Ok)
+        );
+        members.push(c);
+    }
+    let (first, rest) = members.split_at_mut(1);
+    let mut posted = 0;
+    for i in 0..10u8 {
+        match w
+            .ask(&mut first[0], group_send("lobby", i, b"hi all"))
+            .await
+        {
+            Ok(Reply::Accepted { .. }) => posted += 1,
+            Err(ErrorCode::RateLimited) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(posted, 3);
+    // The same burst allows ten 1:1 sends.
+    let mut sent = 0;
+    for i in 0..20u8 {
+        if matches!(
+            w.ask(&mut rest[0], send("m2", i, b"x")).await,
+            Ok(Reply::Accepted { .. })
+        ) {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 10);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn friends_and_presence() {
     let w = World::new(fast_config());
