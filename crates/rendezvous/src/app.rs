@@ -219,8 +219,13 @@ pub const COMPACT_CALLS_PER_ROUND: usize = 16;
 /// so those files can go ([`Store::compact_segments`]). Call inside a tokio
 /// runtime.
 pub fn spawn_purger(store: Store) {
+    spawn_purger_every(store, PURGE_INTERVAL);
+}
+
+/// [`spawn_purger`], every `interval` (tests use a short one).
+fn spawn_purger_every(store: Store, interval: std::time::Duration) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(PURGE_INTERVAL);
+        let mut tick = tokio::time::interval(interval);
         loop {
             tick.tick().await;
             let store = store.clone();
@@ -337,6 +342,56 @@ pub fn listening_line(addr: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{NewEnvelope, StoreOptions};
+
+    /// The purger removes what has expired, on its first round and on
+    /// later ones, and keeps the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_purger_removes_expired_envelopes_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            envelope_ttl_secs: 3,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("db.redb"), options).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let envelope = |recipient: &str, id: u8, sent_at: u64| NewEnvelope {
+            recipient: recipient.to_owned(),
+            sender: "alice".to_owned(),
+            group: None,
+            message_id: [id; 16],
+            sent_at,
+            body: vec![id; 100],
+        };
+        for name in ["alice", "bob", "carol", "dave"] {
+            store
+                .create_account(crate::store::tests::account(name), Vec::new())
+                .unwrap();
+        }
+        // Expired already; fresh (expires in 3 s); for a long time.
+        let appended = store.append(vec![
+            envelope("bob", 1, now - 60),
+            envelope("carol", 2, now),
+            envelope("dave", 3, now + 3_600),
+        ]);
+        assert!(appended.iter().all(Result::is_ok), "{appended:?}");
+        spawn_purger_every(store.clone(), std::time::Duration::from_millis(200));
+        let gone = |who: &str| store.mailbox_usage(who).unwrap().0 == 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !(gone("bob") && gone("carol")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not purged: bob {:?}, carol {:?}",
+                store.mailbox_usage("bob"),
+                store.mailbox_usage("carol")
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(store.mailbox_usage("dave").unwrap().0, 1);
+    }
 
     /// Several processes creating the key at once all end up with the same
     /// key (none replaces another's), and later loads return it.

@@ -889,4 +889,4 @@ fn chain_is_full(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

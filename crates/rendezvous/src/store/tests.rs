@@ -12,7 +12,7 @@ fn store() -> (tempfile::TempDir, Store) {
 }
 
 /// A test account (also used by the tests of `create`).
-pub(super) fn account(name: &str) -> AccountRecord {
+pub(crate) fn account(name: &str) -> AccountRecord {
     AccountRecord {
         username: name.to_owned(),
         identity: vec![1; 32],
