@@ -335,10 +335,13 @@ pub enum Reply {
         /// Whether that is below the low-water mark (upload more).
         low: bool,
     },
-    /// The envelope is durably stored.
+    /// The envelope is durably held: committed to the recipient's mailbox,
+    /// or, delivered live to a recipient online, acknowledged by the
+    /// recipient (who stores before acknowledging; docs/protocol.md §4).
     Accepted {
-        /// Its sequence number in the recipient's mailbox (for a group send,
-        /// in the sender's own view; 0 when not applicable).
+        /// Its sequence number in the recipient's mailbox, or its live
+        /// delivery id (top bit set) when delivered live; 0 for a
+        /// group send.
         seq: u64,
         /// True when this id was already stored earlier (a resend).
         duplicate: bool,
@@ -388,10 +391,12 @@ pub struct UserInfo {
     pub online: bool,
 }
 
-/// A stored envelope as delivered to its recipient.
+/// An envelope as delivered to its recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
-    /// Sequence number in my mailbox; acknowledge it with [`Request::Ack`].
+    /// Sequence number in my mailbox, or a live delivery id
+    /// (top bit set) for one pushed before it was stored; either
+    /// way, acknowledge it by this number with [`Request::Ack`].
     pub seq: u64,
     /// Sender (set by the server from the sender's login).
     pub from: String,
@@ -493,7 +498,9 @@ impl Serialize for EnvelopePush<'_> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Push {
-    /// A new envelope for me (also stored until acknowledged).
+    /// A new envelope for me: kept until I acknowledge it, in my mailbox,
+    /// or in the server's memory for a live delivery (stored if not
+    /// acknowledged in time).
     Envelope(Envelope),
     /// A friend came online or went offline. Coming online carries the
     /// friend's public identity (the old "online message with the public key").
