@@ -792,33 +792,38 @@ impl<P: PushTarget> Service<P> {
 
         let store = self.store.clone();
         let u = user.clone();
-        let (pending, prekeys, incoming, announcements, owned_requests) = blocking(move || {
-            let (pending, _) = store.mailbox_usage(&u)?;
-            let prekeys = store.one_time_prekey_count(&u)?;
-            let incoming = store.incoming_requests(&u)?;
-            let cursor = store.announcement_cursor(&u)?;
-            let announcements = store.announcements_after(cursor)?;
-            if let Some(last) = announcements.last() {
-                store.set_announcement_cursor(&u, last.id)?;
-            }
-            let mut owned = Vec::new();
-            for g in store.groups_of(&u)? {
-                if let Some(rec) = store.group(&g)?
-                    && rec.owner == u
-                {
-                    for who in store.join_requests(&g)? {
-                        owned.push((g.clone(), who, true));
-                    }
-                    for who in store.leave_requests(&g)? {
-                        owned.push((g.clone(), who, false));
+        let (pending, prekeys, incoming, answers, announcements, owned_requests) =
+            blocking(move || {
+                let (pending, _) = store.mailbox_usage(&u)?;
+                let prekeys = store.one_time_prekey_count(&u)?;
+                let incoming = store.incoming_requests(&u)?;
+                let answers = store.take_friend_answers(&u)?;
+                let cursor = store.announcement_cursor(&u)?;
+                let announcements = store.announcements_after(cursor)?;
+                if let Some(last) = announcements.last() {
+                    store.set_announcement_cursor(&u, last.id)?;
+                }
+                let mut owned = Vec::new();
+                for g in store.groups_of(&u)? {
+                    if let Some(rec) = store.group(&g)?
+                        && rec.owner == u
+                    {
+                        for who in store.join_requests(&g)? {
+                            owned.push((g.clone(), who, true));
+                        }
+                        for who in store.leave_requests(&g)? {
+                            owned.push((g.clone(), who, false));
+                        }
                     }
                 }
-            }
-            Ok((pending, prekeys, incoming, announcements, owned))
-        })
-        .await?;
+                Ok((pending, prekeys, incoming, answers, announcements, owned))
+            })
+            .await?;
         for from in incoming {
             s.push.push(Push::FriendRequest { from });
+        }
+        for (from, accepted) in answers {
+            s.push.push(Push::FriendAnswer { from, accepted });
         }
         for a in announcements {
             if let Ok(signed) = postcard::from_bytes::<SignedAnnouncement>(&a.bytes) {
@@ -1527,20 +1532,14 @@ impl<P: PushTarget> Service<P> {
             }
             FriendRequestOutcome::AlreadyFriends => Err(ErrorCode::AlreadyFriend),
             FriendRequestOutcome::AcceptedReverse => {
-                self.became_friends(me, &them);
+                self.became_friends(me, &them).await;
                 Ok(Reply::Ok)
             }
         }
     }
 
-    fn became_friends(&self, me: &str, them: &str) {
-        self.push_to(
-            them,
-            Push::FriendAnswer {
-                from: me.to_owned(),
-                accepted: true,
-            },
-        );
+    async fn became_friends(&self, me: &str, them: &str) {
+        self.tell_answer(me, them, true).await;
         // Both online: each learns the other is here, with their key.
         let (mine, theirs) = {
             let online = lock(&self.online);
@@ -1587,17 +1586,32 @@ impl<P: PushTarget> Service<P> {
         })
         .await?;
         if accept {
-            self.became_friends(me, &them);
+            self.became_friends(me, &them).await;
         } else {
-            self.push_to(
-                &them,
-                Push::FriendAnswer {
-                    from: me.to_owned(),
-                    accepted: false,
-                },
-            );
+            self.tell_answer(me, &them, false).await;
         }
         Ok(Reply::Ok)
+    }
+
+    /// Tells `requester` that `me` answered their friend request: at once
+    /// if online, else at their next login. Best effort: the answer itself
+    /// is committed, and `FriendList` shows it either way.
+    async fn tell_answer(&self, me: &str, requester: &str, accepted: bool) {
+        let push = Push::FriendAnswer {
+            from: me.to_owned(),
+            accepted,
+        };
+        if self.push_to(requester, push) {
+            return;
+        }
+        let store = self.store.clone();
+        let (requester, me) = (requester.to_owned(), me.to_owned());
+        if let Err(e) = blocking(move || store.add_friend_answer(&requester, &me, accepted)).await {
+            tracing::warn!(
+                ?e,
+                "a friend answer could not be kept for the requester's login"
+            );
+        }
     }
 
     async fn friend_list(&self, me: &str) -> Result<Reply, ErrorCode> {

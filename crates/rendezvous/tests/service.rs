@@ -811,6 +811,61 @@ async fn group_sends_cost_the_send_rate_by_their_fan_out() {
     assert_eq!(sent, 10);
 }
 
+/// An answer to a friend request made while the requester is offline is
+/// told at their next login, once; one made while they are online is
+/// pushed then and not again at the next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn friend_answers_reach_an_offline_requester_at_login() {
+    let w = World::new(fast_config());
+    let (alice, bob, carol) = (
+        user("alice", 70, 0),
+        user("bob", 71, 0),
+        user("carol", 72, 0),
+    );
+    for u in [&alice, &bob, &carol] {
+        w.registered(u).await;
+    }
+    let req = |n: &str| named(|username| Request::FriendRequest { username }, n);
+    let mut a = w.login(&alice).await;
+    assert_eq!(w.ask(&mut a, req("bob")).await, Ok(Reply::Ok));
+    assert_eq!(w.ask(&mut a, req("carol")).await, Ok(Reply::Ok));
+    w.service.disconnect(&a.session);
+    let mut b = w.login(&bob).await;
+    let mut c = w.login(&carol).await;
+    let accept = named(|username| Request::FriendAccept { username }, "alice");
+    let decline = named(|username| Request::FriendDecline { username }, "alice");
+    assert_eq!(w.ask(&mut b, accept).await, Ok(Reply::Ok));
+    assert_eq!(w.ask(&mut c, decline).await, Ok(Reply::Ok));
+    let answers = |pushes: Vec<Push>| {
+        let mut got: Vec<(String, bool)> = pushes
+            .into_iter()
+            .filter_map(|p| match p {
+                Push::FriendAnswer { from, accepted } => Some((from, accepted)),
+                _ => None,
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    let mut a = w.login(&alice).await;
+    assert_eq!(
+        answers(drain(&mut a)),
+        [("bob".to_owned(), true), ("carol".to_owned(), false)]
+    );
+    // Told once.
+    w.service.disconnect(&a.session);
+    let mut a = w.login(&alice).await;
+    assert_eq!(answers(drain(&mut a)), []);
+    // Online now: pushed at once, and not kept for the next login.
+    assert_eq!(w.ask(&mut a, req("carol")).await, Ok(Reply::Ok));
+    let accept = named(|username| Request::FriendAccept { username }, "alice");
+    assert_eq!(w.ask(&mut c, accept).await, Ok(Reply::Ok));
+    assert_eq!(answers(drain(&mut a)), [("carol".to_owned(), true)]);
+    w.service.disconnect(&a.session);
+    let mut a = w.login(&alice).await;
+    assert_eq!(answers(drain(&mut a)), []);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn friends_and_presence() {
     let w = World::new(fast_config());

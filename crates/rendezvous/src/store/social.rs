@@ -3,7 +3,7 @@
 use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::tables::{
-    ACCOUNTS, ANNOUNCEMENT_CURSORS, ANNOUNCEMENTS, COUNTERS, FRIEND_REQUESTS_IN,
+    ACCOUNTS, ANNOUNCEMENT_CURSORS, ANNOUNCEMENTS, COUNTERS, FRIEND_ANSWERS, FRIEND_REQUESTS_IN,
     FRIEND_REQUESTS_OUT, FRIENDS, GROUPS, JOIN_REQUESTS, LEAVE_REQUESTS, MEMBER_OF,
     NEXT_ANNOUNCEMENT,
 };
@@ -59,6 +59,60 @@ impl Store {
     pub fn friend_decline(&self, user: &str, requester: &str) -> Result<(), StoreError> {
         const OP: &str = "friend decline";
         self.write(OP, |tx| take_request(tx, OP, requester, user))
+    }
+
+    /// Keeps, for `requester`, that `answerer` answered their friend
+    /// request (`accepted` or not), until [`Store::take_friend_answers`].
+    /// A later answer from the same user replaces it.
+    pub fn add_friend_answer(
+        &self,
+        requester: &str,
+        answerer: &str,
+        accepted: bool,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "keep friend answer";
+        self.write(OP, |tx| {
+            tx.open_table(FRIEND_ANSWERS)
+                .op(OP)?
+                .insert((requester, answerer), accepted)
+                .op(OP)?;
+            Ok(())
+        })
+    }
+
+    /// Removes and returns the answers kept for `user`: (who answered,
+    /// accepted), by name.
+    pub fn take_friend_answers(&self, user: &str) -> Result<Vec<(String, bool)>, StoreError> {
+        const OP: &str = "take friend answers";
+        // Read first: most logins have none, and a write would cost them
+        // a commit.
+        let any = self.read(OP, |tx| {
+            let table = tx.open_table(FRIEND_ANSWERS).op(OP)?;
+            let mut range = table.range((user, "")..).op(OP)?;
+            Ok(match range.next() {
+                Some(entry) => entry.op(OP)?.0.value().0 == user,
+                None => false,
+            })
+        })?;
+        if !any {
+            return Ok(Vec::new());
+        }
+        self.write(OP, |tx| {
+            let mut table = tx.open_table(FRIEND_ANSWERS).op(OP)?;
+            let mut answers = Vec::new();
+            for entry in table.range((user, "")..).op(OP)? {
+                let (key, accepted) = entry.op(OP)?;
+                let (requester, answerer) = key.value();
+                if requester != user {
+                    break;
+                }
+                answers.push((answerer.to_owned(), accepted.value()));
+            }
+            for (answerer, _) in &answers {
+                table.remove((user, answerer.as_str())).op(OP)?;
+            }
+            Ok(answers)
+        })
     }
 
     /// Ends the friendship of `a` and `b` (both directions).

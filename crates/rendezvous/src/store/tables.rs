@@ -128,6 +128,11 @@ pub(super) const FRIEND_REQUESTS_OUT: TableDefinition<(&str, &str), ()> =
 pub(super) const FRIEND_REQUESTS_IN: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("friend_requests_in/1");
 
+/// (requester, answerer) -> accepted: answers to friend requests made while
+/// the requester was offline, told at their next login.
+pub(super) const FRIEND_ANSWERS: TableDefinition<(&str, &str), bool> =
+    TableDefinition::new("friend_answers/1");
+
 /// name -> (owner, version, members, roster signature, roster bytes)
 pub(super) type GroupValue<'a> = (&'a str, u64, Vec<&'a str>, &'a [u8], &'a [u8]);
 pub(super) const GROUPS: TableDefinition<&str, GroupValue<'static>> =
@@ -173,6 +178,7 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(FRIENDS).op(OP)?;
     tx.open_table(FRIEND_REQUESTS_OUT).op(OP)?;
     tx.open_table(FRIEND_REQUESTS_IN).op(OP)?;
+    tx.open_table(FRIEND_ANSWERS).op(OP)?;
     tx.open_table(GROUPS).op(OP)?;
     tx.open_table(MEMBER_OF).op(OP)?;
     tx.open_table(JOIN_REQUESTS).op(OP)?;
