@@ -1150,6 +1150,12 @@ fn encode_reply(
 /// it was queued (docs/protocol.md §4). Those queued meanwhile wait: a
 /// flood of pushes does not hold the reply back.
 async fn write_queued_first(send: &mut quinn::SendStream, outbox: &Outbox) -> Result<(), Ended> {
+    if outbox.too_slow() {
+        // The writer closes the connection next; a burst of pushes first
+        // would only delay the close (and could crowd it out of a client's
+        // receive buffer).
+        return Ok(());
+    }
     let mut left = outbox.queued_len();
     while left != 0 {
         match write_queued(send, outbox, left).await {
@@ -1343,6 +1349,12 @@ impl Outbox {
     fn next_push(&self) -> Option<Box<[u8]>> {
         let mut queued = self.queued();
         queued.head.take().or_else(|| queued.queue.try_recv_frame())
+    }
+
+    /// Whether a [`PushSender`] found the queue full: the connection is
+    /// closed with [`CloseReason::TooSlow`] at the writer's next turn.
+    fn too_slow(&self) -> bool {
+        self.queued().queue.close_reason() == Some(CloseReason::TooSlow)
     }
 
     /// How many pushes are queued.
