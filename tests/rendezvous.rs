@@ -498,6 +498,21 @@ fn invitations_are_required_and_single_use() {
     terminate(server);
 }
 
+/// The next announcement pushed to `c`, waiting at most 10 s.
+async fn next_announcement(c: &mut TestClient) -> messenger_proto::msg::SignedAnnouncement {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let messenger_proto::msg::ServerFrame::Push(Push::Announcement(x)) =
+                c.frame().await.unwrap()
+            {
+                return x;
+            }
+        }
+    })
+    .await
+    .expect("an announcement within 10 s")
+}
+
 /// `rendezvous announce`: signed by the server key from the data directory,
 /// delivered at once to a user online and at the next login to one offline.
 #[test]
@@ -518,16 +533,7 @@ fn announcements_reach_online_users_at_once_and_others_at_login() {
         String::from_utf8_lossy(&out.stderr)
     );
     runtime.block_on(async {
-        let got = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match a.frame().await.unwrap() {
-                    messenger_proto::msg::ServerFrame::Push(Push::Announcement(x)) => return x,
-                    _ => continue,
-                }
-            }
-        })
-        .await
-        .unwrap();
+        let got = next_announcement(&mut a).await;
         assert_eq!(got.text, "server maintenance at noon");
         // Signed by the key the server announced in its hello.
         let key = messenger_crypto::identity::IdentityKey::from_bytes(&a.hello.server_key).unwrap();
@@ -589,16 +595,7 @@ fn announce_works_with_the_operators_own_certificate() {
         String::from_utf8_lossy(&out.stderr)
     );
     runtime.block_on(async {
-        let got = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match a.frame().await.unwrap() {
-                    messenger_proto::msg::ServerFrame::Push(Push::Announcement(x)) => return x,
-                    _ => continue,
-                }
-            }
-        })
-        .await
-        .unwrap();
+        let got = next_announcement(&mut a).await;
         assert_eq!(got.text, "new certificate in place");
     });
     drop(runtime);

@@ -14,28 +14,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
-use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
+use messenger_crypto::prekey::{OneTimePrekeyPair, SignedPrekeyPair};
 use messenger_proto::msg::{
-    ClientFrame, Login, NOTIFY_ID, OutgoingEnvelope, Push, Register, Reply, Request, ServerFrame,
-    SignedRoster, roster_signed_bytes,
+    ClientFrame, Login, NOTIFY_ID, OutgoingEnvelope, Push, Reply, Request, ServerFrame,
+    SignedRoster,
 };
 use messenger_proto::{ALPN, MAX_FRAME_LEN, PROTOCOL_VERSION, decode, encode};
-use messenger_rendezvous::app::{
-    self, Running, load_or_create_server_secret, server_key_pair, sign_announcement,
-};
+use messenger_rendezvous::app::{load_or_create_server_secret, server_key_pair, sign_announcement};
 use messenger_rendezvous::handler::CloseReason;
 use messenger_rendezvous::limits::Limits;
 use messenger_rendezvous::pin::pinned_client_config;
-use messenger_rendezvous::rate::Rate;
-use messenger_rendezvous::server::ServerConfig;
-use messenger_rendezvous::service::ServiceConfig;
-use messenger_rendezvous::store::StoreOptions;
 use messenger_rendezvous::tls::ServerIdentity;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use support::real::{
+    Person, address, login, person, register, registered_and_logged_in, roster, start_app, temp_dir,
+};
 use support::{TestClient, WAIT, client_endpoint, client_endpoint_with, close_code, connect_raw};
-use tempfile::TempDir;
 
 /// The tests here each load both cores (hundreds of handshakes); they take
 /// turns rather than starve each other's timers.
@@ -69,42 +64,6 @@ const CLOSING_WORKERS: usize = 32;
 /// Frames sent before their replies are read, on the batch connection.
 const WINDOW: usize = 32;
 
-/// Service rates high enough that mutations reach the handlers instead of
-/// the rate limiter.
-fn fast_service() -> ServiceConfig {
-    ServiceConfig {
-        send_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
-        bundle_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
-        request_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
-        ..ServiceConfig::default()
-    }
-}
-
-/// A temporary directory in memory when the system has one: the mutated
-/// sends that are still valid commit to disk, and tmpfs keeps that fast.
-fn temp_dir() -> TempDir {
-    if std::path::Path::new("/dev/shm").is_dir()
-        && let Ok(dir) = tempfile::tempdir_in("/dev/shm")
-    {
-        return dir;
-    }
-    tempfile::tempdir().unwrap()
-}
-
-fn start_app(limits: Limits, dir: &TempDir) -> Running {
-    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
-    config.limits = limits;
-    app::start(config, fast_service(), StoreOptions::default()).unwrap()
-}
-
-/// The running server's address and certificate fingerprint.
-fn address(running: &Running) -> (SocketAddr, String) {
-    (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    )
-}
-
 fn vm_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
@@ -112,70 +71,6 @@ fn vm_rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
-}
-
-struct Person {
-    name: String,
-    id: IdentityKeyPair,
-    spk: SignedPrekeyPair,
-    opks: Vec<OneTimePrekeyPair>,
-    counter: PrekeyIdCounter,
-}
-
-fn person(name: &str, seed: u64) -> Person {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let id = IdentityKeyPair::generate(&mut rng);
-    let mut counter = PrekeyIdCounter::new();
-    let spk = SignedPrekeyPair::generate(&id, &mut counter, &mut rng).unwrap();
-    let opks = OneTimePrekeyPair::generate_batch(&mut counter, 5, &mut rng).unwrap();
-    Person {
-        name: name.to_owned(),
-        id,
-        spk,
-        opks,
-        counter,
-    }
-}
-
-fn register(p: &Person) -> Request {
-    Request::Register(Register {
-        username: p.name.clone(),
-        identity: p.id.public().to_bytes(),
-        signed_prekey: p.spk.public().to_bytes(),
-        one_time_prekeys: p.opks.iter().map(|k| k.public().to_bytes()).collect(),
-        invite: None,
-    })
-}
-
-async fn login(c: &mut TestClient, p: &Person) {
-    let sig = p.id.sign_login(&c.hello.nonce, &c.exporter());
-    let r = c
-        .request(Request::Login(Login {
-            username: p.name.clone(),
-            signature: sig.to_vec(),
-        }))
-        .await;
-    assert!(matches!(r, Ok(Reply::LoggedIn { .. })), "{r:?}");
-}
-
-async fn registered_and_logged_in(addr: SocketAddr, fp: &str, p: &Person) -> TestClient {
-    let mut c = TestClient::connect(addr, fp).await;
-    assert_eq!(c.request(register(p)).await, Ok(Reply::Ok));
-    login(&mut c, p).await;
-    c
-}
-
-fn roster(owner: &Person, group: &str, version: u64, members: &[&str]) -> SignedRoster {
-    let mut members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
-    members.sort();
-    let bytes = roster_signed_bytes(group, version, &owner.name, &members).unwrap();
-    SignedRoster {
-        group: group.into(),
-        version,
-        owner: owner.name.clone(),
-        members,
-        signature: owner.id.sign(SigningContext::GroupRoster, &bytes).to_vec(),
-    }
 }
 
 /// One well-formed sample of every request kind, with plausible contents

@@ -10,180 +10,26 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
-use messenger_crypto::prekey::{
-    OneTimePrekey, OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair,
-};
+use messenger_crypto::identity::SigningContext;
+use messenger_crypto::prekey::{OneTimePrekey, OneTimePrekeyPair, SignedPrekeyPair};
 use messenger_proto::ErrorCode;
 use messenger_proto::msg::{
-    Envelope, Login, OutgoingEnvelope, Push, Register, Reply, Request, ServerFrame, SignedRoster,
-    roster_signed_bytes,
+    Envelope, Login, Push, Reply, Request, ServerFrame, roster_signed_bytes,
 };
-use messenger_rendezvous::app::{self, Running};
 use messenger_rendezvous::limits::Limits;
 use messenger_rendezvous::rate::Rate;
-use messenger_rendezvous::server::ServerConfig;
 use messenger_rendezvous::service::{LIVE_SEQ_BIT, ServiceConfig};
 use messenger_rendezvous::store::StoreOptions;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use support::real::{
+    Person, address, fast_service, logged_in, login, person, person_with, register, register_all,
+    register_fields, registered_and_logged_in, roster, send, start_app, start_with, temp_dir,
+};
 use support::{TestClient, WAIT, client_endpoint, close_code, connect_raw};
-use tempfile::TempDir;
-
-/// Rates high enough that only the limit a test sets is ever reached.
-fn fast_service() -> ServiceConfig {
-    ServiceConfig {
-        send_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
-        bundle_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
-        request_rate: Rate::per(1_000_000, Duration::from_secs(1), 1_000_000),
-        ..ServiceConfig::default()
-    }
-}
-
-/// A temporary directory in memory when the system has one (every stored
-/// envelope is an `fsync`).
-fn temp_dir() -> TempDir {
-    if std::path::Path::new("/dev/shm").is_dir()
-        && let Ok(dir) = tempfile::tempdir_in("/dev/shm")
-    {
-        return dir;
-    }
-    tempfile::tempdir().unwrap()
-}
-
-fn start_with(
-    dir: &TempDir,
-    limits: Limits,
-    service: ServiceConfig,
-    store: StoreOptions,
-) -> Running {
-    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("data"));
-    config.limits = limits;
-    app::start(config, service, store).unwrap()
-}
-
-fn start_app(dir: &TempDir) -> Running {
-    start_with(
-        dir,
-        Limits::default(),
-        fast_service(),
-        StoreOptions::default(),
-    )
-}
-
-/// The running server's address and certificate fingerprint.
-fn address(running: &Running) -> (SocketAddr, String) {
-    (
-        running.handle.local_addr(),
-        running.handle.fingerprint().to_owned(),
-    )
-}
-
-struct Person {
-    name: String,
-    id: IdentityKeyPair,
-    spk: SignedPrekeyPair,
-    opks: Vec<OneTimePrekeyPair>,
-    counter: PrekeyIdCounter,
-}
-
-/// A user with `opks` one-time prekeys, made from `seed`.
-fn person_with(name: &str, seed: u64, opks: u32) -> Person {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let id = IdentityKeyPair::generate(&mut rng);
-    let mut counter = PrekeyIdCounter::new();
-    let spk = SignedPrekeyPair::generate(&id, &mut counter, &mut rng).unwrap();
-    let opks = OneTimePrekeyPair::generate_batch(&mut counter, opks, &mut rng).unwrap();
-    Person {
-        name: name.to_owned(),
-        id,
-        spk,
-        opks,
-        counter,
-    }
-}
-
-fn person(name: &str, seed: u64) -> Person {
-    person_with(name, seed, 5)
-}
-
-fn register_fields(p: &Person) -> Register {
-    Register {
-        username: p.name.clone(),
-        identity: p.id.public().to_bytes(),
-        signed_prekey: p.spk.public().to_bytes(),
-        one_time_prekeys: p.opks.iter().map(|k| k.public().to_bytes()).collect(),
-        invite: None,
-    }
-}
-
-fn register(p: &Person) -> Request {
-    Request::Register(register_fields(p))
-}
-
-fn login_request(c: &TestClient, p: &Person) -> Request {
-    let sig = p.id.sign_login(&c.hello.nonce, &c.exporter());
-    Request::Login(Login {
-        username: p.name.clone(),
-        signature: sig.to_vec(),
-    })
-}
-
-/// Logs `p` in on `c`; returns the `LoggedIn` reply.
-async fn login(c: &mut TestClient, p: &Person) -> Reply {
-    let r = c.request(login_request(c, p)).await;
-    assert!(matches!(r, Ok(Reply::LoggedIn { .. })), "{r:?}");
-    r.unwrap()
-}
-
-/// A new connection logged in as `p` (registered already).
-async fn logged_in(addr: SocketAddr, fp: &str, p: &Person) -> TestClient {
-    let mut c = TestClient::connect(addr, fp).await;
-    login(&mut c, p).await;
-    c
-}
-
-async fn registered_and_logged_in(addr: SocketAddr, fp: &str, p: &Person) -> TestClient {
-    let mut c = TestClient::connect(addr, fp).await;
-    assert_eq!(c.request(register(p)).await, Ok(Reply::Ok));
-    login(&mut c, p).await;
-    c
-}
-
-/// Registers each of `people` on one short-lived connection.
-async fn register_all(addr: SocketAddr, fp: &str, people: &[&Person]) {
-    let mut c = TestClient::connect(addr, fp).await;
-    for p in people {
-        assert_eq!(c.request(register(p)).await, Ok(Reply::Ok), "{}", p.name);
-    }
-    c.conn.close(0u32.into(), b"done");
-}
-
-fn roster(owner: &Person, group: &str, version: u64, members: &[&str]) -> SignedRoster {
-    let mut members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
-    members.sort();
-    let bytes = roster_signed_bytes(group, version, &owner.name, &members).unwrap();
-    SignedRoster {
-        group: group.into(),
-        version,
-        owner: owner.name.clone(),
-        members,
-        signature: owner.id.sign(SigningContext::GroupRoster, &bytes).to_vec(),
-    }
-}
-
-fn send(to: &str, id: u8, body: &[u8]) -> Request {
-    Request::Send(OutgoingEnvelope {
-        to: to.into(),
-        to_device: 1,
-        id: [id; 16],
-        body: body.to_vec(),
-    })
-}
 
 fn group_send(group: &str, id: u8, body: &[u8]) -> Request {
     Request::GroupSend {
@@ -248,7 +94,7 @@ fn envelopes_in(pushes: &[Push]) -> Vec<&Envelope> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_and_login_are_checked_over_quic() {
     let dir = temp_dir();
-    let running = start_app(&dir);
+    let running = start_app(Limits::default(), &dir);
     let (addr, fp) = address(&running);
     let alice = person("alice", 1);
     let mallory = person("mallory", 2);
@@ -324,7 +170,7 @@ async fn one_time_prekeys_handed_out_once_under_concurrent_fetches() {
     const FETCHERS: u64 = 6;
     const EACH: usize = 5;
     let dir = temp_dir();
-    let running = start_app(&dir);
+    let running = start_app(Limits::default(), &dir);
     let (addr, fp) = address(&running);
     let bob = person_with("bob", 10, PREKEYS);
     let mut b = registered_and_logged_in(addr, &fp, &bob).await;
@@ -432,7 +278,7 @@ async fn one_time_prekeys_handed_out_once_under_concurrent_fetches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resends_are_stored_once_and_acks_empty_the_mailbox() {
     let dir = temp_dir();
-    let running = start_app(&dir);
+    let running = start_app(Limits::default(), &dir);
     let (addr, fp) = address(&running);
     let (alice, bob) = (person("alice", 20), person("bob", 21));
     register_all(addr, &fp, &[&bob]).await;
@@ -629,7 +475,7 @@ async fn mailbox_quotas_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_over_quic() {
     let dir = temp_dir();
-    let running = start_app(&dir);
+    let running = start_app(Limits::default(), &dir);
     let (addr, fp) = address(&running);
     let (alice, bob, carol, mallory) = (
         person("alice", 50),
@@ -761,7 +607,7 @@ async fn groups_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_friend_request_over_quic() {
     let dir = temp_dir();
-    let running = start_app(&dir);
+    let running = start_app(Limits::default(), &dir);
     let (addr, fp) = address(&running);
     let (alice, bob) = (person("alice", 60), person("bob", 61));
     register_all(addr, &fp, &[&bob]).await;
@@ -946,7 +792,7 @@ async fn a_replacing_login_keeps_the_user_online() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prekey_upload_and_signed_prekey_rotation_over_quic() {
     let dir = temp_dir();
-    let running = start_app(&dir);
+    let running = start_app(Limits::default(), &dir);
     let (addr, fp) = address(&running);
     let (alice, mut bob, mallory) = (
         person("alice", 80),

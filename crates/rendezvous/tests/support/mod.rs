@@ -10,6 +10,8 @@
     clippy::panic
 )]
 
+pub mod real;
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
