@@ -459,6 +459,13 @@ impl PushQueue {
         self.rx.len()
     }
 
+    /// Refuses further pushes ([`PushError::Closed`]) and drops those
+    /// queued.
+    pub(crate) fn close(&mut self) {
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+    }
+
     /// The next push's frame if one is queued.
     pub(crate) fn try_recv_frame(&mut self) -> Option<Box<[u8]>> {
         self.rx.try_recv().ok()

@@ -389,8 +389,9 @@ async fn serve<H: Handler>(
     // in this task (a local moved into a call or `pin!` would be stored
     // twice). The writer, once done (the connection was closed), waits
     // forever, so the request loop always runs to its end: a handler's work
-    // is not cancelled. Its push queue is dropped then, or with it here:
-    // before `on_disconnect`, so pushes from then on fail as closed.
+    // is not cancelled. The push queue is closed then (`write_then_wait`),
+    // or after the request loop here: before `on_disconnect`, so pushes
+    // from then on fail as closed.
     //
     // A push queued before a reply is written goes out ahead of it: the
     // request loop writes the pushes queued by then first (`Outbox`). A
@@ -415,6 +416,7 @@ async fn serve<H: Handler>(
             login_deadline,
         ) => ended,
     };
+    outbox.close_queue();
     finish(&conn, id, peer, ctx.user.as_deref(), ended);
     // Boxed for the same reason as in `handled`.
     Box::pin(shared.handler.on_disconnect(&ctx, session)).await;
@@ -453,9 +455,14 @@ async fn read_and_flush<H: Handler>(
     ended
 }
 
-/// [`write_loop`], then nothing, for ever.
+/// [`write_loop`], then nothing, for ever. Once the writer has stopped
+/// (the connection closed, or its send half failed), the push queue is
+/// closed and emptied: pushes from then on fail as closed (so a live
+/// delivery falls back to the mailbox at once) instead of filling a queue
+/// nobody writes.
 async fn write_then_wait(conn: &quinn::Connection, outbox: &Outbox) -> Infallible {
     write_loop(conn, outbox).await;
+    outbox.close_queue();
     std::future::pending().await
 }
 
@@ -1084,8 +1091,12 @@ fn write_replies<'a>(
             }
         }
         let mut send = outbox.send.lock().await;
-        write_queued_first(&mut send, outbox).await?;
+        // The replies ready now, then the pushes queued by now: a push
+        // queued before one of these replies was ready is among them. (The
+        // other order would let a reply made ready while the pushes wait on
+        // flow control overtake a push queued meanwhile.)
         take_ready(&mut bytes, pending, conn).await?;
+        write_queued_first(&mut send, outbox).await?;
         send.write_chunk(Bytes::from(bytes))
             .await
             .map_err(|_| Ended::Lost)
@@ -1355,6 +1366,13 @@ impl Outbox {
     /// closed with [`CloseReason::TooSlow`] at the writer's next turn.
     fn too_slow(&self) -> bool {
         self.queued().queue.close_reason() == Some(CloseReason::TooSlow)
+    }
+
+    /// Refuses further pushes and drops those queued.
+    fn close_queue(&self) {
+        let mut queued = self.queued();
+        queued.head = None;
+        queued.queue.close();
     }
 
     /// How many pushes are queued.

@@ -28,7 +28,8 @@ use messenger_rendezvous::tls::ServerIdentity;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use support::real::{
-    Person, address, login, person, register, registered_and_logged_in, roster, start_app, temp_dir,
+    Person, address, fast_service, logged_in, login, person, register, registered_and_logged_in,
+    roster, start_app, start_with, temp_dir,
 };
 use support::{TestClient, WAIT, client_endpoint, client_endpoint_with, close_code, connect_raw};
 
@@ -1593,6 +1594,67 @@ async fn a_push_queued_behind_a_blocked_write_still_goes_before_a_later_reply() 
         "bob's answer came before alice's envelope, queued before it was ready \
          (envelopes read before the answer: {seen:?})"
     );
+    running.handle.shutdown().await;
+}
+
+/// Bob's client stops reading (STOP_SENDING on the control stream) but
+/// stays connected. The server's writer fails at its next push and stops;
+/// from then on pushes to bob fail at once, so alice's live send to him
+/// is stored and answered without waiting the grace (20 s here). Before,
+/// the queue outlived the writer: pushes went on "succeeding" into a queue
+/// nobody wrote, holding memory, and each live send waited the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_a_connection_whose_writer_stopped_fail_at_once() {
+    use messenger_rendezvous::service::{LIVE_SEQ_BIT, ServiceConfig};
+    use messenger_rendezvous::store::StoreOptions;
+    let dir = temp_dir();
+    let service = ServiceConfig {
+        live_grace: Duration::from_secs(20),
+        ..fast_service()
+    };
+    let running = start_with(&dir, Limits::default(), service, StoreOptions::default());
+    let (addr, fp) = address(&running);
+    let (alice, bob, carol) = (person("alice", 1), person("bob", 2), person("carol", 3));
+    let mut a = registered_and_logged_in(addr, &fp, &alice).await;
+    let mut b = registered_and_logged_in(addr, &fp, &bob).await;
+    let mut c = registered_and_logged_in(addr, &fp, &carol).await;
+    let friends = |username: &str| username.to_owned();
+    assert_eq!(
+        b.request(Request::FriendRequest {
+            username: friends("carol")
+        })
+        .await,
+        Ok(Reply::Ok)
+    );
+    assert_eq!(
+        c.request(Request::FriendAccept {
+            username: friends("bob")
+        })
+        .await,
+        Ok(Reply::Ok)
+    );
+    b.recv.stop(0u32.into()).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A push to bob (carol goes and comes back): the writer's write fails.
+    c.conn.close(0u32.into(), b"");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _c = logged_in(addr, &fp, &carol).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.request(Request::Send(OutgoingEnvelope {
+            to: "bob".into(),
+            to_device: 1,
+            id: [5; 16],
+            body: vec![5; 64],
+        })),
+    )
+    .await
+    .expect("answered without waiting the 20 s grace");
+    let Ok(Reply::Accepted { seq, .. }) = answered else {
+        panic!("{answered:?}")
+    };
+    assert_eq!(seq & LIVE_SEQ_BIT, 0, "stored, not delivered live");
     running.handle.shutdown().await;
 }
 
