@@ -78,14 +78,16 @@ impl Buckets {
         self.take_n(key, 1.0, now_ms)
     }
 
-    /// Takes `cost` tokens for `key` at time `now_ms` (at most the burst,
-    /// so that any request can pass once the bucket is full); false, taking
-    /// none, when fewer are left.
+    /// Takes `cost` tokens for `key` at time `now_ms`; false, taking none,
+    /// when fewer are left. A cost above the burst passes only from a full
+    /// bucket and leaves it in debt, refilled at the rate like any other
+    /// deficit: such requests pass, and the rate still bounds what they
+    /// cost on average.
     pub fn take_n(&mut self, key: &str, cost: f64, now_ms: u64) -> bool {
         let rate = self.rate;
         let bucket = self.bucket(key, now_ms);
         let mut bucket = bucket.lock().unwrap_or_else(PoisonError::into_inner);
-        take_cost(rate, &mut bucket, now_ms, cost.min(rate.burst))
+        take_cost(rate, &mut bucket, now_ms, cost)
     }
 
     /// `key`'s bucket, to take its tokens without this map
@@ -127,10 +129,11 @@ fn take_one(rate: Rate, bucket: &mut Bucket, now_ms: u64) -> bool {
     take_cost(rate, bucket, now_ms, 1.0)
 }
 
-/// Refills `bucket` to `now_ms` and takes `cost` tokens if it has them.
+/// Refills `bucket` to `now_ms` and takes `cost` tokens if it has them, or,
+/// for a cost above the burst, if it is full (leaving it in debt).
 fn take_cost(rate: Rate, bucket: &mut Bucket, now_ms: u64, cost: f64) -> bool {
     *bucket = refill(rate, *bucket, now_ms);
-    if bucket.tokens >= cost {
+    if bucket.tokens >= cost.min(rate.burst) {
         bucket.tokens -= cost;
         true
     } else {
@@ -175,10 +178,13 @@ mod tests {
         assert!(!b.take_n("a", 4.0, 0));
         assert!(b.take_n("a", 2.0, 0));
         assert!(!b.take("a", 0));
-        // A cost above the burst passes once the bucket is full again.
+        // A cost above the burst passes once the bucket is full again, and
+        // leaves it in debt: 1,000 tokens at 1 a second.
         assert!(!b.take_n("a", 1_000.0, 5_000));
         assert!(b.take_n("a", 1_000.0, 10_000));
         assert!(!b.take("a", 10_000));
+        assert!(!b.take("a", 10_000 + 989_000));
+        assert!(b.take("a", 10_000 + 991_000));
     }
 
     /// Tracks `key` with a full bucket last touched at time 0, as one

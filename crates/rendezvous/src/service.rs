@@ -797,7 +797,6 @@ impl<P: PushTarget> Service<P> {
                 let (pending, _) = store.mailbox_usage(&u)?;
                 let prekeys = store.one_time_prekey_count(&u)?;
                 let incoming = store.incoming_requests(&u)?;
-                let answers = store.take_friend_answers(&u)?;
                 let cursor = store.announcement_cursor(&u)?;
                 let announcements = store.announcements_after(cursor)?;
                 if let Some(last) = announcements.last() {
@@ -816,14 +815,38 @@ impl<P: PushTarget> Service<P> {
                         }
                     }
                 }
+                // Last: nothing after it can fail and lose what it took.
+                let answers = store.take_friend_answers(&u)?;
                 Ok((pending, prekeys, incoming, answers, announcements, owned))
             })
             .await?;
+        // Answers first, before the pushes that could fill the queue; one
+        // that cannot be queued is kept for the next login.
+        let unsent: Vec<(String, bool)> = answers
+            .into_iter()
+            .filter(|(from, accepted)| {
+                !s.push.push(Push::FriendAnswer {
+                    from: from.clone(),
+                    accepted: *accepted,
+                })
+            })
+            .collect();
+        if !unsent.is_empty() {
+            let store = self.store.clone();
+            let u = user.clone();
+            let kept = blocking(move || {
+                for (from, accepted) in &unsent {
+                    store.add_friend_answer(&u, from, *accepted)?;
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = kept {
+                tracing::warn!(?e, "friend answers not queued could not be kept");
+            }
+        }
         for from in incoming {
             s.push.push(Push::FriendRequest { from });
-        }
-        for (from, accepted) in answers {
-            s.push.push(Push::FriendAnswer { from, accepted });
         }
         for a in announcements {
             if let Ok(signed) = postcard::from_bytes::<SignedAnnouncement>(&a.bytes) {
@@ -1962,8 +1985,10 @@ fn key_error(e: messenger_crypto::identity::KeyError) -> ErrorCode {
 pub const FAN_OUT_PER_SEND_TOKEN: usize = 20;
 
 /// Tokens of the send rate a group send to `others` other members takes:
-/// 1, plus one per [`FAN_OUT_PER_SEND_TOKEN`] of them (the bucket caps it at
-/// its burst, so a send to any group can pass).
+/// 1, plus one per [`FAN_OUT_PER_SEND_TOKEN`] of them. A cost above the
+/// bucket's burst passes from a full bucket and leaves it in debt
+/// ([`crate::rate::Buckets::take_n`]), so a send to any group can pass and
+/// the envelopes one account makes stay near 50 × 20 a second.
 fn group_send_cost(others: usize) -> f64 {
     1.0 + others as f64 / FAN_OUT_PER_SEND_TOKEN as f64
 }

@@ -847,6 +847,20 @@ async fn friend_answers_reach_an_offline_requester_at_login() {
         got.sort();
         got
     };
+    // A login whose pushes cannot be queued (its connection already gone)
+    // does not use the answers up.
+    let mut gone = w.connect();
+    gone.pushes.close();
+    let sig = alice.id.sign_login(&gone.nonce, &gone.exporter);
+    let login = Request::Login(Login {
+        username: "alice".into(),
+        signature: sig.to_vec(),
+    });
+    assert!(matches!(
+        w.ask(&mut gone, login).await,
+        Ok(Reply::LoggedIn { .. })
+    ));
+    w.service.disconnect(&gone.session);
     let mut a = w.login(&alice).await;
     assert_eq!(
         answers(drain(&mut a)),
