@@ -104,34 +104,33 @@ struct ServeArgs {
     key: Option<PathBuf>,
 }
 
-/// The ids of [`ServeArgs`]' options, which are also accepted with no
-/// command (`rendezvous --listen ...` serves).
-const SERVE_FLAGS: [&str; 6] = ["listen", "data_dir", "registration", "users", "cert", "key"];
-
 fn default_data_dir() -> Option<PathBuf> {
     directories::ProjectDirs::from("", "", "rendezvous").map(|d| d.data_dir().to_path_buf())
 }
 
 /// Runs the command line; the binary's `main` is this.
 pub fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let mut command = Cli::command();
+    let matches = command.get_matches_mut();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // `rendezvous --data-dir X invite` would otherwise take X as a serve
-    // option and ignore it: the command would use the default directory.
-    if let Some(name) = matches.subcommand_name()
-        && let Some(flag) = SERVE_FLAGS
-            .iter()
-            .find(|id| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
-    {
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                format!(
-                    "--{} before the command `{name}` would be ignored: a command's \
-                     options go after it (see `rendezvous {name} --help`)",
-                    flag.replace('_', "-")
-                ),
-            )
+    // option (the top level's own options are `ServeArgs`') and ignore it:
+    // the command would use the default directory.
+    let misplaced = command
+        .get_arguments()
+        .filter(|arg| {
+            matches.value_source(arg.get_id().as_str())
+                == Some(clap::parser::ValueSource::CommandLine)
+        })
+        .find_map(clap::Arg::get_long)
+        .map(str::to_owned);
+    if let (Some(name), Some(flag)) = (matches.subcommand_name(), misplaced) {
+        let message = format!(
+            "--{flag} before the command `{name}` would be ignored: a command's options go \
+             after it (see `rendezvous {name} --help`)"
+        );
+        command
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
             .exit();
     }
     let args = match cli.command {

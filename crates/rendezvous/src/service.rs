@@ -834,14 +834,7 @@ impl<P: PushTarget> Service<P> {
         if !unsent.is_empty() {
             let store = self.store.clone();
             let u = user.clone();
-            let kept = blocking(move || {
-                for (from, accepted) in &unsent {
-                    store.add_friend_answer(&u, from, *accepted)?;
-                }
-                Ok(())
-            })
-            .await;
-            if let Err(e) = kept {
+            if let Err(e) = blocking(move || store.keep_friend_answers(&u, &unsent)).await {
                 tracing::warn!(?e, "friend answers not queued could not be kept");
             }
         }
@@ -1628,8 +1621,8 @@ impl<P: PushTarget> Service<P> {
             return;
         }
         let store = self.store.clone();
-        let (requester, me) = (requester.to_owned(), me.to_owned());
-        if let Err(e) = blocking(move || store.add_friend_answer(&requester, &me, accepted)).await {
+        let (requester, answers) = (requester.to_owned(), [(me.to_owned(), accepted)]);
+        if let Err(e) = blocking(move || store.keep_friend_answers(&requester, &answers)).await {
             tracing::warn!(
                 ?e,
                 "a friend answer could not be kept for the requester's login"

@@ -61,21 +61,23 @@ impl Store {
         self.write(OP, |tx| take_request(tx, OP, requester, user))
     }
 
-    /// Keeps, for `requester`, that `answerer` answered their friend
-    /// request (`accepted` or not), until [`Store::take_friend_answers`].
-    /// A later answer from the same user replaces it.
-    pub fn add_friend_answer(
+    /// Keeps, for `requester`, that each (answerer, accepted) answered
+    /// their friend request, until [`Store::take_friend_answers`]; one
+    /// transaction for all. A later answer from the same user replaces its
+    /// earlier one.
+    pub fn keep_friend_answers(
         &self,
         requester: &str,
-        answerer: &str,
-        accepted: bool,
+        answers: &[(String, bool)],
     ) -> Result<(), StoreError> {
-        const OP: &str = "keep friend answer";
+        const OP: &str = "keep friend answers";
         self.write(OP, |tx| {
-            tx.open_table(FRIEND_ANSWERS)
-                .op(OP)?
-                .insert((requester, answerer), accepted)
-                .op(OP)?;
+            let mut table = tx.open_table(FRIEND_ANSWERS).op(OP)?;
+            for (answerer, accepted) in answers {
+                table
+                    .insert((requester, answerer.as_str()), *accepted)
+                    .op(OP)?;
+            }
             Ok(())
         })
     }
