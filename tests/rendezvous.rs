@@ -498,6 +498,16 @@ fn invitations_are_required_and_single_use() {
     terminate(server);
 }
 
+/// `rendezvous announce TEXT` through the server using `data`; must succeed.
+fn announce(text: &str, data: &std::path::Path) {
+    let out = operator(&["announce", text], data);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The next announcement pushed to `c`, waiting at most 10 s.
 async fn next_announcement(c: &mut TestClient) -> messenger_proto::msg::SignedAnnouncement {
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -526,12 +536,7 @@ fn announcements_reach_online_users_at_once_and_others_at_login() {
         b.conn.close(0u32.into(), b"bye");
         connect_as(&alice, addr, &fp, true).await
     });
-    let out = operator(&["announce", "server maintenance at noon"], dir.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    announce("server maintenance at noon", dir.path());
     runtime.block_on(async {
         let got = next_announcement(&mut a).await;
         assert_eq!(got.text, "server maintenance at noon");
@@ -588,12 +593,7 @@ fn announce_works_with_the_operators_own_certificate() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let alice = person("alice");
     let mut a = runtime.block_on(connect_as(&alice, addr, &fp, true));
-    let out = operator(&["announce", "new certificate in place"], &data);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    announce("new certificate in place", &data);
     runtime.block_on(async {
         let got = next_announcement(&mut a).await;
         assert_eq!(got.text, "new certificate in place");

@@ -28,8 +28,8 @@ use messenger_rendezvous::tls::ServerIdentity;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use support::real::{
-    Person, address, fast_service, logged_in, login, person, register, registered_and_logged_in,
-    roster, start_app, start_with, temp_dir,
+    Person, address, fast_service, logged_in, login, make_friends, person, register,
+    registered_and_logged_in, roster, start_app, start_with, temp_dir,
 };
 use support::{TestClient, WAIT, client_endpoint, client_endpoint_with, close_code, connect_raw};
 
@@ -1348,21 +1348,7 @@ async fn a_peer_that_vanishes_is_offline_for_its_friends_after_the_idle_timeout(
     let conn = connect_raw(&endpoint, relay.addr).await.unwrap();
     let mut a = TestClient::on(endpoint, conn).await;
     login(&mut a, &alice).await;
-    let friend = |username: &str| username.to_owned();
-    assert_eq!(
-        a.request(Request::FriendRequest {
-            username: friend("bob")
-        })
-        .await,
-        Ok(Reply::Ok)
-    );
-    assert_eq!(
-        b.request(Request::FriendAccept {
-            username: friend("alice")
-        })
-        .await,
-        Ok(Reply::Ok)
-    );
+    make_friends(&mut a, "alice", &mut b, "bob").await;
     relay.cut();
     let cut_at = Instant::now();
     let bound = limits.idle_timeout + Duration::from_secs(5);
@@ -1618,21 +1604,7 @@ async fn pushes_to_a_connection_whose_writer_stopped_fail_at_once() {
     let mut a = registered_and_logged_in(addr, &fp, &alice).await;
     let mut b = registered_and_logged_in(addr, &fp, &bob).await;
     let mut c = registered_and_logged_in(addr, &fp, &carol).await;
-    let friends = |username: &str| username.to_owned();
-    assert_eq!(
-        b.request(Request::FriendRequest {
-            username: friends("carol")
-        })
-        .await,
-        Ok(Reply::Ok)
-    );
-    assert_eq!(
-        c.request(Request::FriendAccept {
-            username: friends("bob")
-        })
-        .await,
-        Ok(Reply::Ok)
-    );
+    make_friends(&mut b, "bob", &mut c, "carol").await;
     b.recv.stop(0u32.into()).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // A push to bob (carol goes and comes back): the writer's write fails.

@@ -150,6 +150,22 @@ pub async fn register_all(addr: SocketAddr, fp: &str, people: &[&Person]) {
     c.conn.close(0u32.into(), b"done");
 }
 
+/// `a` (logged in as `a_name`) asks `b_name` to be friends and `b` accepts.
+pub async fn make_friends(a: &mut TestClient, a_name: &str, b: &mut TestClient, b_name: &str) {
+    let asked = a
+        .request(Request::FriendRequest {
+            username: b_name.to_owned(),
+        })
+        .await;
+    assert_eq!(asked, Ok(Reply::Ok));
+    let accepted = b
+        .request(Request::FriendAccept {
+            username: a_name.to_owned(),
+        })
+        .await;
+    assert_eq!(accepted, Ok(Reply::Ok));
+}
+
 /// A roster of `members` (sorted here) signed by `owner`.
 pub fn roster(owner: &Person, group: &str, version: u64, members: &[&str]) -> SignedRoster {
     let mut members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
