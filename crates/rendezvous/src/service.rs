@@ -49,8 +49,8 @@ use crate::handler::PushFrame;
 use crate::invite::{check_reset_token, check_token};
 use crate::rate::{Buckets, Rate, SharedBucket};
 use crate::store::{
-    AccountRecord, AnnouncementRecord, AppendOutcome, EnvelopeRecord, FriendRequestOutcome,
-    GroupRecord, NewEnvelope, Store, StoreError,
+    AccountRecord, AnnouncementRecord, AppendOutcome, EnvelopeRecord, FriendNotice,
+    FriendRequestOutcome, GroupRecord, NewEnvelope, Store, StoreError,
 };
 
 /// Below this many one-time prekeys the owner is told to upload more.
@@ -350,6 +350,22 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The push that tells a user `notice` from `from`.
+fn notice_push(from: &str, notice: FriendNotice) -> Push {
+    let from = from.to_owned();
+    match notice {
+        FriendNotice::Accepted => Push::FriendAnswer {
+            from,
+            accepted: true,
+        },
+        FriendNotice::Declined => Push::FriendAnswer {
+            from,
+            accepted: false,
+        },
+        FriendNotice::Removed => Push::FriendRemoved { from },
+    }
+}
+
 fn to_envelope(r: EnvelopeRecord) -> Envelope {
     Envelope {
         seq: r.seq,
@@ -646,12 +662,7 @@ impl<P: PushTarget> Service<P> {
                 let (a, b) = (me.to_owned(), them.clone());
                 let store = self.store.clone();
                 blocking(move || store.friend_remove(&a, &b)).await?;
-                self.push_to(
-                    &them,
-                    Push::FriendRemoved {
-                        from: me.to_owned(),
-                    },
-                );
+                self.tell_notice(&them, me, FriendNotice::Removed).await;
                 Ok(Reply::Ok)
             }
             Request::FriendList => self.friend_list(me).await,
@@ -792,7 +803,7 @@ impl<P: PushTarget> Service<P> {
 
         let store = self.store.clone();
         let u = user.clone();
-        let (pending, prekeys, incoming, answers, announcements, owned_requests) =
+        let (pending, prekeys, incoming, notices, announcements, owned_requests) =
             blocking(move || {
                 let (pending, _) = store.mailbox_usage(&u)?;
                 let prekeys = store.one_time_prekey_count(&u)?;
@@ -816,26 +827,21 @@ impl<P: PushTarget> Service<P> {
                     }
                 }
                 // Last: nothing after it can fail and lose what it took.
-                let answers = store.take_friend_answers(&u)?;
-                Ok((pending, prekeys, incoming, answers, announcements, owned))
+                let notices = store.take_friend_notices(&u)?;
+                Ok((pending, prekeys, incoming, notices, announcements, owned))
             })
             .await?;
-        // Answers first, before the pushes that could fill the queue; one
+        // Notices first, before the pushes that could fill the queue; one
         // that cannot be queued is kept for the next login.
-        let unsent: Vec<(String, bool)> = answers
+        let unsent: Vec<(String, FriendNotice)> = notices
             .into_iter()
-            .filter(|(from, accepted)| {
-                !s.push.push(Push::FriendAnswer {
-                    from: from.clone(),
-                    accepted: *accepted,
-                })
-            })
+            .filter(|(from, notice)| !s.push.push(notice_push(from, *notice)))
             .collect();
         if !unsent.is_empty() {
             let store = self.store.clone();
             let u = user.clone();
-            if let Err(e) = blocking(move || store.keep_friend_answers(&u, &unsent)).await {
-                tracing::warn!(?e, "friend answers not queued could not be kept");
+            if let Err(e) = blocking(move || store.keep_friend_notices(&u, &unsent)).await {
+                tracing::warn!(?e, "friend notices not queued could not be kept");
             }
         }
         for from in incoming {
@@ -1555,7 +1561,7 @@ impl<P: PushTarget> Service<P> {
     }
 
     async fn became_friends(&self, me: &str, them: &str) {
-        self.tell_answer(me, them, true).await;
+        self.tell_notice(them, me, FriendNotice::Accepted).await;
         // Both online: each learns the other is here, with their key.
         let (mine, theirs) = {
             let online = lock(&self.online);
@@ -1604,28 +1610,26 @@ impl<P: PushTarget> Service<P> {
         if accept {
             self.became_friends(me, &them).await;
         } else {
-            self.tell_answer(me, &them, false).await;
+            self.tell_notice(&them, me, FriendNotice::Declined).await;
         }
         Ok(Reply::Ok)
     }
 
-    /// Tells `requester` that `me` answered their friend request: at once
-    /// if online, else at their next login. Best effort: the answer itself
-    /// is committed, and `FriendList` shows it either way.
-    async fn tell_answer(&self, me: &str, requester: &str, accepted: bool) {
-        let push = Push::FriendAnswer {
-            from: me.to_owned(),
-            accepted,
-        };
-        if self.push_to(requester, push) {
+    /// Tells `user` the notice from `other` that the store kept with the
+    /// change: pushed at once if `user` is online, and then forgotten;
+    /// otherwise (or if forgetting fails) it waits for their next login.
+    /// Best effort beyond that: a push queued to a connection that then
+    /// drops is not told again, and `FriendList` shows the state anyway.
+    async fn tell_notice(&self, user: &str, other: &str, notice: FriendNotice) {
+        if !self.push_to(user, notice_push(other, notice)) {
             return;
         }
         let store = self.store.clone();
-        let (requester, answers) = (requester.to_owned(), [(me.to_owned(), accepted)]);
-        if let Err(e) = blocking(move || store.keep_friend_answers(&requester, &answers)).await {
+        let (user, other) = (user.to_owned(), other.to_owned());
+        if let Err(e) = blocking(move || store.discard_friend_notice(&user, &other, notice)).await {
             tracing::warn!(
                 ?e,
-                "a friend answer could not be kept for the requester's login"
+                "a friend notice pushed live stays kept for the next login"
             );
         }
     }

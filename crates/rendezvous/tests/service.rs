@@ -811,11 +811,12 @@ async fn group_sends_cost_the_send_rate_by_their_fan_out() {
     assert_eq!(sent, 10);
 }
 
-/// An answer to a friend request made while the requester is offline is
-/// told at their next login, once; one made while they are online is
-/// pushed then and not again at the next login.
+/// An answer to a friend request, or the end of a friendship, made while
+/// the user told is offline reaches them at their next login, once; one
+/// made while they are online is pushed then and not again at the next
+/// login; of several notices from one user only the latest is told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn friend_answers_reach_an_offline_requester_at_login() {
+async fn friend_notices_reach_an_offline_user_at_login() {
     let w = World::new(fast_config());
     let (alice, bob, carol) = (
         user("alice", 70, 0),
@@ -846,6 +847,15 @@ async fn friend_answers_reach_an_offline_requester_at_login() {
             .collect();
         got.sort();
         got
+    };
+    let removals = |pushes: &[Push]| -> Vec<String> {
+        pushes
+            .iter()
+            .filter_map(|p| match p {
+                Push::FriendRemoved { from } => Some(from.clone()),
+                _ => None,
+            })
+            .collect()
     };
     // A login whose pushes cannot be queued (its connection already gone)
     // does not use the answers up.
@@ -878,6 +888,34 @@ async fn friend_answers_reach_an_offline_requester_at_login() {
     w.service.disconnect(&a.session);
     let mut a = w.login(&alice).await;
     assert_eq!(answers(drain(&mut a)), []);
+
+    // Removed while online: pushed at once, not told again.
+    let remove = named(|username| Request::FriendRemove { username }, "alice");
+    assert_eq!(w.ask(&mut c, remove.clone()).await, Ok(Reply::Ok));
+    assert_eq!(removals(&drain(&mut a)), ["carol"]);
+    w.service.disconnect(&a.session);
+    let mut a = w.login(&alice).await;
+    assert_eq!(removals(&drain(&mut a)), Vec::<String>::new());
+    // Removed while offline: told at the next login, once.
+    w.service.disconnect(&a.session);
+    assert_eq!(w.ask(&mut b, remove.clone()).await, Ok(Reply::Ok));
+    let mut a = w.login(&alice).await;
+    let told = drain(&mut a);
+    assert_eq!(removals(&told), ["bob"]);
+    assert_eq!(answers(told), []);
+    w.service.disconnect(&a.session);
+    let mut a = w.login(&alice).await;
+    assert_eq!(removals(&drain(&mut a)), Vec::<String>::new());
+    // Accepted, then removed, both while offline: only the latest.
+    assert_eq!(w.ask(&mut a, req("bob")).await, Ok(Reply::Ok));
+    w.service.disconnect(&a.session);
+    let accept = named(|username| Request::FriendAccept { username }, "alice");
+    assert_eq!(w.ask(&mut b, accept).await, Ok(Reply::Ok));
+    assert_eq!(w.ask(&mut b, remove).await, Ok(Reply::Ok));
+    let mut a = w.login(&alice).await;
+    let told = drain(&mut a);
+    assert_eq!(removals(&told), ["bob"]);
+    assert_eq!(answers(told), []);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -261,6 +261,41 @@ pub enum FriendRequestOutcome {
     AcceptedReverse,
 }
 
+/// What a user is told about a friend request they made, or a friendship
+/// that ended: kept by the transaction that made it (so a crash cannot lose
+/// it), pushed at once if the user is online, else at their next login.
+/// Per pair of users only the latest is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FriendNotice {
+    /// The other user declined the request.
+    Declined,
+    /// The other user accepted it: they are friends.
+    Accepted,
+    /// The other user ended the friendship.
+    Removed,
+}
+
+impl FriendNotice {
+    /// The byte stored for it in `friend_notices/1`.
+    pub(super) fn to_u8(self) -> u8 {
+        match self {
+            Self::Declined => 0,
+            Self::Accepted => 1,
+            Self::Removed => 2,
+        }
+    }
+
+    /// The notice a stored byte names; `None` for a byte no version wrote.
+    pub(super) fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Declined),
+            1 => Some(Self::Accepted),
+            2 => Some(Self::Removed),
+            _ => None,
+        }
+    }
+}
+
 /// A group and its owner-signed roster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {

@@ -3,13 +3,13 @@
 use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::tables::{
-    ACCOUNTS, ANNOUNCEMENT_CURSORS, ANNOUNCEMENTS, COUNTERS, FRIEND_ANSWERS, FRIEND_REQUESTS_IN,
+    ACCOUNTS, ANNOUNCEMENT_CURSORS, ANNOUNCEMENTS, COUNTERS, FRIEND_NOTICES, FRIEND_REQUESTS_IN,
     FRIEND_REQUESTS_OUT, FRIENDS, GROUPS, JOIN_REQUESTS, LEAVE_REQUESTS, MEMBER_OF,
     NEXT_ANNOUNCEMENT,
 };
 use super::{
-    AnnouncementRecord, FriendRequestOutcome, GroupRecord, MAX_ANNOUNCEMENTS_PER_CALL, OpResult,
-    Store, StoreError,
+    AnnouncementRecord, FriendNotice, FriendRequestOutcome, GroupRecord,
+    MAX_ANNOUNCEMENTS_PER_CALL, OpResult, Store, StoreError,
 };
 
 impl Store {
@@ -35,6 +35,7 @@ impl Store {
                 out.remove((to, from)).op(OP)?;
                 incoming.remove((from, to)).op(OP)?;
                 befriend(&mut friends, OP, from, to)?;
+                keep_notice(tx, OP, to, from, FriendNotice::Accepted)?;
                 return Ok(FriendRequestOutcome::AcceptedReverse);
             }
             out.insert((from, to), ()).op(OP)?;
@@ -44,52 +45,98 @@ impl Store {
     }
 
     /// `user` accepts the pending request from `requester`: they become
-    /// friends. [`StoreError::NoSuchRequest`] if there is none.
+    /// friends, and `requester` has a [`FriendNotice::Accepted`] from `user`
+    /// kept. [`StoreError::NoSuchRequest`] if there is none.
     pub fn friend_accept(&self, user: &str, requester: &str) -> Result<(), StoreError> {
         const OP: &str = "friend accept";
         self.write(OP, |tx| {
             take_request(tx, OP, requester, user)?;
             let mut friends = tx.open_table(FRIENDS).op(OP)?;
-            befriend(&mut friends, OP, user, requester)
+            befriend(&mut friends, OP, user, requester)?;
+            keep_notice(tx, OP, requester, user, FriendNotice::Accepted)
         })
     }
 
-    /// `user` declines the pending request from `requester`.
-    /// [`StoreError::NoSuchRequest`] if there is none.
+    /// `user` declines the pending request from `requester`, who has a
+    /// [`FriendNotice::Declined`] kept. [`StoreError::NoSuchRequest`] if
+    /// there is none.
     pub fn friend_decline(&self, user: &str, requester: &str) -> Result<(), StoreError> {
         const OP: &str = "friend decline";
-        self.write(OP, |tx| take_request(tx, OP, requester, user))
+        self.write(OP, |tx| {
+            take_request(tx, OP, requester, user)?;
+            keep_notice(tx, OP, requester, user, FriendNotice::Declined)
+        })
     }
 
-    /// Keeps, for `requester`, that each (answerer, accepted) answered
-    /// their friend request, until [`Store::take_friend_answers`]; one
-    /// transaction for all. A later answer from the same user replaces its
-    /// earlier one.
-    pub fn keep_friend_answers(
-        &self,
-        requester: &str,
-        answers: &[(String, bool)],
-    ) -> Result<(), StoreError> {
-        const OP: &str = "keep friend answers";
+    /// Ends the friendship of `a` and `b` (both directions); `b` has a
+    /// [`FriendNotice::Removed`] from `a` kept. [`StoreError::NotFriends`]
+    /// if they are not friends.
+    pub fn friend_remove(&self, a: &str, b: &str) -> Result<(), StoreError> {
+        const OP: &str = "friend remove";
         self.write(OP, |tx| {
-            let mut table = tx.open_table(FRIEND_ANSWERS).op(OP)?;
-            for (answerer, accepted) in answers {
-                table
-                    .insert((requester, answerer.as_str()), *accepted)
-                    .op(OP)?;
+            let mut friends = tx.open_table(FRIENDS).op(OP)?;
+            if friends.remove((a, b)).op(OP)?.is_none() {
+                return Err(StoreError::NotFriends);
+            }
+            friends.remove((b, a)).op(OP)?;
+            keep_notice(tx, OP, b, a, FriendNotice::Removed)
+        })
+    }
+
+    /// Keeps each (other, notice) for `user` again, one transaction for
+    /// all: notices taken at a login that could not be queued. A notice
+    /// from the same user kept since then is newer and stays.
+    pub fn keep_friend_notices(
+        &self,
+        user: &str,
+        notices: &[(String, FriendNotice)],
+    ) -> Result<(), StoreError> {
+        const OP: &str = "keep friend notices";
+        self.write(OP, |tx| {
+            let mut table = tx.open_table(FRIEND_NOTICES).op(OP)?;
+            for (other, notice) in notices {
+                if table.get((user, other.as_str())).op(OP)?.is_none() {
+                    table
+                        .insert((user, other.as_str()), notice.to_u8())
+                        .op(OP)?;
+                }
             }
             Ok(())
         })
     }
 
-    /// Removes and returns the answers kept for `user`: (who answered,
-    /// accepted), by name.
-    pub fn take_friend_answers(&self, user: &str) -> Result<Vec<(String, bool)>, StoreError> {
-        const OP: &str = "take friend answers";
+    /// Forgets `notice` from `other` kept for `user`, once it was pushed
+    /// live; a newer notice kept meanwhile stays. Not made durable by its
+    /// own commit: lost in a crash, the notice is only told again at the
+    /// next login.
+    pub fn discard_friend_notice(
+        &self,
+        user: &str,
+        other: &str,
+        notice: FriendNotice,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "discard friend notice";
+        self.write_relaxed_segments(OP, |tx, _| {
+            let mut table = tx.open_table(FRIEND_NOTICES).op(OP)?;
+            let kept = table.get((user, other)).op(OP)?.map(|v| v.value());
+            if kept == Some(notice.to_u8()) {
+                table.remove((user, other)).op(OP)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes and returns the notices kept for `user`, by the other
+    /// user's name. A stored kind no version wrote is dropped.
+    pub fn take_friend_notices(
+        &self,
+        user: &str,
+    ) -> Result<Vec<(String, FriendNotice)>, StoreError> {
+        const OP: &str = "take friend notices";
         // Read first: most logins have none, and a write would cost them
         // a commit.
         let any = self.read(OP, |tx| {
-            let table = tx.open_table(FRIEND_ANSWERS).op(OP)?;
+            let table = tx.open_table(FRIEND_NOTICES).op(OP)?;
             let mut range = table.range((user, "")..).op(OP)?;
             Ok(match range.next() {
                 Some(entry) => entry.op(OP)?.0.value().0 == user,
@@ -100,34 +147,23 @@ impl Store {
             return Ok(Vec::new());
         }
         self.write(OP, |tx| {
-            let mut table = tx.open_table(FRIEND_ANSWERS).op(OP)?;
-            let mut answers = Vec::new();
+            let mut table = tx.open_table(FRIEND_NOTICES).op(OP)?;
+            let mut taken = Vec::new();
             for entry in table.range((user, "")..).op(OP)? {
-                let (key, accepted) = entry.op(OP)?;
-                let (requester, answerer) = key.value();
-                if requester != user {
+                let (key, kind) = entry.op(OP)?;
+                let (to, other) = key.value();
+                if to != user {
                     break;
                 }
-                answers.push((answerer.to_owned(), accepted.value()));
+                taken.push((other.to_owned(), kind.value()));
             }
-            for (answerer, _) in &answers {
-                table.remove((user, answerer.as_str())).op(OP)?;
+            for (other, _) in &taken {
+                table.remove((user, other.as_str())).op(OP)?;
             }
-            Ok(answers)
-        })
-    }
-
-    /// Ends the friendship of `a` and `b` (both directions).
-    /// [`StoreError::NotFriends`] if they are not friends.
-    pub fn friend_remove(&self, a: &str, b: &str) -> Result<(), StoreError> {
-        const OP: &str = "friend remove";
-        self.write(OP, |tx| {
-            let mut friends = tx.open_table(FRIENDS).op(OP)?;
-            if friends.remove((a, b)).op(OP)?.is_none() {
-                return Err(StoreError::NotFriends);
-            }
-            friends.remove((b, a)).op(OP)?;
-            Ok(())
+            Ok(taken
+                .into_iter()
+                .filter_map(|(other, kind)| FriendNotice::from_u8(kind).map(|n| (other, n)))
+                .collect())
         })
     }
 
@@ -495,6 +531,21 @@ fn put_group(
                 record.roster_bytes.as_slice(),
             ),
         )
+        .op(op)?;
+    Ok(())
+}
+
+/// Keeps `notice` from `other` for `user`, replacing an earlier one.
+fn keep_notice(
+    tx: &WriteTransaction,
+    op: &'static str,
+    user: &str,
+    other: &str,
+    notice: FriendNotice,
+) -> Result<(), StoreError> {
+    tx.open_table(FRIEND_NOTICES)
+        .op(op)?
+        .insert((user, other), notice.to_u8())
         .op(op)?;
     Ok(())
 }

@@ -128,9 +128,16 @@ pub(super) const FRIEND_REQUESTS_OUT: TableDefinition<(&str, &str), ()> =
 pub(super) const FRIEND_REQUESTS_IN: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("friend_requests_in/1");
 
-/// (requester, answerer) -> accepted: answers to friend requests made while
-/// the requester was offline, told at their next login.
-pub(super) const FRIEND_ANSWERS: TableDefinition<(&str, &str), bool> =
+/// (user, other) -> notice ([`super::FriendNotice::to_u8`]): the latest
+/// answer to `user`'s friend request from `other`, or `other` ending the
+/// friendship, kept in the transaction that made it and told at `user`'s
+/// next login unless it was pushed live meanwhile.
+pub(super) const FRIEND_NOTICES: TableDefinition<(&str, &str), u8> =
+    TableDefinition::new("friend_notices/1");
+
+/// The ninth session's layout: (requester, answerer) -> accepted, only for
+/// requesters offline at the answer; moved to [`FRIEND_NOTICES`] at open.
+const OLD_FRIEND_ANSWERS: TableDefinition<(&str, &str), bool> =
     TableDefinition::new("friend_answers/1");
 
 /// name -> (owner, version, members, roster signature, roster bytes)
@@ -164,6 +171,7 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     const OP: &str = "create tables";
     migrate_expiry(tx)?;
     migrate_inbox(tx)?;
+    migrate_friend_answers(tx)?;
     tx.open_table(ACCOUNTS).op(OP)?;
     tx.open_table(OPKS).op(OP)?;
     tx.open_table(OPK_META).op(OP)?;
@@ -178,13 +186,41 @@ pub(super) fn create_all(tx: &WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(FRIENDS).op(OP)?;
     tx.open_table(FRIEND_REQUESTS_OUT).op(OP)?;
     tx.open_table(FRIEND_REQUESTS_IN).op(OP)?;
-    tx.open_table(FRIEND_ANSWERS).op(OP)?;
+    tx.open_table(FRIEND_NOTICES).op(OP)?;
     tx.open_table(GROUPS).op(OP)?;
     tx.open_table(MEMBER_OF).op(OP)?;
     tx.open_table(JOIN_REQUESTS).op(OP)?;
     tx.open_table(LEAVE_REQUESTS).op(OP)?;
     tx.open_table(ANNOUNCEMENTS).op(OP)?;
     tx.open_table(ANNOUNCEMENT_CURSORS).op(OP)?;
+    Ok(())
+}
+
+/// `friend_answers/1` rows become `friend_notices/1` rows (accepted or
+/// declined), and the old table is deleted, in the opening transaction.
+fn migrate_friend_answers(tx: &WriteTransaction) -> Result<(), StoreError> {
+    const OP: &str = "migrate friend answers to notices";
+    let old = tx
+        .list_tables()
+        .op(OP)?
+        .any(|t| t.name() == OLD_FRIEND_ANSWERS.name());
+    if !old {
+        return Ok(());
+    }
+    {
+        let answers = tx.open_table(OLD_FRIEND_ANSWERS).op(OP)?;
+        let mut notices = tx.open_table(FRIEND_NOTICES).op(OP)?;
+        for entry in answers.iter().op(OP)? {
+            let (key, accepted) = entry.op(OP)?;
+            let notice = if accepted.value() {
+                super::FriendNotice::Accepted
+            } else {
+                super::FriendNotice::Declined
+            };
+            notices.insert(key.value(), notice.to_u8()).op(OP)?;
+        }
+    }
+    tx.delete_table(OLD_FRIEND_ANSWERS).op(OP)?;
     Ok(())
 }
 

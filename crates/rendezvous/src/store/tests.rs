@@ -763,6 +763,119 @@ fn friends_lifecycle() {
     ));
 }
 
+/// Each answer and removal keeps a notice for the user it concerns, in
+/// its own transaction; only the latest per pair stays; taking empties;
+/// a live push discards only the notice it told; re-keeping after a failed
+/// login push does not overwrite a newer notice.
+#[test]
+fn friend_notices_are_kept_with_the_change_and_the_latest_wins() {
+    let (_d, s) = store();
+    users(&s, &["alice", "bob", "carol", "dave"]);
+    assert!(s.take_friend_notices("alice").unwrap().is_empty());
+    s.friend_request("alice", "bob").unwrap();
+    s.friend_request("alice", "carol").unwrap();
+    s.friend_accept("bob", "alice").unwrap();
+    s.friend_decline("carol", "alice").unwrap();
+    // Crossing requests: dave had asked alice, alice's request accepts.
+    s.friend_request("dave", "alice").unwrap();
+    s.friend_request("alice", "dave").unwrap();
+    assert_eq!(
+        s.take_friend_notices("dave").unwrap(),
+        [("alice".to_owned(), FriendNotice::Accepted)]
+    );
+    s.friend_remove("bob", "alice").unwrap();
+    // bob's removal replaced his acceptance.
+    assert_eq!(
+        s.take_friend_notices("alice").unwrap(),
+        [
+            ("bob".to_owned(), FriendNotice::Removed),
+            ("carol".to_owned(), FriendNotice::Declined),
+        ]
+    );
+    assert!(s.take_friend_notices("alice").unwrap().is_empty());
+    // The remover is told nothing.
+    assert!(s.take_friend_notices("bob").unwrap().is_empty());
+
+    // Discarding names the notice it told: a newer one stays.
+    s.friend_request("alice", "carol").unwrap();
+    s.friend_accept("carol", "alice").unwrap();
+    s.discard_friend_notice("alice", "carol", FriendNotice::Declined)
+        .unwrap();
+    s.discard_friend_notice("alice", "bob", FriendNotice::Accepted)
+        .unwrap();
+    assert_eq!(
+        s.take_friend_notices("alice").unwrap(),
+        [("carol".to_owned(), FriendNotice::Accepted)]
+    );
+    s.friend_remove("carol", "alice").unwrap();
+    s.discard_friend_notice("alice", "carol", FriendNotice::Removed)
+        .unwrap();
+    assert!(s.take_friend_notices("alice").unwrap().is_empty());
+
+    // Kept again after a failed push, unless a newer one came meanwhile.
+    s.friend_request("alice", "carol").unwrap();
+    s.friend_decline("carol", "alice").unwrap();
+    s.keep_friend_notices(
+        "alice",
+        &[
+            ("bob".to_owned(), FriendNotice::Accepted),
+            ("carol".to_owned(), FriendNotice::Removed),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        s.take_friend_notices("alice").unwrap(),
+        [
+            ("bob".to_owned(), FriendNotice::Accepted),
+            ("carol".to_owned(), FriendNotice::Declined),
+        ]
+    );
+}
+
+/// The ninth session's `friend_answers/1` rows are told after an upgrade:
+/// moved to `friend_notices/1` at open, the old table gone; a stored kind
+/// no version wrote is dropped, not an error.
+#[test]
+fn friend_answers_of_the_old_layout_become_notices_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(Store::open(&path, StoreOptions::default()).unwrap());
+    {
+        let old: redb::TableDefinition<(&str, &str), bool> =
+            redb::TableDefinition::new("friend_answers/1");
+        let db = redb::Database::create(&path).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(old).unwrap();
+            t.insert(("alice", "bob"), true).unwrap();
+            t.insert(("alice", "carol"), false).unwrap();
+            let mut n = tx.open_table(super::tables::FRIEND_NOTICES).unwrap();
+            n.insert(("alice", "zed"), 9).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let s = Store::open(&path, StoreOptions::default()).unwrap();
+    assert_eq!(
+        s.take_friend_notices("alice").unwrap(),
+        [
+            ("bob".to_owned(), FriendNotice::Accepted),
+            ("carol".to_owned(), FriendNotice::Declined),
+        ]
+    );
+    assert!(s.take_friend_notices("alice").unwrap().is_empty());
+    drop(s);
+    let db = redb::Database::create(&path).unwrap();
+    let tx = db.begin_write().unwrap();
+    let names: Vec<String> = tx
+        .list_tables()
+        .unwrap()
+        .map(|t| redb::TableHandle::name(&t).to_owned())
+        .filter(|n| n.starts_with("friend_"))
+        .collect();
+    assert!(!names.iter().any(|n| n == "friend_answers/1"), "{names:?}");
+    assert!(names.iter().any(|n| n == "friend_notices/1"), "{names:?}");
+}
+
 fn group(name: &str, owner: &str, version: u64, members: &[&str]) -> GroupRecord {
     GroupRecord {
         name: name.to_owned(),
