@@ -49,6 +49,10 @@ pub const PREKEY_TARGET: u32 = 100;
 /// burst of first contacts between two logins.
 pub const PREKEY_LOW_WATER: u32 = 25;
 
+/// Online users `users` lists at most, page after page: 100,000 (about a
+/// hundred requests). Past that the listing is cut.
+pub const MAX_USERS_LISTED: usize = 100_000;
+
 /// Why a client operation failed. Messages are one line, with the user or
 /// server they concern; none carries key bytes or message text.
 #[derive(Debug, thiserror::Error)]
@@ -964,9 +968,32 @@ impl Client {
     /// Connection and request errors.
     pub async fn users(&mut self) -> Result<Vec<UserInfo>, ClientError> {
         self.connect().await?;
-        let Reply::Users { users } = self.conn()?.request(Request::Users).await? else {
-            return Err(ClientError::UnexpectedReply("users"));
-        };
+        let mut users: Vec<UserInfo> = Vec::new();
+        loop {
+            let after = users.last().map(|u| u.username.clone());
+            let Reply::UsersPage { users: page, more } = self
+                .conn()?
+                .request(Request::UsersAfter {
+                    after: after.clone(),
+                })
+                .await?
+            else {
+                return Err(ClientError::UnexpectedReply("users"));
+            };
+            // Each page must move on past the last, in name order, or a
+            // faulty server could keep this loop going.
+            let in_order = page
+                .first()
+                .is_none_or(|first| after.as_ref().is_none_or(|a| first.username > *a));
+            if !in_order {
+                return Err(ClientError::UnexpectedReply("users"));
+            }
+            let done = !more || page.is_empty();
+            users.extend(page);
+            if done || users.len() >= MAX_USERS_LISTED {
+                break;
+            }
+        }
         // The listing carries identity keys: compare those of contacts.
         for user in &users {
             let (Ok(name), Ok(identity)) = (

@@ -301,6 +301,14 @@ pub enum Request {
         /// Whom.
         username: String,
     },
+    /// Who is online, a page at a time in name order; answered
+    /// [`Reply::UsersPage`]. ([`Request::Users`] answers the first page
+    /// only and does not say whether more follow.)
+    UsersAfter {
+        /// Only names after this one (exclusive): `None` for the first
+        /// page, then the last name of the page before.
+        after: Option<String>,
+    },
 }
 
 /// A successful answer.
@@ -377,6 +385,13 @@ pub enum Reply {
     /// One user's directory entry; `online` follows the server's
     /// users policy (false when the asker may not see it).
     User(UserInfo),
+    /// A page of online users, sorted by name.
+    UsersPage {
+        /// Name and identity key of each.
+        users: Vec<UserInfo>,
+        /// More follow: ask again with `after` set to the last name here.
+        more: bool,
+    },
 }
 
 /// A user as others see them.
@@ -692,6 +707,9 @@ mod tests {
             Request::Lookup {
                 username: "bob".into(),
             },
+            Request::UsersAfter {
+                after: Some("bob".into()),
+            },
         ];
         let replies = vec![
             Reply::Ok,
@@ -737,6 +755,14 @@ mod tests {
                 identity: vec![1],
                 online: false,
             }),
+            Reply::UsersPage {
+                users: vec![UserInfo {
+                    username: "bob".into(),
+                    identity: vec![1],
+                    online: true,
+                }],
+                more: true,
+            },
         ];
         let pushes = vec![
             Push::Envelope(envelope()),
@@ -846,7 +872,7 @@ mod tests {
             let body = postcard::to_stdvec(p).unwrap();
             assert_eq!(usize::from(body[0]), i, "{p:?}");
         }
-        assert_eq!((requests.len(), replies.len(), pushes.len()), (24, 11, 11));
+        assert_eq!((requests.len(), replies.len(), pushes.len()), (25, 12, 11));
     }
 
     #[test]

@@ -180,6 +180,13 @@ fn the_documented_postcard_rules_hold() {
     // unit variant is its index alone, a newtype variant its index then the
     // inner value's fields.
     assert_eq!(body(&Request::Users), [10]);
+    assert_eq!(body(&Request::UsersAfter { after: None }), [24, 0]);
+    assert_eq!(
+        body(&Request::UsersAfter {
+            after: Some("b".into())
+        }),
+        [24, 1, 1, b'b']
+    );
     assert_eq!(body(&Request::Pull { after: 1, max: 2 }), [8, 1, 2]);
     assert_eq!(
         body(&Reply::User(UserInfo {

@@ -61,6 +61,22 @@ pub const PREKEY_LOW_WATER: u32 = 20;
 pub const REPLY_BUDGET: usize = messenger_proto::MAX_FRAME_LEN - 8 * 1024;
 /// Allowance per envelope or user for fields besides the body.
 const ITEM_OVERHEAD: usize = 128;
+/// Users one `Users` reply lists at most: 1,000, about 170 KiB with the
+/// longest names and 129-byte identities, within [`REPLY_BUDGET`]; the
+/// client asks for the next page after the last name.
+pub const USERS_PAGE: usize = 1_000;
+/// Bytes a listed user takes besides its name and identity: the two
+/// length prefixes and the online flag (4), rounded up.
+const USER_OVERHEAD: usize = 8;
+// A full page of the longest names fits the budget, so only a page's count
+// ends it (the budget check stays as a guard).
+const _: () = assert!(
+    USERS_PAGE
+        * (messenger_crypto::identity::MAX_USERNAME_LEN
+            + messenger_crypto::identity::PUBLIC_IDENTITY_LEN
+            + USER_OVERHEAD)
+        <= REPLY_BUDGET
+);
 
 /// Set in the delivery id of an envelope pushed live, before it was stored
 /// (mailbox seqs count up from 1 and never reach it).
@@ -652,7 +668,15 @@ impl<P: PushTarget> Service<P> {
                 }
                 Ok(Reply::Envelopes { envelopes, more })
             }
-            Request::Users => self.users(me).await,
+            Request::Users => {
+                // The first page, as protocol v1 first had it.
+                let (users, _) = self.users(me, None).await?;
+                Ok(Reply::Users { users })
+            }
+            Request::UsersAfter { after } => {
+                let (users, more) = self.users(me, after.as_deref()).await?;
+                Ok(Reply::UsersPage { users, more })
+            }
             Request::Lookup { username } => self.lookup(me, &username).await,
             Request::FriendRequest { username } => self.friend_request(me, &username).await,
             Request::FriendAccept { username } => self.friend_answer(me, &username, true).await,
@@ -1477,14 +1501,17 @@ impl<P: PushTarget> Service<P> {
         })
     }
 
-    async fn users(&self, me: &str) -> Result<Reply, ErrorCode> {
-        let mut users: Vec<UserInfo> = lock(&self.online)
-            .iter()
-            .map(|(n, o)| UserInfo {
-                username: n.clone(),
-                identity: o.identity.clone(),
-                online: true,
-            })
+    /// A page of the online users the policy shows `me`, by name after
+    /// `after`, and whether more follow.
+    async fn users(
+        &self,
+        me: &str,
+        after: Option<&str>,
+    ) -> Result<(Vec<UserInfo>, bool), ErrorCode> {
+        let mut names: Vec<String> = lock(&self.online)
+            .keys()
+            .filter(|n| after.is_none_or(|after| n.as_str() > after))
+            .cloned()
             .collect();
         if self.config.users_policy == UsersPolicy::FriendsOnly {
             let store = self.store.clone();
@@ -1493,19 +1520,32 @@ impl<P: PushTarget> Service<P> {
                 .await?
                 .into_iter()
                 .collect();
-            users.retain(|u| u.username == me || friends.contains(&u.username));
+            names.retain(|n| n == me || friends.contains(n));
         }
-        users.sort_by(|a, b| a.username.cmp(&b.username));
-        // One frame's worth (about 1,400 users); listing more needs paging,
-        // which protocol v1 does not have yet.
+        names.sort_unstable();
+        // A page: at most USERS_PAGE users and what fits one reply frame.
+        // Identities are looked up for the page only; a user gone since
+        // the names were taken is left out.
+        let mut users = Vec::with_capacity(names.len().min(USERS_PAGE));
         let mut budget = REPLY_BUDGET;
-        users.retain(|u| {
-            let cost = u.username.len() + u.identity.len() + ITEM_OVERHEAD;
-            let keep = cost <= budget;
-            budget = budget.saturating_sub(cost);
-            keep
-        });
-        Ok(Reply::Users { users })
+        let mut more = false;
+        let online = lock(&self.online);
+        for n in &names {
+            let Some(o) = online.get(n) else { continue };
+            let cost = n.len() + o.identity.len() + USER_OVERHEAD;
+            if users.len() == USERS_PAGE || cost > budget {
+                more = true;
+                break;
+            }
+            budget -= cost;
+            users.push(UserInfo {
+                username: n.clone(),
+                identity: o.identity.clone(),
+                online: true,
+            });
+        }
+        drop(online);
+        Ok((users, more))
     }
 
     async fn lookup(&self, me: &str, username: &str) -> Result<Reply, ErrorCode> {

@@ -19,7 +19,7 @@ use messenger_proto::msg::{
 };
 use messenger_rendezvous::rate::Rate;
 use messenger_rendezvous::service::{
-    Clock, LIVE_SEQ_BIT, PushTarget, Service, ServiceConfig, Session,
+    Clock, LIVE_SEQ_BIT, PushTarget, Service, ServiceConfig, Session, USERS_PAGE,
 };
 use messenger_rendezvous::store::{Store, StoreOptions};
 use rand::SeedableRng;
@@ -1188,6 +1188,64 @@ async fn users_policy() {
         }
         assert!(users.iter().all(|u| u.online && !u.identity.is_empty()));
     }
+}
+
+/// `UsersAfter` lists a page at a time in name order: `USERS_PAGE` users
+/// and `more`, then the rest after the last name given (exclusive), no one
+/// twice or left out; a page after the last name is empty. The older
+/// `Users` answers the first page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_listed_a_page_at_a_time() {
+    let w = World::new(fast_config());
+    let n = USERS_PAGE + 40;
+    let name = |i: usize| format!("u{i:05}");
+    let mut conns = Vec::new();
+    // Logged in out of name order, so the order is the server's doing.
+    for i in (0..n).rev() {
+        let u = user(&name(i), 20_000 + i as u64, 0);
+        w.registered(&u).await;
+        conns.push(w.login(&u).await);
+    }
+    let mut c = conns.pop().expect("users");
+    let page = |after: Option<&str>| Request::UsersAfter {
+        after: after.map(str::to_owned),
+    };
+    let Ok(Reply::UsersPage { users: first, more }) = w.ask(&mut c, page(None)).await else {
+        panic!("no first page")
+    };
+    assert!(more);
+    assert_eq!(first.len(), USERS_PAGE);
+    let last = first.last().map(|u| u.username.clone()).unwrap_or_default();
+    let Ok(Reply::UsersPage { users: rest, more }) = w.ask(&mut c, page(Some(&last))).await else {
+        panic!("no second page")
+    };
+    assert!(!more);
+    let listed: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|u| u.username.clone())
+        .collect();
+    assert_eq!(listed, (0..n).map(name).collect::<Vec<_>>());
+    // `after` need not be an online name, and is exclusive.
+    for after in ["u00001", "u00001x"] {
+        let Ok(Reply::UsersPage { users, more }) = w.ask(&mut c, page(Some(after))).await else {
+            panic!("no page")
+        };
+        assert!(more);
+        assert_eq!(users.first().map(|u| u.username.as_str()), Some("u00002"));
+    }
+    assert_eq!(
+        w.ask(&mut c, page(Some(&name(n - 1)))).await,
+        Ok(Reply::UsersPage {
+            users: Vec::new(),
+            more: false
+        })
+    );
+    // The older request: the first page.
+    assert_eq!(
+        w.ask(&mut c, Request::Users).await,
+        Ok(Reply::Users { users: first })
+    );
 }
 
 /// T-41 at the service: a recipient's mailbox quota (count, then bytes) is

@@ -135,6 +135,9 @@ mod old {
         Lookup {
             username: String,
         },
+        UsersAfter {
+            after: Option<String>,
+        },
     }
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -174,6 +177,10 @@ mod old {
             groups: Vec<String>,
         },
         User(UserInfo),
+        UsersPage {
+            users: Vec<UserInfo>,
+            more: bool,
+        },
     }
 
     #[derive(Debug, Serialize, Deserialize)]
@@ -274,7 +281,7 @@ fn every_sample_encodes_as_before() {
         same_wire::<_, old::ServerFrame>(&ServerFrame::Push(push));
         checked += 1;
     }
-    assert_eq!(checked, 24 + 11 + 11);
+    assert_eq!(checked, 25 + 12 + 11);
 }
 
 /// Samples with longer byte strings than [`samples`] has, so lengths need a
