@@ -980,13 +980,15 @@ impl Client {
             else {
                 return Err(ClientError::UnexpectedReply("users"));
             };
-            // Each page must move on past the last, in name order, or a
-            // faulty server could keep this loop going.
-            let in_order = page
-                .first()
-                .is_none_or(|first| after.as_ref().is_none_or(|a| first.username > *a));
-            if !in_order {
-                return Err(ClientError::UnexpectedReply("users"));
+            // Names must rise strictly, from past the last page on: a
+            // faulty server can then neither repeat anyone nor keep this
+            // loop going.
+            let mut last = after.as_deref();
+            for u in &page {
+                if last.is_some_and(|l| u.username.as_str() <= l) {
+                    return Err(ClientError::UnexpectedReply("users"));
+                }
+                last = Some(&u.username);
             }
             let done = !more || page.is_empty();
             users.extend(page);

@@ -685,8 +685,9 @@ impl<P: PushTarget> Service<P> {
                 let them = name(&username)?;
                 let (a, b) = (me.to_owned(), them.clone());
                 let store = self.store.clone();
-                blocking(move || store.friend_remove(&a, &b)).await?;
-                self.tell_notice(&them, me, FriendNotice::Removed).await;
+                let number = blocking(move || store.friend_remove(&a, &b)).await?;
+                self.tell_notice(&them, me, FriendNotice::Removed, number)
+                    .await;
                 Ok(Reply::Ok)
             }
             Request::FriendList => self.friend_list(me).await,
@@ -850,22 +851,26 @@ impl<P: PushTarget> Service<P> {
                         }
                     }
                 }
-                // Last: nothing after it can fail and lose what it took.
-                let notices = store.take_friend_notices(&u)?;
+                let notices = store.friend_notices(&u)?;
                 Ok((pending, prekeys, incoming, notices, announcements, owned))
             })
             .await?;
-        // Notices first, before the pushes that could fill the queue; one
-        // that cannot be queued is kept for the next login.
-        let unsent: Vec<(String, FriendNotice)> = notices
+        // Notices first, before the pushes that could fill the queue. Each
+        // one queued is then forgotten, unless a newer one replaced it
+        // meanwhile; one not queued stays for the next login.
+        let told: Vec<(String, u64)> = notices
             .into_iter()
-            .filter(|(from, notice)| !s.push.push(notice_push(from, *notice)))
+            .filter(|n| s.push.push(notice_push(&n.other, n.notice)))
+            .map(|n| (n.other, n.number))
             .collect();
-        if !unsent.is_empty() {
+        if !told.is_empty() {
             let store = self.store.clone();
             let u = user.clone();
-            if let Err(e) = blocking(move || store.keep_friend_notices(&u, &unsent)).await {
-                tracing::warn!(?e, "friend notices not queued could not be kept");
+            if let Err(e) = blocking(move || store.forget_friend_notices(&u, &told)).await {
+                tracing::warn!(
+                    ?e,
+                    "friend notices told at login stay kept for the next one"
+                );
             }
         }
         for from in incoming {
@@ -1508,29 +1513,37 @@ impl<P: PushTarget> Service<P> {
         me: &str,
         after: Option<&str>,
     ) -> Result<(Vec<UserInfo>, bool), ErrorCode> {
-        let mut names: Vec<String> = lock(&self.online)
-            .keys()
-            .filter(|n| after.is_none_or(|after| n.as_str() > after))
-            .cloned()
-            .collect();
-        if self.config.users_policy == UsersPolicy::FriendsOnly {
+        let past = |n: &str| after.is_none_or(|after| n > after);
+        // Friends only: the friend list (sorted) and me are the candidates;
+        // everyone: the online names, of which only the first page's worth
+        // is sorted, so a page costs one pass over the online set and no
+        // copies beyond the page.
+        let friends = if self.config.users_policy == UsersPolicy::FriendsOnly {
             let store = self.store.clone();
             let m = me.to_owned();
-            let friends: BTreeSet<String> = blocking(move || store.friends(&m))
-                .await?
-                .into_iter()
-                .collect();
-            names.retain(|n| n == me || friends.contains(n));
+            let mut friends = blocking(move || store.friends(&m)).await?;
+            friends.push(me.to_owned());
+            friends.retain(|n| past(n));
+            friends.sort_unstable();
+            Some(friends)
+        } else {
+            None
+        };
+        let online = lock(&self.online);
+        let mut names: Vec<&String> = match &friends {
+            Some(friends) => friends.iter().filter(|n| online.contains_key(*n)).collect(),
+            None => online.keys().filter(|n| past(n)).collect(),
+        };
+        if names.len() > USERS_PAGE + 1 {
+            names.select_nth_unstable(USERS_PAGE);
+            names.truncate(USERS_PAGE + 1);
         }
         names.sort_unstable();
         // A page: at most USERS_PAGE users and what fits one reply frame.
-        // Identities are looked up for the page only; a user gone since
-        // the names were taken is left out.
         let mut users = Vec::with_capacity(names.len().min(USERS_PAGE));
         let mut budget = REPLY_BUDGET;
         let mut more = false;
-        let online = lock(&self.online);
-        for n in &names {
+        for n in names {
             let Some(o) = online.get(n) else { continue };
             let cost = n.len() + o.identity.len() + USER_OVERHEAD;
             if users.len() == USERS_PAGE || cost > budget {
@@ -1544,7 +1557,6 @@ impl<P: PushTarget> Service<P> {
                 online: true,
             });
         }
-        drop(online);
         Ok((users, more))
     }
 
@@ -1593,15 +1605,18 @@ impl<P: PushTarget> Service<P> {
                 Ok(Reply::Ok)
             }
             FriendRequestOutcome::AlreadyFriends => Err(ErrorCode::AlreadyFriend),
-            FriendRequestOutcome::AcceptedReverse => {
-                self.became_friends(me, &them).await;
+            FriendRequestOutcome::AcceptedReverse { notice } => {
+                self.became_friends(me, &them, notice).await;
                 Ok(Reply::Ok)
             }
         }
     }
 
-    async fn became_friends(&self, me: &str, them: &str) {
-        self.tell_notice(them, me, FriendNotice::Accepted).await;
+    /// `me` and `them` became friends by `me`'s doing; `notice` is the
+    /// number of the acceptance kept for `them`.
+    async fn became_friends(&self, me: &str, them: &str, notice: u64) {
+        self.tell_notice(them, me, FriendNotice::Accepted, notice)
+            .await;
         // Both online: each learns the other is here, with their key.
         let (mine, theirs) = {
             let online = lock(&self.online);
@@ -1639,7 +1654,7 @@ impl<P: PushTarget> Service<P> {
         let them = name(username)?;
         let store = self.store.clone();
         let (a, b) = (me.to_owned(), them.clone());
-        blocking(move || {
+        let number = blocking(move || {
             if accept {
                 store.friend_accept(&a, &b)
             } else {
@@ -1648,25 +1663,27 @@ impl<P: PushTarget> Service<P> {
         })
         .await?;
         if accept {
-            self.became_friends(me, &them).await;
+            self.became_friends(me, &them, number).await;
         } else {
-            self.tell_notice(&them, me, FriendNotice::Declined).await;
+            self.tell_notice(&them, me, FriendNotice::Declined, number)
+                .await;
         }
         Ok(Reply::Ok)
     }
 
     /// Tells `user` the notice from `other` that the store kept with the
-    /// change: pushed at once if `user` is online, and then forgotten;
-    /// otherwise (or if forgetting fails) it waits for their next login.
-    /// Best effort beyond that: a push queued to a connection that then
-    /// drops is not told again, and `FriendList` shows the state anyway.
-    async fn tell_notice(&self, user: &str, other: &str, notice: FriendNotice) {
+    /// change under `number`: pushed at once if `user` is online, and then
+    /// forgotten (unless a newer one replaced it); otherwise, or if
+    /// forgetting fails, it waits for their next login. Best effort beyond
+    /// that: a push queued to a connection that then turns out dead is not
+    /// told again, and `FriendList` shows the state anyway.
+    async fn tell_notice(&self, user: &str, other: &str, notice: FriendNotice, number: u64) {
         if !self.push_to(user, notice_push(other, notice)) {
             return;
         }
         let store = self.store.clone();
-        let (user, other) = (user.to_owned(), other.to_owned());
-        if let Err(e) = blocking(move || store.discard_friend_notice(&user, &other, notice)).await {
+        let (user, told) = (user.to_owned(), [(other.to_owned(), number)]);
+        if let Err(e) = blocking(move || store.forget_friend_notices(&user, &told)).await {
             tracing::warn!(
                 ?e,
                 "a friend notice pushed live stays kept for the next login"

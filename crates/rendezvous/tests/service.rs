@@ -463,6 +463,8 @@ async fn requests_before_login_refused() {
         named(|group| Request::GroupLeave { group }, "g"),
         named(|group| Request::GroupMembers { group }, "g"),
         Request::MyGroups,
+        named(|username| Request::Lookup { username }, "bob"),
+        Request::UsersAfter { after: None },
     ];
     for r in requests {
         let shown = format!("{r:?}");

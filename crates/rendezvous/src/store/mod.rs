@@ -6,8 +6,9 @@
 //! through [`Store`]. Each method is one redb transaction, so each is atomic;
 //! every write transaction commits with [`redb::Durability::Immediate`] and
 //! two-phase commit (the server writes bytes that attackers choose, which is
-//! the case redb recommends it for), except [`Store::ack`] and a
-//! [`Store::commit_batch`] of acks alone (see there). A
+//! the case redb recommends it for), except [`Store::ack`], a
+//! [`Store::commit_batch`] of acks alone and [`Store::forget_friend_notices`]
+//! (see there). A
 //! method that returns `Ok` has been durably committed; one that returns `Err` may, after an I/O error in the
 //! final `fsync`, still have been committed, which is why [`Store::append`] is
 //! idempotent: a sender that retries gets [`AppendOutcome::Duplicate`].
@@ -257,8 +258,12 @@ pub enum FriendRequestOutcome {
     AlreadyFriends,
     /// The same request is already pending; nothing changed.
     AlreadyRequested,
-    /// `to` had already asked `from`: the two are now friends.
-    AcceptedReverse,
+    /// `to` had already asked `from`: the two are now friends, and `to`
+    /// has a [`FriendNotice::Accepted`] kept under this number.
+    AcceptedReverse {
+        /// The kept notice's number.
+        notice: u64,
+    },
 }
 
 /// What a user is told about a friend request they made, or a friendship
@@ -294,6 +299,17 @@ impl FriendNotice {
             _ => None,
         }
     }
+}
+
+/// A [`FriendNotice`] kept for a user ([`Store::friend_notices`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptNotice {
+    /// Who answered or ended the friendship.
+    pub other: String,
+    /// Its number: names this notice when it is forgotten.
+    pub number: u64,
+    /// What happened.
+    pub notice: FriendNotice,
 }
 
 /// A group and its owner-signed roster.

@@ -5,10 +5,10 @@ use redb::{ReadableTable, Table, WriteTransaction};
 use super::tables::{
     ACCOUNTS, ANNOUNCEMENT_CURSORS, ANNOUNCEMENTS, COUNTERS, FRIEND_NOTICES, FRIEND_REQUESTS_IN,
     FRIEND_REQUESTS_OUT, FRIENDS, GROUPS, JOIN_REQUESTS, LEAVE_REQUESTS, MEMBER_OF,
-    NEXT_ANNOUNCEMENT,
+    NEXT_ANNOUNCEMENT, NEXT_NOTICE,
 };
 use super::{
-    AnnouncementRecord, FriendNotice, FriendRequestOutcome, GroupRecord,
+    AnnouncementRecord, FriendNotice, FriendRequestOutcome, GroupRecord, KeptNotice,
     MAX_ANNOUNCEMENTS_PER_CALL, OpResult, Store, StoreError,
 };
 
@@ -35,8 +35,8 @@ impl Store {
                 out.remove((to, from)).op(OP)?;
                 incoming.remove((from, to)).op(OP)?;
                 befriend(&mut friends, OP, from, to)?;
-                keep_notice(tx, OP, to, from, FriendNotice::Accepted)?;
-                return Ok(FriendRequestOutcome::AcceptedReverse);
+                let notice = keep_notice(tx, OP, to, from, FriendNotice::Accepted)?;
+                return Ok(FriendRequestOutcome::AcceptedReverse { notice });
             }
             out.insert((from, to), ()).op(OP)?;
             incoming.insert((to, from), ()).op(OP)?;
@@ -46,8 +46,9 @@ impl Store {
 
     /// `user` accepts the pending request from `requester`: they become
     /// friends, and `requester` has a [`FriendNotice::Accepted`] from `user`
-    /// kept. [`StoreError::NoSuchRequest`] if there is none.
-    pub fn friend_accept(&self, user: &str, requester: &str) -> Result<(), StoreError> {
+    /// kept; returns its number. [`StoreError::NoSuchRequest`] if there is
+    /// none.
+    pub fn friend_accept(&self, user: &str, requester: &str) -> Result<u64, StoreError> {
         const OP: &str = "friend accept";
         self.write(OP, |tx| {
             take_request(tx, OP, requester, user)?;
@@ -58,9 +59,9 @@ impl Store {
     }
 
     /// `user` declines the pending request from `requester`, who has a
-    /// [`FriendNotice::Declined`] kept. [`StoreError::NoSuchRequest`] if
-    /// there is none.
-    pub fn friend_decline(&self, user: &str, requester: &str) -> Result<(), StoreError> {
+    /// [`FriendNotice::Declined`] kept; returns its number.
+    /// [`StoreError::NoSuchRequest`] if there is none.
+    pub fn friend_decline(&self, user: &str, requester: &str) -> Result<u64, StoreError> {
         const OP: &str = "friend decline";
         self.write(OP, |tx| {
             take_request(tx, OP, requester, user)?;
@@ -69,9 +70,9 @@ impl Store {
     }
 
     /// Ends the friendship of `a` and `b` (both directions); `b` has a
-    /// [`FriendNotice::Removed`] from `a` kept. [`StoreError::NotFriends`]
-    /// if they are not friends.
-    pub fn friend_remove(&self, a: &str, b: &str) -> Result<(), StoreError> {
+    /// [`FriendNotice::Removed`] from `a` kept; returns its number.
+    /// [`StoreError::NotFriends`] if they are not friends.
+    pub fn friend_remove(&self, a: &str, b: &str) -> Result<u64, StoreError> {
         const OP: &str = "friend remove";
         self.write(OP, |tx| {
             let mut friends = tx.open_table(FRIENDS).op(OP)?;
@@ -83,87 +84,55 @@ impl Store {
         })
     }
 
-    /// Keeps each (other, notice) for `user` again, one transaction for
-    /// all: notices taken at a login that could not be queued. A notice
-    /// from the same user kept since then is newer and stays.
-    pub fn keep_friend_notices(
-        &self,
-        user: &str,
-        notices: &[(String, FriendNotice)],
-    ) -> Result<(), StoreError> {
-        const OP: &str = "keep friend notices";
-        self.write(OP, |tx| {
-            let mut table = tx.open_table(FRIEND_NOTICES).op(OP)?;
-            for (other, notice) in notices {
-                if table.get((user, other.as_str())).op(OP)?.is_none() {
-                    table
-                        .insert((user, other.as_str()), notice.to_u8())
-                        .op(OP)?;
-                }
-            }
-            Ok(())
-        })
-    }
-
-    /// Forgets `notice` from `other` kept for `user`, once it was pushed
-    /// live; a newer notice kept meanwhile stays. Not made durable by its
-    /// own commit: lost in a crash, the notice is only told again at the
-    /// next login.
-    pub fn discard_friend_notice(
-        &self,
-        user: &str,
-        other: &str,
-        notice: FriendNotice,
-    ) -> Result<(), StoreError> {
-        const OP: &str = "discard friend notice";
-        self.write_relaxed_segments(OP, |tx, _| {
-            let mut table = tx.open_table(FRIEND_NOTICES).op(OP)?;
-            let kept = table.get((user, other)).op(OP)?.map(|v| v.value());
-            if kept == Some(notice.to_u8()) {
-                table.remove((user, other)).op(OP)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Removes and returns the notices kept for `user`, by the other
-    /// user's name. A stored kind no version wrote is dropped.
-    pub fn take_friend_notices(
-        &self,
-        user: &str,
-    ) -> Result<Vec<(String, FriendNotice)>, StoreError> {
-        const OP: &str = "take friend notices";
-        // Read first: most logins have none, and a write would cost them
-        // a commit.
-        let any = self.read(OP, |tx| {
+    /// The notices kept for `user`, one per other user, by their name. A
+    /// stored kind no version wrote is left out. Read only: a notice stays until
+    /// [`Store::forget_friend_notices`] names it.
+    pub fn friend_notices(&self, user: &str) -> Result<Vec<KeptNotice>, StoreError> {
+        const OP: &str = "read friend notices";
+        self.read(OP, |tx| {
             let table = tx.open_table(FRIEND_NOTICES).op(OP)?;
-            let mut range = table.range((user, "")..).op(OP)?;
-            Ok(match range.next() {
-                Some(entry) => entry.op(OP)?.0.value().0 == user,
-                None => false,
-            })
-        })?;
-        if !any {
-            return Ok(Vec::new());
-        }
-        self.write(OP, |tx| {
-            let mut table = tx.open_table(FRIEND_NOTICES).op(OP)?;
-            let mut taken = Vec::new();
+            let mut kept = Vec::new();
             for entry in table.range((user, "")..).op(OP)? {
-                let (key, kind) = entry.op(OP)?;
+                let (key, value) = entry.op(OP)?;
                 let (to, other) = key.value();
                 if to != user {
                     break;
                 }
-                taken.push((other.to_owned(), kind.value()));
+                let (number, kind) = value.value();
+                if let Some(notice) = FriendNotice::from_u8(kind) {
+                    kept.push(KeptNotice {
+                        other: other.to_owned(),
+                        number,
+                        notice,
+                    });
+                }
             }
-            for (other, _) in &taken {
-                table.remove((user, other.as_str())).op(OP)?;
+            Ok(kept)
+        })
+    }
+
+    /// Forgets, for `user`, each (other, number) notice once it was pushed;
+    /// a row holding another number (a newer notice) stays. Not made
+    /// durable by its own commit: lost in a crash, a notice is only told
+    /// again at the next login.
+    pub fn forget_friend_notices(
+        &self,
+        user: &str,
+        told: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        const OP: &str = "forget friend notices";
+        self.write_relaxed_segments(OP, |tx, _| {
+            let mut table = tx.open_table(FRIEND_NOTICES).op(OP)?;
+            for (other, number) in told {
+                let kept = table
+                    .get((user, other.as_str()))
+                    .op(OP)?
+                    .map(|v| v.value().0);
+                if kept == Some(*number) {
+                    table.remove((user, other.as_str())).op(OP)?;
+                }
             }
-            Ok(taken
-                .into_iter()
-                .filter_map(|(other, kind)| FriendNotice::from_u8(kind).map(|n| (other, n)))
-                .collect())
+            Ok(())
         })
     }
 
@@ -535,17 +504,24 @@ fn put_group(
     Ok(())
 }
 
-/// Keeps `notice` from `other` for `user`, replacing an earlier one.
-fn keep_notice(
+/// Keeps `notice` from `other` for `user` under a new number, replacing
+/// an earlier one; returns the number.
+pub(super) fn keep_notice(
     tx: &WriteTransaction,
     op: &'static str,
     user: &str,
     other: &str,
     notice: FriendNotice,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
+    let number = {
+        let mut counters = tx.open_table(COUNTERS).op(op)?;
+        let number = counters.get(NEXT_NOTICE).op(op)?.map_or(1, |v| v.value());
+        counters.insert(NEXT_NOTICE, number + 1).op(op)?;
+        number
+    };
     tx.open_table(FRIEND_NOTICES)
         .op(op)?
-        .insert((user, other), notice.to_u8())
+        .insert((user, other), (number, notice.to_u8()))
         .op(op)?;
-    Ok(())
+    Ok(number)
 }

@@ -32,6 +32,8 @@ pub(super) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("co
 pub(super) const NEXT_SEQ: &str = "next_seq";
 /// Counter of announcement ids (first is 1).
 pub(super) const NEXT_ANNOUNCEMENT: &str = "next_announcement";
+/// [`COUNTERS`] key of the next friend notice's number.
+pub(super) const NEXT_NOTICE: &str = "next_friend_notice";
 
 /// One stored envelope in an [`INBOX`] row: (seq, sender, group, message
 /// id, sent_at, expires_at, where its body lies in the segment files).
@@ -128,11 +130,12 @@ pub(super) const FRIEND_REQUESTS_OUT: TableDefinition<(&str, &str), ()> =
 pub(super) const FRIEND_REQUESTS_IN: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("friend_requests_in/1");
 
-/// (user, other) -> notice ([`super::FriendNotice::to_u8`]): the latest
-/// answer to `user`'s friend request from `other`, or `other` ending the
-/// friendship, kept in the transaction that made it and told at `user`'s
-/// next login unless it was pushed live meanwhile.
-pub(super) const FRIEND_NOTICES: TableDefinition<(&str, &str), u8> =
+/// (user, other) -> (notice number, kind [`super::FriendNotice::to_u8`]):
+/// the latest answer to `user`'s friend request from `other`, or `other`
+/// ending the friendship, kept in the transaction that made it until it was
+/// pushed (live or at a login). The number, from [`NEXT_NOTICE`], names this
+/// one notice, so removing it once pushed cannot remove a newer one.
+pub(super) const FRIEND_NOTICES: TableDefinition<(&str, &str), (u64, u8)> =
     TableDefinition::new("friend_notices/1");
 
 /// The ninth session's layout: (requester, answerer) -> accepted, only for
@@ -209,7 +212,6 @@ fn migrate_friend_answers(tx: &WriteTransaction) -> Result<(), StoreError> {
     }
     {
         let answers = tx.open_table(OLD_FRIEND_ANSWERS).op(OP)?;
-        let mut notices = tx.open_table(FRIEND_NOTICES).op(OP)?;
         for entry in answers.iter().op(OP)? {
             let (key, accepted) = entry.op(OP)?;
             let notice = if accepted.value() {
@@ -217,7 +219,8 @@ fn migrate_friend_answers(tx: &WriteTransaction) -> Result<(), StoreError> {
             } else {
                 super::FriendNotice::Declined
             };
-            notices.insert(key.value(), notice.to_u8()).op(OP)?;
+            let (user, other) = key.value();
+            super::social::keep_notice(tx, OP, user, other, notice)?;
         }
     }
     tx.delete_table(OLD_FRIEND_ANSWERS).op(OP)?;

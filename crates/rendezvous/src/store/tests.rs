@@ -731,10 +731,10 @@ fn friends_lifecycle() {
 
     // Crossing requests become a friendship.
     s.friend_request("carol", "alice").unwrap();
-    assert_eq!(
+    assert!(matches!(
         s.friend_request("alice", "carol").unwrap(),
-        FriendRequestOutcome::AcceptedReverse
-    );
+        FriendRequestOutcome::AcceptedReverse { .. }
+    ));
     assert_eq!(s.friends("alice").unwrap(), vec!["bob", "carol"]);
     assert!(s.outgoing_requests("carol").unwrap().is_empty());
 
@@ -763,73 +763,98 @@ fn friends_lifecycle() {
     ));
 }
 
+/// Reads the notices kept for `user` and forgets them all, as a login that
+/// pushed them does: (other, notice).
+fn tell_all(s: &Store, user: &str) -> Vec<(String, FriendNotice)> {
+    let kept = s.friend_notices(user).unwrap();
+    let told: Vec<(String, u64)> = kept.iter().map(|n| (n.other.clone(), n.number)).collect();
+    s.forget_friend_notices(user, &told).unwrap();
+    kept.into_iter().map(|n| (n.other, n.notice)).collect()
+}
+
 /// Each answer and removal keeps a notice for the user it concerns, in
-/// its own transaction; only the latest per pair stays; taking empties;
-/// a live push discards only the notice it told; re-keeping after a failed
-/// login push does not overwrite a newer notice.
+/// its own transaction, under a number no other notice had; only the latest
+/// per pair stays; reading leaves them; forgetting a number leaves a newer
+/// notice of the pair, even one of the same kind.
 #[test]
 fn friend_notices_are_kept_with_the_change_and_the_latest_wins() {
     let (_d, s) = store();
     users(&s, &["alice", "bob", "carol", "dave"]);
-    assert!(s.take_friend_notices("alice").unwrap().is_empty());
+    assert!(s.friend_notices("alice").unwrap().is_empty());
     s.friend_request("alice", "bob").unwrap();
     s.friend_request("alice", "carol").unwrap();
-    s.friend_accept("bob", "alice").unwrap();
-    s.friend_decline("carol", "alice").unwrap();
+    let accepted = s.friend_accept("bob", "alice").unwrap();
+    let declined = s.friend_decline("carol", "alice").unwrap();
+    assert_ne!(accepted, declined);
     // Crossing requests: dave had asked alice, alice's request accepts.
     s.friend_request("dave", "alice").unwrap();
-    s.friend_request("alice", "dave").unwrap();
+    let FriendRequestOutcome::AcceptedReverse { notice } =
+        s.friend_request("alice", "dave").unwrap()
+    else {
+        panic!("not accepted")
+    };
     assert_eq!(
-        s.take_friend_notices("dave").unwrap(),
-        [("alice".to_owned(), FriendNotice::Accepted)]
+        s.friend_notices("dave").unwrap(),
+        [KeptNotice {
+            other: "alice".into(),
+            number: notice,
+            notice: FriendNotice::Accepted
+        }]
     );
-    s.friend_remove("bob", "alice").unwrap();
-    // bob's removal replaced his acceptance.
+    let removed = s.friend_remove("bob", "alice").unwrap();
+    assert!(removed > accepted);
+    // bob's removal replaced his acceptance; reading twice reads the same.
+    let kept = s.friend_notices("alice").unwrap();
+    assert_eq!(kept, s.friend_notices("alice").unwrap());
     assert_eq!(
-        s.take_friend_notices("alice").unwrap(),
+        kept,
+        [
+            KeptNotice {
+                other: "bob".into(),
+                number: removed,
+                notice: FriendNotice::Removed
+            },
+            KeptNotice {
+                other: "carol".into(),
+                number: declined,
+                notice: FriendNotice::Declined
+            },
+        ]
+    );
+    // Forgetting the replaced acceptance's number leaves the removal.
+    s.forget_friend_notices("alice", &[("bob".into(), accepted)])
+        .unwrap();
+    assert_eq!(
+        tell_all(&s, "alice"),
         [
             ("bob".to_owned(), FriendNotice::Removed),
             ("carol".to_owned(), FriendNotice::Declined),
         ]
     );
-    assert!(s.take_friend_notices("alice").unwrap().is_empty());
+    assert!(s.friend_notices("alice").unwrap().is_empty());
     // The remover is told nothing.
-    assert!(s.take_friend_notices("bob").unwrap().is_empty());
+    assert!(s.friend_notices("bob").unwrap().is_empty());
 
-    // Discarding names the notice it told: a newer one stays.
+    // Accepted, removed, accepted again: forgetting the first acceptance
+    // (a late live push) leaves the second, though of the same kind.
     s.friend_request("alice", "carol").unwrap();
-    s.friend_accept("carol", "alice").unwrap();
-    s.discard_friend_notice("alice", "carol", FriendNotice::Declined)
-        .unwrap();
-    s.discard_friend_notice("alice", "bob", FriendNotice::Accepted)
-        .unwrap();
-    assert_eq!(
-        s.take_friend_notices("alice").unwrap(),
-        [("carol".to_owned(), FriendNotice::Accepted)]
-    );
+    let first = s.friend_accept("carol", "alice").unwrap();
     s.friend_remove("carol", "alice").unwrap();
-    s.discard_friend_notice("alice", "carol", FriendNotice::Removed)
-        .unwrap();
-    assert!(s.take_friend_notices("alice").unwrap().is_empty());
-
-    // Kept again after a failed push, unless a newer one came meanwhile.
     s.friend_request("alice", "carol").unwrap();
-    s.friend_decline("carol", "alice").unwrap();
-    s.keep_friend_notices(
-        "alice",
-        &[
-            ("bob".to_owned(), FriendNotice::Accepted),
-            ("carol".to_owned(), FriendNotice::Removed),
-        ],
-    )
-    .unwrap();
+    let second = s.friend_accept("carol", "alice").unwrap();
+    s.forget_friend_notices("alice", &[("carol".into(), first)])
+        .unwrap();
     assert_eq!(
-        s.take_friend_notices("alice").unwrap(),
-        [
-            ("bob".to_owned(), FriendNotice::Accepted),
-            ("carol".to_owned(), FriendNotice::Declined),
-        ]
+        s.friend_notices("alice").unwrap(),
+        [KeptNotice {
+            other: "carol".into(),
+            number: second,
+            notice: FriendNotice::Accepted
+        }]
     );
+    s.forget_friend_notices("alice", &[("carol".into(), second)])
+        .unwrap();
+    assert!(s.friend_notices("alice").unwrap().is_empty());
 }
 
 /// The ninth session's `friend_answers/1` rows are told after an upgrade:
@@ -850,19 +875,19 @@ fn friend_answers_of_the_old_layout_become_notices_at_open() {
             t.insert(("alice", "bob"), true).unwrap();
             t.insert(("alice", "carol"), false).unwrap();
             let mut n = tx.open_table(super::tables::FRIEND_NOTICES).unwrap();
-            n.insert(("alice", "zed"), 9).unwrap();
+            n.insert(("alice", "zed"), (7, 9)).unwrap();
         }
         tx.commit().unwrap();
     }
     let s = Store::open(&path, StoreOptions::default()).unwrap();
     assert_eq!(
-        s.take_friend_notices("alice").unwrap(),
+        tell_all(&s, "alice"),
         [
             ("bob".to_owned(), FriendNotice::Accepted),
             ("carol".to_owned(), FriendNotice::Declined),
         ]
     );
-    assert!(s.take_friend_notices("alice").unwrap().is_empty());
+    assert!(s.friend_notices("alice").unwrap().is_empty());
     drop(s);
     let db = redb::Database::create(&path).unwrap();
     let tx = db.begin_write().unwrap();
