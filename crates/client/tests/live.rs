@@ -3,6 +3,7 @@
 //! homes. An envelope pushed to an online recipient is answered to its
 //! sender only when the recipient acknowledges its delivery id, so a
 //! client must acknowledge every envelope it keeps, however it read it.
+//! Also the user list, which the client reads page by page.
 
 #![allow(
     clippy::unwrap_used,
@@ -269,4 +270,28 @@ async fn closing_with_more_pushes_unread_than_kept_does_not_wait_out_the_close_t
         .pending("bob", 0, UNREAD + 10)
         .unwrap();
     assert_eq!(stored.len(), UNREAD, "every unread message still stored");
+}
+
+/// `users` reads every page: with the server listing two users a page,
+/// five online users come back in name order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_list_is_read_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = server_with(
+        &dir,
+        ServiceConfig {
+            users_page: 2,
+            ..ServiceConfig::default()
+        },
+    );
+    let names = ["erin", "carol", "alice", "dave", "bob"];
+    let mut clients = Vec::new();
+    for name in names {
+        let mut c = client(&dir, name, &running).await;
+        timeout(WAIT, c.connect()).await.unwrap().unwrap();
+        clients.push(c);
+    }
+    let listed = timeout(WAIT, clients[0].users()).await.unwrap().unwrap();
+    let listed: Vec<&str> = listed.iter().map(|u| u.username.as_str()).collect();
+    assert_eq!(listed, ["alice", "bob", "carol", "dave", "erin"]);
 }

@@ -133,6 +133,10 @@ pub struct ServiceConfig {
     /// Beyond it envelopes take the stored path; it bounds what a client
     /// that never acknowledges can make the server remember.
     pub live_window: usize,
+    /// Users one `UsersAfter` page lists at most: [`USERS_PAGE`], which is
+    /// also the most it may be (a larger value is taken as it), so that a
+    /// page always fits one frame. Smaller values serve tests.
+    pub users_page: usize,
 }
 
 impl Default for ServiceConfig {
@@ -146,6 +150,7 @@ impl Default for ServiceConfig {
             invite_key: None,
             live_grace: Duration::from_secs(1),
             live_window: 256,
+            users_page: USERS_PAGE,
         }
     }
 }
@@ -1534,19 +1539,20 @@ impl<P: PushTarget> Service<P> {
             Some(friends) => friends.iter().filter(|n| online.contains_key(*n)).collect(),
             None => online.keys().filter(|n| past(n)).collect(),
         };
-        if names.len() > USERS_PAGE + 1 {
-            names.select_nth_unstable(USERS_PAGE);
-            names.truncate(USERS_PAGE + 1);
+        let page = self.config.users_page.clamp(1, USERS_PAGE);
+        if names.len() > page + 1 {
+            names.select_nth_unstable(page);
+            names.truncate(page + 1);
         }
         names.sort_unstable();
-        // A page: at most USERS_PAGE users and what fits one reply frame.
-        let mut users = Vec::with_capacity(names.len().min(USERS_PAGE));
+        // A page: at most `page` users and what fits one reply frame.
+        let mut users = Vec::with_capacity(names.len().min(page));
         let mut budget = REPLY_BUDGET;
         let mut more = false;
         for n in names {
             let Some(o) = online.get(n) else { continue };
             let cost = n.len() + o.identity.len() + USER_OVERHEAD;
-            if users.len() == USERS_PAGE || cost > budget {
+            if users.len() == page || cost > budget {
                 more = true;
                 break;
             }
