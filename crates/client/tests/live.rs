@@ -19,6 +19,7 @@ use messenger_client::client::{self, Client, Event};
 use messenger_client::conn::ConnectOptions;
 use messenger_client::{Home, KdfParams, Passphrase};
 use messenger_rendezvous::app::{self, Running};
+use messenger_rendezvous::limits::Limits;
 use messenger_rendezvous::rate::Rate;
 use messenger_rendezvous::server::ServerConfig;
 use messenger_rendezvous::service::ServiceConfig;
@@ -44,7 +45,12 @@ fn server(dir: &TempDir) -> Running {
 }
 
 fn server_with(dir: &TempDir, service: ServiceConfig) -> Running {
-    let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
+    server_with_limits(dir, service, Limits::default())
+}
+
+fn server_with_limits(dir: &TempDir, service: ServiceConfig, limits: Limits) -> Running {
+    let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
+    config.limits = limits;
     app::start(config, service, StoreOptions::default()).unwrap()
 }
 
@@ -233,14 +239,23 @@ async fn closing_with_more_pushes_unread_than_kept_does_not_wait_out_the_close_t
     let dir = tempfile::tempdir().unwrap();
     // A short grace: each of alice's sends to bob, who does not acknowledge,
     // is stored (and answered) after it, while bob keeps the push.
+    // Plenty of rate for alice's 1,074 sends on one connection: at the
+    // default 200 requests a second they were refused whenever the sends
+    // ran faster than about 3 ms each.
     let plenty = Rate::per(100_000, Duration::from_secs(1), 100_000);
-    let running = server_with(
+    let running = server_with_limits(
         &dir,
         ServiceConfig {
             live_grace: Duration::from_millis(1),
             send_rate: plenty,
             request_rate: plenty,
             ..ServiceConfig::default()
+        },
+        {
+            let mut limits = Limits::default();
+            limits.requests_per_second = 100_000;
+            limits.request_burst = 100_000;
+            limits
         },
     );
     let mut alice = client(&dir, "alice", &running).await;
