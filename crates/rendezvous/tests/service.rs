@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+#[path = "support/roster.rs"]
+mod roster;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,7 @@ use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyP
 use messenger_proto::ErrorCode;
 use messenger_proto::msg::{
     Login, OutgoingEnvelope, Push, Register, Reply, Request, SignedAnnouncement, SignedRoster,
-    UserInfo, announcement_signed_bytes, roster_signed_bytes,
+    UserInfo, announcement_signed_bytes,
 };
 use messenger_rendezvous::rate::Rate;
 use messenger_rendezvous::service::{
@@ -203,17 +205,9 @@ fn group_send(group: &str, id: u8, body: &[u8]) -> Request {
     }
 }
 
+/// A roster of `members` (sorted here) signed by `owner`.
 fn roster(owner: &User, group: &str, version: u64, members: &[&str]) -> SignedRoster {
-    let mut members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
-    members.sort();
-    let bytes = roster_signed_bytes(group, version, &owner.name, &members).unwrap();
-    SignedRoster {
-        group: group.into(),
-        version,
-        owner: owner.name.clone(),
-        members,
-        signature: owner.id.sign(SigningContext::GroupRoster, &bytes).to_vec(),
-    }
+    roster::signed_roster(&owner.name, &owner.id, group, version, members)
 }
 
 fn named(r: fn(String) -> Request, n: &str) -> Request {

@@ -11,6 +11,7 @@
 )]
 
 pub mod real;
+pub mod roster;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;

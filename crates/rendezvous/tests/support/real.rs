@@ -5,11 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use messenger_crypto::identity::{IdentityKeyPair, SigningContext};
+use messenger_crypto::identity::IdentityKeyPair;
 use messenger_crypto::prekey::{OneTimePrekeyPair, PrekeyIdCounter, SignedPrekeyPair};
-use messenger_proto::msg::{
-    Login, OutgoingEnvelope, Register, Reply, Request, SignedRoster, roster_signed_bytes,
-};
+use messenger_proto::msg::{Login, OutgoingEnvelope, Register, Reply, Request, SignedRoster};
 use messenger_rendezvous::app::{self, Running};
 use messenger_rendezvous::limits::Limits;
 use messenger_rendezvous::rate::Rate;
@@ -168,16 +166,7 @@ pub async fn make_friends(a: &mut TestClient, a_name: &str, b: &mut TestClient, 
 
 /// A roster of `members` (sorted here) signed by `owner`.
 pub fn roster(owner: &Person, group: &str, version: u64, members: &[&str]) -> SignedRoster {
-    let mut members: Vec<String> = members.iter().map(|s| s.to_string()).collect();
-    members.sort();
-    let bytes = roster_signed_bytes(group, version, &owner.name, &members).unwrap();
-    SignedRoster {
-        group: group.into(),
-        version,
-        owner: owner.name.clone(),
-        members,
-        signature: owner.id.sign(SigningContext::GroupRoster, &bytes).to_vec(),
-    }
+    super::roster::signed_roster(&owner.name, &owner.id, group, version, members)
 }
 
 /// A 1:1 envelope with id `[id; 16]`.
