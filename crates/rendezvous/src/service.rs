@@ -1519,17 +1519,16 @@ impl<P: PushTarget> Service<P> {
         after: Option<&str>,
     ) -> Result<(Vec<UserInfo>, bool), ErrorCode> {
         let past = |n: &str| after.is_none_or(|after| n > after);
-        // Friends only: the friend list (sorted) and me are the candidates;
-        // everyone: the online names, of which only the first page's worth
-        // is sorted, so a page costs one pass over the online set and no
-        // copies beyond the page.
+        // Friends only: the friend list and me are the candidates;
+        // everyone: the online names. Either way only the first page's
+        // worth is sorted, so a page costs one pass over the candidates and
+        // no copies beyond the page.
         let friends = if self.config.users_policy == UsersPolicy::FriendsOnly {
             let store = self.store.clone();
             let m = me.to_owned();
             let mut friends = blocking(move || store.friends(&m)).await?;
             friends.push(me.to_owned());
             friends.retain(|n| past(n));
-            friends.sort_unstable();
             Some(friends)
         } else {
             None
