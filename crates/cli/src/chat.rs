@@ -19,7 +19,7 @@ use messenger_client::client::{Client, Event};
 use tokio::sync::mpsc;
 
 use crate::render;
-use crate::{Output, one_line};
+use crate::{Output, error_text};
 
 /// Input lines waiting to be handled: 16; the reader thread waits beyond.
 const LINE_QUEUE: usize = 16;
@@ -143,7 +143,7 @@ async fn command(
                     screen.show(out, &format!("{:>3}. {}", i + 1, render::user_line(u)))?;
                 }
             }
-            Err(e) => screen.show(out, &format!("error: {}", one_line(&chain(&e))))?,
+            Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
         },
         "pull" if rest.is_empty() => match client.pull().await {
             Ok(events) => {
@@ -151,7 +151,7 @@ async fn command(
                     show_event(screen, out, event)?;
                 }
             }
-            Err(e) => screen.show(out, &format!("error: {}", one_line(&chain(&e))))?,
+            Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
         },
         "to" => match rest.split_once(char::is_whitespace) {
             Some((user, text)) => send(client, state, screen, out, user, text.trim()).await?,
@@ -208,25 +208,12 @@ async fn send(
                 state.known.push(user);
             }
         }
-        Err(e) => screen.show(out, &format!("error: {}", one_line(&chain(&e))))?,
+        Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
     }
     for event in client.take_events() {
         show_event(screen, out, &event)?;
     }
     Ok(())
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 /// Reads piped standard input line by line on a thread.

@@ -218,12 +218,8 @@ impl Output {
 /// Prints `error: ...` and maybe `hint: ...` to standard error, one line
 /// each.
 fn report(error: &anyhow::Error) {
-    let message: Vec<String> = error
-        .chain()
-        .map(|cause| one_line(&cause.to_string()))
-        .collect();
     let mut stderr = io::stderr().lock();
-    let _ = writeln!(stderr, "error: {}", message.join(": "));
+    let _ = writeln!(stderr, "error: {}", error_text(error.as_ref()));
     if let Some(hint) = hint(error) {
         let _ = writeln!(stderr, "hint: {hint}");
     }
@@ -267,6 +263,22 @@ fn hint(error: &anyhow::Error) -> Option<String> {
 }
 
 /// Keeps a message on one line: parsers' multi-line messages are folded.
+/// An error and its causes on one line, outermost first, joined by `: `.
+/// A cause whose text an earlier part already shows (an error that puts
+/// its source in its own message) is left out, so nothing is said twice.
+pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let text = one_line(&cause.to_string());
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = cause.source();
+    }
+    parts.join(": ")
+}
+
 pub(crate) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -296,6 +308,35 @@ fn install_panic_hook() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_text_says_each_cause_once() {
+        /// An error with an optional cause, shown as `text` (which may
+        /// already include the cause's text, as `{source}` does).
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let inner = || Some(Box::new(E("too large (7 bytes)", None)));
+        let e = anyhow::Error::from(E("could not encrypt for bob: too large (7 bytes)", inner()));
+        assert_eq!(
+            error_text(e.as_ref()),
+            "could not encrypt for bob: too large (7 bytes)"
+        );
+        let e = anyhow::Error::from(E("could not send", inner())).context("send\n failed");
+        assert_eq!(
+            error_text(e.as_ref()),
+            "send failed: could not send: too large (7 bytes)"
+        );
+    }
 
     #[test]
     fn one_line_folds_whitespace() {

@@ -110,7 +110,7 @@ pub enum RatchetError {
     #[error("session cannot send yet")]
     NotReady,
     /// The plaintext is longer than [`MAX_PLAINTEXT_LEN`].
-    #[error("plaintext too large ({0} bytes)")]
+    #[error("plaintext too large ({0} bytes; at most {max})", max = MAX_PLAINTEXT_LEN)]
     TooLarge(usize),
     /// The sending chain's counter is used up (after 2^32 messages).
     #[error("sending chain exhausted")]
