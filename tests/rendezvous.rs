@@ -101,6 +101,26 @@ fn prints_address_and_certificate_and_reuses_it() {
         fp1, fp2,
         "a restart must keep the certificate clients pinned"
     );
+    // A second server on the same data directory says why it cannot start
+    // and leaves the running one's files alone.
+    let addr_record = std::fs::read(dir.path().join("rendezvous.addr")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rendezvous"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("open in another process") && stderr.contains("another rendezvous"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no ready lines: {:?}", out.stdout);
+    assert_eq!(
+        std::fs::read(dir.path().join("rendezvous.addr")).unwrap(),
+        addr_record
+    );
     terminate(second);
 }
 

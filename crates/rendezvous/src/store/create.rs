@@ -256,14 +256,7 @@ mod tests {
                                 true
                             }
                             Err(e) => {
-                                assert!(
-                                    matches!(
-                                        &e,
-                                        StoreError::Storage { source, .. }
-                                            if matches!(**source, redb::Error::DatabaseAlreadyOpen)
-                                    ),
-                                    "round {round}: {e:?}"
-                                );
+                                assert!(matches!(e, StoreError::InUse), "round {round}: {e:?}");
                                 false
                             }
                         })

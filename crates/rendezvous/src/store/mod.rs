@@ -409,8 +409,13 @@ pub enum StoreError {
         #[source]
         source: Arc<redb::Error>,
     },
+    /// Another process has the database open (redb locks the file).
+    #[error(
+        "the database is open in another process (is another rendezvous serving this data directory?)"
+    )]
+    InUse,
     /// Any other storage failure.
-    #[error("storage error during {op}")]
+    #[error("storage error during {op}: {source}")]
     Storage {
         /// The operation that failed.
         op: &'static str,
@@ -883,8 +888,10 @@ struct Slot {
 
 /// Maps a redb error to a [`StoreError`], naming the operation.
 fn classify(op: &'static str, err: redb::Error) -> StoreError {
-    if let redb::Error::Corrupted(msg) = &err {
-        return StoreError::Corrupt(format!("{op}: {msg}"));
+    match &err {
+        redb::Error::Corrupted(msg) => return StoreError::Corrupt(format!("{op}: {msg}")),
+        redb::Error::DatabaseAlreadyOpen => return StoreError::InUse,
+        _ => {}
     }
     let full = match &err {
         redb::Error::Io(io) => io_is_full(io),
