@@ -356,6 +356,15 @@ fn chat_over_piped_stdin_shows_live_messages_and_presence() {
         .wait_for_prefix("* alice is offline", CHAT_WAIT)
         .unwrap();
 
+    // While the chat holds bob's home, another command of his says why it
+    // cannot run and what to do, and sends nothing.
+    let stderr = bob.fails(&["send", "alice", "from another terminal"]);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    assert!(
+        stderr.contains("hint: ") && stderr.contains("messenger chat"),
+        "{stderr}"
+    );
+
     // bob answers from the chat; a bare line goes to the same person.
     let answer = format!("answer {}", marker());
     let again = format!("again {}", marker());

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context as _, anyhow, bail};
 use messenger_client::client::{self, Client, ClientError, Event, FriendAction};
 use messenger_client::conn::{ConnError, ConnectOptions};
+use messenger_client::engine::EngineError;
+use messenger_client::store::StoreError;
 use messenger_client::{Home, HomeError};
 use messenger_proto::ErrorCode;
 use serde::Serialize;
@@ -370,6 +372,10 @@ pub(crate) fn hint(error: &anyhow::Error) -> Option<String> {
                 ),
                 ClientError::Queued { .. } => Some(
                     "it is sent by the next command that reaches the server (e.g. `messenger pull`)"
+                        .to_owned(),
+                ),
+                ClientError::Engine(EngineError::Store(StoreError::Locked { .. })) => Some(
+                    "one messenger command at a time uses a home: if `messenger chat` runs with it, send from there (`to USER TEXT`) or quit it first"
                         .to_owned(),
                 ),
                 ClientError::Connect { source, .. } => conn_hint(source),
