@@ -409,6 +409,117 @@ fn chat_over_piped_stdin_shows_live_messages_and_presence() {
     assert_no_marker_in_dir(&data, &markers);
 }
 
+/// Stops `server` with SIGTERM (its clients are told it shuts down) and
+/// waits for it to exit.
+fn stop_gracefully(mut server: Rendezvous) {
+    let pid = server.started.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + CHAT_WAIT;
+    while server.started.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The chat outlives a server restart: it says the connection went and
+/// connects again by itself; a message typed meanwhile waits in the outbox
+/// and goes out with the new connection, and live messages show again.
+#[test]
+fn chat_connects_again_after_the_server_restarts() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("server");
+    let server = start_server(&data);
+    let listen = server.addr.to_string();
+    let alice = User::new(root.path(), "alice");
+    let bob = User::new(root.path(), "bob");
+    alice.register(&server, true);
+    bob.register(&server, true);
+    // A session both ways, so bob can write to alice while offline.
+    alice.ok(&["send", "bob", "hello"]);
+    assert_eq!(texts(&bob.pull_json()), ["hello"]);
+
+    // bob's home copied, as onto a second device: the same identity.
+    let bob_elsewhere = User {
+        name: "bob".to_owned(),
+        home: root.path().join("bob-elsewhere"),
+        passphrase: bob.passphrase.clone(),
+    };
+    copy_dir(&bob.home, &bob_elsewhere.home);
+
+    let mut cmd = bob.cmd(&["chat"]);
+    cmd.stdin(Stdio::piped())
+        .env("MESSENGER_CONNECT_TIMEOUT_MS", "1500");
+    let mut chat = spawn_and_wait_for_line(cmd, "connected as bob", CHAT_WAIT).unwrap();
+    let mut stdin = chat.child.child_mut().stdin.take().unwrap();
+
+    stop_gracefully(server);
+    let line = chat
+        .stdout
+        .wait_for_prefix("* disconnected: ", CHAT_WAIT)
+        .unwrap();
+    assert!(
+        line.contains("shutting down") && line.contains("connecting again"),
+        "{line}"
+    );
+    let away = format!("away {}", marker());
+    writeln!(stdin, "to alice {away}").unwrap();
+    let line = chat
+        .stdout
+        .wait_for_prefix("* not connected: ", CHAT_WAIT)
+        .unwrap();
+    assert!(line.contains("to alice waits in the outbox"), "{line}");
+
+    let server = Rendezvous::start(rendezvous_bin(), &listen, &data, &[], &[]).unwrap();
+    chat.stdout
+        .wait_for_prefix("* connected again", CHAT_WAIT)
+        .unwrap();
+    let back = format!("back {}", marker());
+    alice.ok(&["send", "bob", &back]);
+    let line = chat.stdout.wait_for_prefix("[", CHAT_WAIT).unwrap();
+    assert!(line.ends_with(&format!("alice: {back}")), "{line}");
+    assert_eq!(texts(&alice.pull_json()), [away]);
+
+    // Replaced by a login of the same user elsewhere, the chat ends instead
+    // of connecting again (which would replace that login in turn).
+    bob_elsewhere.ok(&["users"]);
+    chat.stdout
+        .wait_for_prefix("* disconnected: this user logged in elsewhere", CHAT_WAIT)
+        .unwrap();
+    let line = chat
+        .stdout
+        .wait_for_prefix("* disconnected: ", CHAT_WAIT)
+        .unwrap();
+    assert!(line.contains("logged in on another connection"), "{line}");
+    assert!(!line.contains("connecting again"), "{line}");
+    let deadline = Instant::now() + CHAT_WAIT;
+    let status = loop {
+        if let Some(status) = chat.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "chat did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{}", chat.stdout.transcript());
+    drop(stdin);
+    drop(server);
+}
+
+/// Copies the files of `from` (no subdirectories expected) into a new `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        assert!(entry.file_type().unwrap().is_file(), "{:?}", entry.path());
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 #[test]
 fn safety_numbers_match_and_a_changed_key_blocks_a_verified_contact() {
     let root = tempfile::tempdir().unwrap();

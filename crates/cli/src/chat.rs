@@ -12,11 +12,14 @@
 //! the last user list), a bare line to the last person written to, `pull`,
 //! `help`, `quit` / `exit`.
 
+use std::collections::VecDeque;
 use std::io::{self, BufRead as _, IsTerminal as _};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use messenger_client::client::{Client, Event};
+use messenger_client::client::{Client, ClientError, Event};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::render;
 use crate::{Output, error_text};
@@ -52,8 +55,18 @@ impl Screen {
     }
 }
 
-/// Runs the chat session until `quit`, the end of input, or a lost
-/// connection.
+/// First wait before connecting again after the connection was lost;
+/// doubled after each failed try, up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two tries to connect again.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// Runs the chat session until `quit`, the end of input, or a connection
+/// that ended for good. A connection lost for a passing reason (the
+/// server restarting, the network gone) is made again, after 1 s, then
+/// twice as long after each failed try, up to 30 s; meanwhile what is typed
+/// is handled as usual (a message goes to the outbox if the server cannot
+/// be reached, and out with the next connection).
 pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result<()> {
     client.connect().await?;
     let (tx, mut lines) = mpsc::channel::<String>(LINE_QUEUE);
@@ -75,26 +88,135 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
     for event in client.pull().await? {
         show_event(&mut screen, out, &event)?;
     }
+    // When to connect again, and how long to wait if that fails.
+    let mut retry: Option<(Instant, Duration)> = None;
+    // Lines typed while connecting again, handled once that is over.
+    let mut held: VecDeque<String> = VecDeque::new();
+    // Why the last try to connect again failed, as shown.
+    let mut said: Option<String> = None;
     loop {
-        tokio::select! {
-            push = client.next_push() => {
-                let Some(push) = push else {
-                    let reason = client.disconnect_reason();
-                    screen.show(out, &format!("* disconnected: {reason}"))?;
-                    anyhow::bail!("disconnected: {reason}");
-                };
-                for event in client.handle_push(push).await? {
-                    show_event(&mut screen, out, &event)?;
+        if retry.is_some() && client.is_connected() {
+            // A command (a send, `users`) connected on its own.
+            retry = None;
+            screen.show(out, "* connected again")?;
+        }
+        let line = if let Some(line) = held.pop_front() {
+            Some(line)
+        } else {
+            let online = client.is_connected();
+            let wake = retry.map_or_else(Instant::now, |(at, _)| at);
+            tokio::select! {
+                push = client.next_push(), if online => {
+                    match push {
+                        Some(push) => {
+                            for event in client.handle_push(push).await? {
+                                show_event(&mut screen, out, &event)?;
+                            }
+                        }
+                        None => {
+                            let reason = client.disconnect_reason();
+                            if !reason.is_transient() {
+                                screen.show(out, &format!("* disconnected: {reason}"))?;
+                                anyhow::bail!("disconnected: {reason}");
+                            }
+                            screen.show(
+                                out,
+                                &format!(
+                                    "* disconnected: {reason}; connecting again in {} s",
+                                    RECONNECT_FIRST.as_secs()
+                                ),
+                            )?;
+                            retry = Some((Instant::now() + RECONNECT_FIRST, RECONNECT_FIRST));
+                        }
+                    }
+                    continue;
                 }
-            }
-            line = lines.recv() => {
-                let Some(line) = line else { return Ok(()) };
-                if !command(client, &mut state, &mut screen, out, line.trim()).await? {
-                    return Ok(());
+                () = tokio::time::sleep_until(wake), if retry.is_some() => {
+                    let wait = retry.map_or(RECONNECT_FIRST, |(_, wait)| wait);
+                    retry = None;
+                    match connect_again(client, &mut lines, &mut held).await {
+                        Again::Connected(Ok(flushed)) => {
+                            said = None;
+                            screen.show(out, "* connected again")?;
+                            if flushed > 0 {
+                                screen.show(
+                                    out,
+                                    &format!("sent {flushed} earlier message(s) from the outbox"),
+                                )?;
+                            }
+                            match client.pull().await {
+                                Ok(events) => {
+                                    for event in &events {
+                                        show_event(&mut screen, out, event)?;
+                                    }
+                                }
+                                Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
+                            }
+                        }
+                        Again::Connected(Err(e)) if e.is_transient() => {
+                            let next = (wait * 2).min(RECONNECT_MAX);
+                            // Why, once; then only that it goes on.
+                            let why = error_text(&e);
+                            let line = if said.as_ref() == Some(&why) {
+                                format!("* still disconnected; next try in {} s", next.as_secs())
+                            } else {
+                                format!("* still disconnected: {why}; next try in {} s", next.as_secs())
+                            };
+                            said = Some(why);
+                            screen.show(out, &line)?;
+                            retry = Some((Instant::now() + next, next));
+                        }
+                        Again::Connected(Err(e)) => {
+                            screen.show(out, &format!("* cannot connect again: {}", error_text(&e)))?;
+                            return Err(e.into());
+                        }
+                        Again::Leave => return Ok(()),
+                    }
+                    continue;
                 }
+                line = lines.recv() => line,
             }
+        };
+        let Some(line) = line else { return Ok(()) };
+        if !command(client, &mut state, &mut screen, out, line.trim()).await? {
+            return Ok(());
         }
     }
+}
+
+/// How a try to connect again ended.
+enum Again {
+    /// The try finished, well or not.
+    Connected(Result<usize, ClientError>),
+    /// `quit` (or the end of input) came first: the try is dropped.
+    Leave,
+}
+
+/// Connects again while still reading input: `quit` or the end of input
+/// leaves at once; other lines wait in `held` (at most [`LINE_QUEUE`];
+/// beyond, input waits in the channel).
+async fn connect_again(
+    client: &mut Client,
+    lines: &mut mpsc::Receiver<String>,
+    held: &mut VecDeque<String>,
+) -> Again {
+    let connecting = client.connect();
+    tokio::pin!(connecting);
+    loop {
+        tokio::select! {
+            result = &mut connecting => return Again::Connected(result),
+            line = lines.recv(), if held.len() < LINE_QUEUE => match line {
+                None => return Again::Leave,
+                Some(line) if is_quit(line.trim()) => return Again::Leave,
+                Some(line) => held.push_back(line),
+            },
+        }
+    }
+}
+
+/// Whether `line` (trimmed) ends the session.
+fn is_quit(line: &str) -> bool {
+    matches!(line, "quit" | "exit")
 }
 
 #[derive(Default)]
@@ -127,7 +249,7 @@ async fn command(
         None => (line, ""),
     };
     match first {
-        "quit" | "exit" if rest.is_empty() => return Ok(false),
+        _ if is_quit(line) => return Ok(false),
         "help" if rest.is_empty() => {
             for l in HELP.lines() {
                 screen.show(out, l)?;
@@ -208,6 +330,10 @@ async fn send(
                 state.known.push(user);
             }
         }
+        Err(ClientError::Queued { user, .. }) => screen.show(
+            out,
+            &format!("* not connected: the message to {user} waits in the outbox and goes out once connected"),
+        )?,
         Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
     }
     for event in client.take_events() {

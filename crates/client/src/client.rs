@@ -32,7 +32,7 @@ use messenger_proto::msg::{
 };
 use tokio::sync::mpsc;
 
-use crate::conn::{ConnError, ConnectOptions, Connection, PinPolicy, resolve};
+use crate::conn::{ClosedReason, ConnError, ConnectOptions, Connection, PinPolicy, resolve};
 use crate::engine::{Engine, EngineError, KeyStatus, NewSession, Received};
 use crate::home::{Home, HomeError, Profile, ServerInfo};
 use crate::passphrase::PassphraseSource;
@@ -115,6 +115,19 @@ pub enum ClientError {
     /// No async runtime could be made.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+}
+
+impl ClientError {
+    /// Whether trying the same again later may succeed: the server could
+    /// not be reached, or the connection ended for a passing reason
+    /// ([`ConnError::is_transient`]). Not for a changed certificate, a
+    /// refused login, a replaced connection, or anything local.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { source, .. } | Self::Conn(source) => source.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 /// Something the user should see besides the result: printed on standard
@@ -436,7 +449,7 @@ impl Client {
         self.conn
             .as_ref()
             .ok_or(ClientError::Conn(ConnError::Closed {
-                reason: crate::conn::ClosedReason::Local,
+                reason: ClosedReason::Local,
             }))
     }
 
@@ -491,7 +504,7 @@ impl Client {
             .conn
             .take()
             .ok_or(ClientError::Conn(ConnError::Closed {
-                reason: crate::conn::ClosedReason::Local,
+                reason: ClosedReason::Local,
             }))?;
         let mut later = Vec::new();
         let result = self.await_reply(&conn, request, &mut later).await;
@@ -901,16 +914,23 @@ impl Client {
         rx.recv().await
     }
 
-    /// Why the connection ended, in words, and forgets it (the next command
-    /// connects again).
-    pub fn disconnect_reason(&mut self) -> String {
+    /// Why the connection ended ([`fmt::Display`] says it in words), and
+    /// forgets it: the next command, or [`Client::connect`], connects again.
+    pub fn disconnect_reason(&mut self) -> ClosedReason {
         self.pushes = None;
-        let reason = match self.conn.as_ref().and_then(Connection::close_reason) {
-            Some(reason) => reason.to_string(),
-            None => "the connection ended".to_owned(),
-        };
+        let reason = self
+            .conn
+            .as_ref()
+            .and_then(Connection::close_reason)
+            .unwrap_or_else(|| ClosedReason::Lost("the connection ended".to_owned()));
         self.conn = None;
         reason
+    }
+
+    /// Whether a connection is open (it may still turn out to have ended:
+    /// then [`Client::next_push`] returns `None`).
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
     }
 
     /// Handles one push from [`Client::next_push`]: an envelope is stored,

@@ -265,6 +265,27 @@ pub enum ConnError {
     Io(#[source] std::io::Error),
 }
 
+impl ConnError {
+    /// Whether the same may succeed later: nothing answered, the request
+    /// or handshake did not finish, the socket could not be opened, the
+    /// server was busy ([`ErrorCode::RateLimited`]), failed inside or ran
+    /// out of disk, or the connection ended for a passing reason
+    /// ([`ClosedReason::is_transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::Timeout(_) | Self::Io(_) | Self::Handshake { .. } => {
+                true
+            }
+            Self::Closed { reason } => reason.is_transient(),
+            Self::Server(code) => matches!(
+                code,
+                ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::StorageFull
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// How the server broke the protocol.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -329,6 +350,27 @@ pub enum ClosedReason {
     Lost(String),
     /// This client closed it.
     Local,
+}
+
+impl ClosedReason {
+    /// Whether connecting again may work: the server shut down, dropped or
+    /// refused this client for load, timed it out, or the connection was
+    /// lost. Not when another login replaced it (connecting again would
+    /// replace that one in turn), the server sent what this client cannot
+    /// read or closed it with another code (a protocol error), or this
+    /// client closed it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::ShuttingDown
+            | Self::TooSlow
+            | Self::LoginTimedOut
+            | Self::Done
+            | Self::Refused
+            | Self::TimedOut
+            | Self::Lost(_) => true,
+            Self::Replaced | Self::ByServer { .. } | Self::BadFrame(_) | Self::Local => false,
+        }
+    }
 }
 
 impl fmt::Display for ClosedReason {
