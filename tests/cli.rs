@@ -268,6 +268,57 @@ fn passwd_wrong_old_fails_cleanly_right_old_changes_it() {
     assert!(line.contains("empty"), "{line}");
 }
 
+/// A short new passphrase is taken with one warning on stderr (init and
+/// passwd); one of 12 characters or more gets none.
+#[test]
+fn a_short_new_passphrase_is_warned_about() {
+    let t = Temp::new();
+    let stderr_of = |cmd: &mut Command| {
+        let out = cmd.assert().success().get_output().clone();
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let init = |home: &Path, passphrase: &str| {
+        let mut cmd = messenger();
+        cmd.arg("--home")
+            .arg(home)
+            .args(["init", "alice", "--kdf-memory-mib", KDF_MIB])
+            .env("MESSENGER_PASSPHRASE", passphrase);
+        cmd
+    };
+    let short = t.home("short");
+    let err = stderr_of(&mut init(&short, "hunter2 é"));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("warning: a passphrase of 9 characters can be guessed"),
+        "{err}"
+    );
+    assert!(err.contains("12 or more characters"), "{err}");
+    let long = t.home("long");
+    assert_eq!(stderr_of(&mut init(&long, "twelve chars")), "");
+
+    let mut passwd = messenger();
+    passwd
+        .arg("passwd")
+        .arg("--home")
+        .arg(&long)
+        .env("MESSENGER_PASSPHRASE", "twelve chars")
+        .env("MESSENGER_NEW_PASSPHRASE", "tiny");
+    let err = stderr_of(&mut passwd);
+    assert!(
+        err.starts_with("warning: a passphrase of 4 characters"),
+        "{err}"
+    );
+    // Unlocking with a short passphrase warns of nothing.
+    let mut passwd = messenger();
+    passwd
+        .arg("passwd")
+        .arg("--home")
+        .arg(&long)
+        .env("MESSENGER_PASSPHRASE", "tiny")
+        .env("MESSENGER_NEW_PASSPHRASE", "long enough again");
+    assert_eq!(stderr_of(&mut passwd), "");
+}
+
 #[test]
 fn passphrase_files() {
     let t = Temp::new();

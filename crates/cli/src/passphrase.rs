@@ -38,8 +38,44 @@ impl CliPassphrases {
     }
 }
 
+/// A new passphrase shorter than this many characters is taken, with a
+/// warning: whoever copies the home can try guesses offline, and argon2id
+/// slows each guess but cannot save a short passphrase.
+pub(crate) const ADVISED_PASSPHRASE_CHARS: usize = 12;
+
+/// The warning for a new passphrase of `chars` characters, if it is short.
+pub(crate) fn short_passphrase_warning(chars: usize) -> Option<String> {
+    (chars < ADVISED_PASSPHRASE_CHARS).then(|| {
+        format!(
+            "warning: a passphrase of {chars} characters can be guessed by whoever copies your home; \
+             {ADVISED_PASSPHRASE_CHARS} or more characters (or four words) are much safer \
+             (change it with `messenger passwd`)"
+        )
+    })
+}
+
 impl PassphraseSource for CliPassphrases {
     fn passphrase(
+        &mut self,
+        purpose: PassphrasePurpose,
+        name: &Username,
+    ) -> Result<Passphrase, PassphraseError> {
+        let passphrase = self.find(purpose, name)?;
+        if matches!(
+            purpose,
+            PassphrasePurpose::Create | PassphrasePurpose::Change
+        ) && !passphrase.is_empty()
+            && let Some(warning) = short_passphrase_warning(passphrase.expose().chars().count())
+        {
+            eprintln!("{warning}");
+        }
+        Ok(passphrase)
+    }
+}
+
+impl CliPassphrases {
+    /// The passphrase from the first place that has one.
+    fn find(
         &mut self,
         purpose: PassphrasePurpose,
         name: &Username,
