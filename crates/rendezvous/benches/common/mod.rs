@@ -25,7 +25,19 @@ use crate::support::{self, TestClient};
 
 // ---------------------------------------------------------------- machine
 
+/// Whether `BENCH_NO_PIN` asks for nothing to be pinned: the server and
+/// the load generator then share both CPUs (not the rule of
+/// performance.md §5; for comparison only).
+fn unpinned() -> bool {
+    std::env::var_os("BENCH_NO_PIN").is_some()
+}
+
+/// Whether processes are pinned: `taskset` exists and `BENCH_NO_PIN` is
+/// not set.
 pub fn has_taskset() -> bool {
+    if unpinned() {
+        return false;
+    }
     Command::new("taskset")
         .arg("-V")
         .stdout(Stdio::null())
@@ -45,6 +57,8 @@ pub fn pin_self() {
         println!(
             "load generator pinned to CPU 0: {ok}; server child pinned to CPU 1 (taskset -c 1)"
         );
+    } else if unpinned() {
+        println!("BENCH_NO_PIN set: nothing pinned (server and load generator share the CPUs)");
     } else {
         println!("taskset not found: nothing pinned");
     }
