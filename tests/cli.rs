@@ -293,6 +293,7 @@ fn a_short_new_passphrase_is_warned_about() {
         "{err}"
     );
     assert!(err.contains("12 or more characters"), "{err}");
+    assert!(err.contains("messenger passwd"), "{err}");
     let long = t.home("long");
     assert_eq!(stderr_of(&mut init(&long, "twelve chars")), "");
 
@@ -308,6 +309,7 @@ fn a_short_new_passphrase_is_warned_about() {
         err.starts_with("warning: a passphrase of 4 characters"),
         "{err}"
     );
+    assert!(!err.contains("messenger passwd"), "{err}");
     // Unlocking with a short passphrase warns of nothing.
     let mut passwd = messenger();
     passwd

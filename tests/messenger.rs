@@ -467,6 +467,8 @@ fn chat_connects_again_after_the_server_restarts() {
         line.contains("shutting down") && line.contains("connecting again"),
         "{line}"
     );
+    // While not connected, a message goes straight to the outbox, and
+    // `users` says why it cannot answer.
     let away = format!("away {}", marker());
     writeln!(stdin, "to alice {away}").unwrap();
     let line = chat
@@ -474,11 +476,25 @@ fn chat_connects_again_after_the_server_restarts() {
         .wait_for_prefix("* not connected: ", CHAT_WAIT)
         .unwrap();
     assert!(line.contains("to alice waits in the outbox"), "{line}");
+    writeln!(stdin, "users").unwrap();
+    chat.stdout
+        .wait_for_prefix("* not connected; next try in", CHAT_WAIT)
+        .unwrap();
+    // A try fails while the server is away (the next is 2 s later).
+    chat.stdout
+        .wait_for_prefix("* still disconnected: ", CHAT_WAIT)
+        .unwrap();
 
     let server = Rendezvous::start(rendezvous_bin(), &listen, &data, &[], &[]).unwrap();
+    // Sent before bob is back (unless his next try is quicker): it waits
+    // in his mailbox, and the chat fetches it once connected.
+    let meanwhile = format!("meanwhile {}", marker());
+    alice.ok(&["send", "bob", &meanwhile]);
     chat.stdout
         .wait_for_prefix("* connected again", CHAT_WAIT)
         .unwrap();
+    let line = chat.stdout.wait_for_prefix("[", CHAT_WAIT).unwrap();
+    assert!(line.ends_with(&format!("alice: {meanwhile}")), "{line}");
     let back = format!("back {}", marker());
     alice.ok(&["send", "bob", &back]);
     let line = chat.stdout.wait_for_prefix("[", CHAT_WAIT).unwrap();

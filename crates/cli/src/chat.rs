@@ -64,9 +64,10 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Runs the chat session until `quit`, the end of input, or a connection
 /// that ended for good. A connection lost for a passing reason (the
 /// server restarting, the network gone) is made again, after 1 s, then
-/// twice as long after each failed try, up to 30 s; meanwhile what is typed
-/// is handled as usual (a message goes to the outbox if the server cannot
-/// be reached, and out with the next connection).
+/// twice as long after each failed try, up to 30 s. Meanwhile what is typed
+/// is handled at once: a message goes to the outbox and out with the next
+/// connection, `users` and `pull` say that the chat is not connected, and
+/// `quit` leaves, even during a try.
 pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result<()> {
     client.connect().await?;
     let (tx, mut lines) = mpsc::channel::<String>(LINE_QUEUE);
@@ -88,31 +89,38 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
     for event in client.pull().await? {
         show_event(&mut screen, out, &event)?;
     }
-    // When to connect again, and how long to wait if that fails.
-    let mut retry: Option<(Instant, Duration)> = None;
-    // Lines typed while connecting again, handled once that is over.
+    // Lines typed during a try to connect again, handled after it.
     let mut held: VecDeque<String> = VecDeque::new();
     // Why the last try to connect again failed, as shown.
     let mut said: Option<String> = None;
     loop {
-        if retry.is_some() && client.is_connected() {
-            // A command (a send, `users`) connected on its own.
-            retry = None;
-            screen.show(out, "* connected again")?;
+        if state.retry.is_some() && client.is_connected() {
+            // A command connected on its own.
+            state.retry = None;
+            said = None;
+            connected_again(client, &mut screen, out, 0).await?;
         }
         let line = if let Some(line) = held.pop_front() {
             Some(line)
         } else {
             let online = client.is_connected();
-            let wake = retry.map_or_else(Instant::now, |(at, _)| at);
+            let wake = state.retry.map_or_else(Instant::now, |(at, _)| at);
             tokio::select! {
                 push = client.next_push(), if online => {
                     match push {
-                        Some(push) => {
-                            for event in client.handle_push(push).await? {
-                                show_event(&mut screen, out, &event)?;
+                        Some(push) => match client.handle_push(push).await {
+                            Ok(events) => {
+                                for event in &events {
+                                    show_event(&mut screen, out, event)?;
+                                }
                             }
-                        }
+                            // The connection went under the acknowledgement:
+                            // the next push says so, and it is made again.
+                            Err(e) if e.is_transient() => {
+                                screen.show(out, &format!("error: {}", error_text(&e)))?;
+                            }
+                            Err(e) => return Err(e.into()),
+                        },
                         None => {
                             let reason = client.disconnect_reason();
                             if !reason.is_transient() {
@@ -126,34 +134,40 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
                                     RECONNECT_FIRST.as_secs()
                                 ),
                             )?;
-                            retry = Some((Instant::now() + RECONNECT_FIRST, RECONNECT_FIRST));
+                            state.retry = Some((Instant::now() + RECONNECT_FIRST, RECONNECT_FIRST));
                         }
                     }
                     continue;
                 }
-                () = tokio::time::sleep_until(wake), if retry.is_some() => {
-                    let wait = retry.map_or(RECONNECT_FIRST, |(_, wait)| wait);
-                    retry = None;
-                    match connect_again(client, &mut lines, &mut held).await {
-                        Again::Connected(Ok(flushed)) => {
-                            said = None;
-                            screen.show(out, "* connected again")?;
-                            if flushed > 0 {
-                                screen.show(
-                                    out,
-                                    &format!("sent {flushed} earlier message(s) from the outbox"),
-                                )?;
-                            }
-                            match client.pull().await {
-                                Ok(events) => {
-                                    for event in &events {
-                                        show_event(&mut screen, out, event)?;
-                                    }
+                () = tokio::time::sleep_until(wake), if state.retry.is_some() => {
+                    let wait = state.retry.map_or(RECONNECT_FIRST, |(_, wait)| wait);
+                    let result = match connect_again(client, &mut lines, &mut held).await {
+                        Some(result) => result,
+                        None => {
+                            // Leaving: what was typed before goes to the
+                            // outbox (still not connected), then out.
+                            while let Some(line) = held.pop_front() {
+                                if !command(client, &mut state, &mut screen, out, line.trim()).await? {
+                                    break;
                                 }
-                                Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
                             }
+                            return Ok(());
                         }
-                        Again::Connected(Err(e)) if e.is_transient() => {
+                    };
+                    match result {
+                        Ok(flushed) => {
+                            state.retry = None;
+                            said = None;
+                            connected_again(client, &mut screen, out, flushed).await?;
+                        }
+                        // Logged in, but sending the outbox failed.
+                        Err(e) if client.is_connected() => {
+                            state.retry = None;
+                            said = None;
+                            connected_again(client, &mut screen, out, 0).await?;
+                            screen.show(out, &format!("error: {}", error_text(&e)))?;
+                        }
+                        Err(e) if e.is_transient() => {
                             let next = (wait * 2).min(RECONNECT_MAX);
                             // Why, once; then only that it goes on.
                             let why = error_text(&e);
@@ -164,13 +178,12 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
                             };
                             said = Some(why);
                             screen.show(out, &line)?;
-                            retry = Some((Instant::now() + next, next));
+                            state.retry = Some((Instant::now() + next, next));
                         }
-                        Again::Connected(Err(e)) => {
+                        Err(e) => {
                             screen.show(out, &format!("* cannot connect again: {}", error_text(&e)))?;
                             return Err(e.into());
                         }
-                        Again::Leave => return Ok(()),
                     }
                     continue;
                 }
@@ -184,30 +197,49 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
     }
 }
 
-/// How a try to connect again ended.
-enum Again {
-    /// The try finished, well or not.
-    Connected(Result<usize, ClientError>),
-    /// `quit` (or the end of input) came first: the try is dropped.
-    Leave,
+/// Says the chat is connected again, with how many outbox messages went,
+/// and shows what waited on the server meanwhile.
+async fn connected_again(
+    client: &mut Client,
+    screen: &mut Screen,
+    out: &mut Output,
+    flushed: usize,
+) -> anyhow::Result<()> {
+    screen.show(out, "* connected again")?;
+    if flushed > 0 {
+        screen.show(
+            out,
+            &format!("sent {flushed} earlier message(s) from the outbox"),
+        )?;
+    }
+    match client.pull().await {
+        Ok(events) => {
+            for event in &events {
+                show_event(screen, out, event)?;
+            }
+        }
+        Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
+    }
+    Ok(())
 }
 
-/// Connects again while still reading input: `quit` or the end of input
-/// leaves at once; other lines wait in `held` (at most [`LINE_QUEUE`];
-/// beyond, input waits in the channel).
+/// Connects again while still reading input: `None` when `quit` or the end
+/// of input comes first (the try is dropped; the lines before it are in
+/// `held`). Other lines wait in `held` (at most [`LINE_QUEUE`]; beyond,
+/// input waits in the channel).
 async fn connect_again(
     client: &mut Client,
     lines: &mut mpsc::Receiver<String>,
     held: &mut VecDeque<String>,
-) -> Again {
+) -> Option<Result<usize, ClientError>> {
     let connecting = client.connect();
     tokio::pin!(connecting);
     loop {
         tokio::select! {
-            result = &mut connecting => return Again::Connected(result),
+            result = &mut connecting => return Some(result),
             line = lines.recv(), if held.len() < LINE_QUEUE => match line {
-                None => return Again::Leave,
-                Some(line) if is_quit(line.trim()) => return Again::Leave,
+                None => return None,
+                Some(line) if is_quit(line.trim()) => return None,
                 Some(line) => held.push_back(line),
             },
         }
@@ -227,6 +259,21 @@ struct State {
     last: Option<String>,
     /// Everyone written to or heard from in this session.
     known: Vec<String>,
+    /// While not connected: when to try again, and how long to wait after
+    /// that try if it fails.
+    retry: Option<(Instant, Duration)>,
+}
+
+impl State {
+    /// The line for a command that needs the server while not connected.
+    fn offline_line(&self) -> Option<String> {
+        self.retry.map(|(at, _)| {
+            let left = at.saturating_duration_since(Instant::now());
+            // Rounded up: "0 s" would read as "now".
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            format!("* not connected; next try in {secs} s")
+        })
+    }
 }
 
 fn show_event(screen: &mut Screen, out: &mut Output, event: &Event) -> anyhow::Result<()> {
@@ -253,6 +300,11 @@ async fn command(
         "help" if rest.is_empty() => {
             for l in HELP.lines() {
                 screen.show(out, l)?;
+            }
+        }
+        "users" | "cl" | "client_list" | "pull" if rest.is_empty() && state.retry.is_some() => {
+            if let Some(line) = state.offline_line() {
+                screen.show(out, &line)?;
             }
         }
         "users" | "cl" | "client_list" if rest.is_empty() => match client.users().await {
@@ -319,22 +371,45 @@ async fn send(
         return screen.show(out, "nothing to send");
     }
     let user = user.to_lowercase();
-    match client.send(&user, text).await {
-        Ok(_) => {
+    let result = if state.retry.is_some() {
+        // Known to be out of reach: straight to the outbox, no connect
+        // timeout to wait out.
+        client.send_later(&user, text).map(|_| None)
+    } else {
+        client.send(&user, text).await.map(Some)
+    };
+    let saved = match result {
+        Ok(Some(_)) => {
             for event in client.take_events() {
                 show_event(screen, out, &event)?;
             }
             screen.show(out, &format!("sent to {user}"))?;
-            state.last = Some(user.clone());
-            if !state.known.contains(&user) {
-                state.known.push(user);
-            }
+            true
         }
-        Err(ClientError::Queued { user, .. }) => screen.show(
-            out,
-            &format!("* not connected: the message to {user} waits in the outbox and goes out once connected"),
-        )?,
-        Err(e) => screen.show(out, &format!("error: {}", error_text(&e)))?,
+        Ok(None) => {
+            screen.show(
+                out,
+                &format!("* not connected: the message to {user} waits in the outbox and goes out once connected"),
+            )?;
+            true
+        }
+        Err(ClientError::Queued { reason, .. }) => {
+            screen.show(
+                out,
+                &format!("* not sent yet: the message to {user} waits in the outbox and goes out with the next one or connection ({reason})"),
+            )?;
+            true
+        }
+        Err(e) => {
+            screen.show(out, &format!("error: {}", error_text(&e)))?;
+            false
+        }
+    };
+    if saved {
+        state.last = Some(user.clone());
+        if !state.known.contains(&user) {
+            state.known.push(user);
+        }
     }
     for event in client.take_events() {
         show_event(screen, out, &event)?;

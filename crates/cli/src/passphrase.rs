@@ -43,13 +43,18 @@ impl CliPassphrases {
 /// slows each guess but cannot save a short passphrase.
 pub(crate) const ADVISED_PASSPHRASE_CHARS: usize = 12;
 
-/// The warning for a new passphrase of `chars` characters, if it is short.
-pub(crate) fn short_passphrase_warning(chars: usize) -> Option<String> {
+/// The warning for a new passphrase of `chars` characters, if it is short;
+/// `later` adds how to change it afterwards (not said by `passwd` itself).
+pub(crate) fn short_passphrase_warning(chars: usize, later: bool) -> Option<String> {
     (chars < ADVISED_PASSPHRASE_CHARS).then(|| {
+        let how = if later {
+            " (change it with `messenger passwd`)"
+        } else {
+            ""
+        };
         format!(
             "warning: a passphrase of {chars} characters can be guessed by whoever copies your home; \
-             {ADVISED_PASSPHRASE_CHARS} or more characters (or four words) are much safer \
-             (change it with `messenger passwd`)"
+             {ADVISED_PASSPHRASE_CHARS} or more characters (or four words) are much safer{how}"
         )
     })
 }
@@ -65,7 +70,10 @@ impl PassphraseSource for CliPassphrases {
             purpose,
             PassphrasePurpose::Create | PassphrasePurpose::Change
         ) && !passphrase.is_empty()
-            && let Some(warning) = short_passphrase_warning(passphrase.expose().chars().count())
+            && let Some(warning) = short_passphrase_warning(
+                passphrase.expose().chars().count(),
+                purpose == PassphrasePurpose::Create,
+            )
         {
             eprintln!("{warning}");
         }

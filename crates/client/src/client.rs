@@ -102,6 +102,13 @@ pub enum ClientError {
         /// Why it is not sent.
         reason: String,
     },
+    /// Not connected, and a first message needs the recipient's keys from
+    /// the server: nothing was saved.
+    #[error("not connected: a first message to {user} needs their keys from the server")]
+    NeedsServer {
+        /// The recipient.
+        user: String,
+    },
     /// The server answered with something this operation does not expect.
     #[error("the server answered a {0} request with a reply of another kind")]
     UnexpectedReply(&'static str),
@@ -696,17 +703,21 @@ impl Client {
     /// needed, nothing is saved).
     pub async fn send(&mut self, to: &str, text: &str) -> Result<Sent, ClientError> {
         let to = username(to)?;
-        let flushed = match self.connect().await {
+        let was_connected = self.is_connected();
+        let ready = match self.connect().await {
+            // Messages a send could not deliver while connected are still in
+            // the outbox: they go first, so the order holds.
+            Ok(_) if was_connected => self.flush_outbox().await,
+            other => other,
+        };
+        let flushed = match ready {
             Ok(flushed) => flushed,
             Err(e) if !self.engine.needs_bundle(&to)? => {
                 // Offline, but a session exists: save it for the next run.
-                self.warn_if_changed(&to)?;
-                let entry = self
-                    .engine
-                    .prepare_send(&to, None, text, &mut rand::rng(), now())?;
+                let id = self.save_for_later(&to, text)?;
                 return Err(ClientError::Queued {
                     user: to.to_string(),
-                    reason: format!("{}; id {}", one_line(&e), hex(&entry.id)),
+                    reason: format!("{}; id {id}", one_line(&e)),
                 });
             }
             Err(e) => return Err(e),
@@ -736,6 +747,36 @@ impl Client {
             id: hex(&entry.id),
             flushed,
         })
+    }
+
+    /// Saves a message for `to` in the outbox without connecting, for a
+    /// caller that knows the server is out of reach (`chat` between its
+    /// tries to connect again); it goes out, in order, with the next
+    /// connection. Returns its id (hex).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NeedsServer`] for a first message (the recipient's
+    /// keys come from the server); as [`Client::send`] for a blocked
+    /// contact or a storage failure.
+    pub fn send_later(&mut self, to: &str, text: &str) -> Result<String, ClientError> {
+        let to = username(to)?;
+        if self.engine.needs_bundle(&to)? {
+            return Err(ClientError::NeedsServer {
+                user: to.to_string(),
+            });
+        }
+        self.save_for_later(&to, text)
+    }
+
+    /// Encrypts a message for `to` over the existing session and keeps it in
+    /// the outbox; its id (hex).
+    fn save_for_later(&mut self, to: &Username, text: &str) -> Result<String, ClientError> {
+        self.warn_if_changed(to)?;
+        let entry = self
+            .engine
+            .prepare_send(to, None, text, &mut rand::rng(), now())?;
+        Ok(hex(&entry.id))
     }
 
     async fn fetch_bundle(&mut self, to: &Username) -> Result<VerifiedBundle, ClientError> {

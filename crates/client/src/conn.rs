@@ -206,6 +206,15 @@ pub enum ConnError {
     /// The pinned fingerprint is malformed.
     #[error(transparent)]
     BadPin(PinError),
+    /// The server's host name could not be looked up (no network, no
+    /// answer from the resolver, or no such name now).
+    #[error("cannot look up the server {addr:?}: {reason}")]
+    Lookup {
+        /// The address as given.
+        addr: String,
+        /// What the resolver said.
+        reason: String,
+    },
     /// Nothing answered the handshake in time.
     #[error(
         "no answer from {addr} within the connect timeout; is the server running and the address right?"
@@ -266,16 +275,18 @@ pub enum ConnError {
 }
 
 impl ConnError {
-    /// Whether the same may succeed later: nothing answered, the request
-    /// or handshake did not finish, the socket could not be opened, the
+    /// Whether the same may succeed later: the name did not resolve,
+    /// nothing answered, the request or handshake did not finish, the socket could not be opened, the
     /// server was busy ([`ErrorCode::RateLimited`]), failed inside or ran
     /// out of disk, or the connection ended for a passing reason
     /// ([`ClosedReason::is_transient`]).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Unreachable { .. } | Self::Timeout(_) | Self::Io(_) | Self::Handshake { .. } => {
-                true
-            }
+            Self::Lookup { .. }
+            | Self::Unreachable { .. }
+            | Self::Timeout(_)
+            | Self::Io(_)
+            | Self::Handshake { .. } => true,
             Self::Closed { reason } => reason.is_transient(),
             Self::Server(code) => matches!(
                 code,
@@ -354,11 +365,13 @@ pub enum ClosedReason {
 
 impl ClosedReason {
     /// Whether connecting again may work: the server shut down, dropped or
-    /// refused this client for load, timed it out, or the connection was
-    /// lost. Not when another login replaced it (connecting again would
-    /// replace that one in turn), the server sent what this client cannot
-    /// read or closed it with another code (a protocol error), or this
-    /// client closed it.
+    /// refused this client for load, timed it out, failed inside (603), or
+    /// closed it for a stream or frame that did not arrive in time (701,
+    /// 704: a bad link), or the connection was lost. Not when another login
+    /// replaced it (connecting again would replace that one in turn), the
+    /// server could not read what this client sent (100–102) or this client
+    /// what the server sent (a protocol error either way), or this client
+    /// closed it.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::ShuttingDown
@@ -368,7 +381,8 @@ impl ClosedReason {
             | Self::Refused
             | Self::TimedOut
             | Self::Lost(_) => true,
-            Self::Replaced | Self::ByServer { .. } | Self::BadFrame(_) | Self::Local => false,
+            Self::ByServer { code, .. } => matches!(code, 603 | 701 | 704),
+            Self::Replaced | Self::BadFrame(_) | Self::Local => false,
         }
     }
 }
@@ -751,7 +765,8 @@ impl Drop for Connection {
 ///
 /// # Errors
 ///
-/// [`ConnError::BadAddress`] if it does not parse or resolve.
+/// [`ConnError::BadAddress`] if it is not a host name or address,
+/// [`ConnError::Lookup`] if the name does not resolve (now).
 pub async fn resolve(server: &str) -> Result<SocketAddr, ConnError> {
     let bad = |reason: String| ConnError::BadAddress {
         addr: server.to_owned(),
@@ -766,7 +781,10 @@ pub async fn resolve(server: &str) -> Result<SocketAddr, ConnError> {
     if server.is_empty() || server.contains(['/', ' ']) {
         return Err(bad("not a host name or address".to_owned()));
     }
-    let with_port = if server.contains(':') {
+    let with_port = if let Some((_, port)) = server.rsplit_once(':') {
+        if port.parse::<u16>().is_err() {
+            return Err(bad("the port is not a number from 0 to 65535".to_owned()));
+        }
         server.to_owned()
     } else {
         format!("{server}:{DEFAULT_PORT}")
@@ -780,10 +798,14 @@ pub async fn resolve(server: &str) -> Result<SocketAddr, ConnError> {
     })
     .await
     .map_err(|_| bad("the resolver task failed".to_owned()))?;
+    let lookup = |reason: String| ConnError::Lookup {
+        addr: server.to_owned(),
+        reason,
+    };
     match resolved {
         Ok(Some(addr)) => Ok(addr),
-        Ok(None) => Err(bad("the name has no address".to_owned())),
-        Err(reason) => Err(bad(reason)),
+        Ok(None) => Err(lookup("the name has no address".to_owned())),
+        Err(reason) => Err(lookup(reason)),
     }
 }
 
@@ -1187,6 +1209,48 @@ mod tests {
                 .to_string()
                 .contains("another connection")
         );
+    }
+
+    #[test]
+    fn passing_and_lasting_failures_are_told_apart() {
+        let transient = [
+            ClosedReason::ShuttingDown,
+            ClosedReason::TimedOut,
+            ClosedReason::Lost("reset".to_owned()),
+            ClosedReason::ByServer {
+                code: 704,
+                reason: String::new(),
+            },
+        ];
+        for reason in transient {
+            assert!(reason.is_transient(), "{reason:?}");
+            assert!(ConnError::Closed { reason }.is_transient());
+        }
+        let lasting = [
+            ClosedReason::Replaced,
+            ClosedReason::BadFrame("x".to_owned()),
+            ClosedReason::Local,
+            ClosedReason::ByServer {
+                code: 100,
+                reason: String::new(),
+            },
+        ];
+        for reason in lasting {
+            assert!(!reason.is_transient(), "{reason:?}");
+            assert!(!ConnError::Closed { reason }.is_transient());
+        }
+        let lookup = ConnError::Lookup {
+            addr: "chat.example".to_owned(),
+            reason: "no network".to_owned(),
+        };
+        assert!(lookup.is_transient());
+        assert!(ConnError::Server(ErrorCode::RateLimited).is_transient());
+        assert!(!ConnError::Server(ErrorCode::BadSignature).is_transient());
+        let mismatch = ConnError::CertificateMismatch {
+            expected: "a".to_owned(),
+            actual: "b".to_owned(),
+        };
+        assert!(!mismatch.is_transient());
     }
 
     #[tokio::test]
