@@ -61,6 +61,18 @@ const RECONNECT_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between two tries to connect again.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
+/// `wait` times a random factor from 0.75 to 1.25, so that the clients a
+/// restarting server dropped all at once do not come back all at once.
+fn jittered(wait: Duration) -> Duration {
+    wait.mul_f64(rand::random_range(0.75..1.25))
+}
+
+/// A wait in whole seconds, rounded to the nearest ("in 0 s" would read as
+/// "now", so at least 1).
+fn seconds(wait: Duration) -> u64 {
+    (wait.as_secs_f64().round() as u64).max(1)
+}
+
 /// Runs the chat session until `quit`, the end of input, or a connection
 /// that ended for good. A connection lost for a passing reason (the
 /// server restarting, the network gone) is made again, after 1 s, then
@@ -127,14 +139,15 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
                                 screen.show(out, &format!("* disconnected: {reason}"))?;
                                 anyhow::bail!("disconnected: {reason}");
                             }
+                            let delay = jittered(RECONNECT_FIRST);
                             screen.show(
                                 out,
                                 &format!(
                                     "* disconnected: {reason}; connecting again in {} s",
-                                    RECONNECT_FIRST.as_secs()
+                                    seconds(delay)
                                 ),
                             )?;
-                            state.retry = Some((Instant::now() + RECONNECT_FIRST, RECONNECT_FIRST));
+                            state.retry = Some((Instant::now() + delay, RECONNECT_FIRST));
                         }
                     }
                     continue;
@@ -169,16 +182,17 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
                         }
                         Err(e) if e.is_transient() => {
                             let next = (wait * 2).min(RECONNECT_MAX);
+                            let delay = jittered(next);
                             // Why, once; then only that it goes on.
                             let why = error_text(&e);
                             let line = if said.as_ref() == Some(&why) {
-                                format!("* still disconnected; next try in {} s", next.as_secs())
+                                format!("* still disconnected; next try in {} s", seconds(delay))
                             } else {
-                                format!("* still disconnected: {why}; next try in {} s", next.as_secs())
+                                format!("* still disconnected: {why}; next try in {} s", seconds(delay))
                             };
                             said = Some(why);
                             screen.show(out, &line)?;
-                            state.retry = Some((Instant::now() + next, next));
+                            state.retry = Some((Instant::now() + delay, next));
                         }
                         Err(e) => {
                             screen.show(out, &format!("* cannot connect again: {}", error_text(&e)))?;
@@ -269,9 +283,7 @@ impl State {
     fn offline_line(&self) -> Option<String> {
         self.retry.map(|(at, _)| {
             let left = at.saturating_duration_since(Instant::now());
-            // Rounded up: "0 s" would read as "now".
-            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-            format!("* not connected; next try in {secs} s")
+            format!("* not connected; next try in {} s", seconds(left))
         })
     }
 }
@@ -450,4 +462,21 @@ fn spawn_editor(
         }
     });
     Ok(Box::new(printer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_are_spread_and_shown_in_whole_seconds() {
+        let wait = Duration::from_secs(8);
+        let draws: Vec<Duration> = (0..200).map(|_| jittered(wait)).collect();
+        assert!(draws.iter().all(|d| (6.0..10.0).contains(&d.as_secs_f64())));
+        // Spread, not one value for everybody.
+        assert!(draws.iter().any(|d| *d < wait) && draws.iter().any(|d| *d > wait));
+        assert_eq!(seconds(Duration::from_millis(400)), 1);
+        assert_eq!(seconds(Duration::from_millis(1_600)), 2);
+        assert_eq!(seconds(RECONNECT_MAX), 30);
+    }
 }
