@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use messenger_testkit::{Rendezvous, spawn_and_wait_for_line};
+use messenger_testkit::{Rendezvous, Started, spawn_and_wait_for_line};
 use rand::RngExt as _;
 use serde_json::Value;
 
@@ -350,8 +350,7 @@ fn chat_over_piped_stdin_shows_live_messages_and_presence() {
     chat.stdout
         .wait_for_prefix("* alice is online", CHAT_WAIT)
         .unwrap();
-    let line = chat.stdout.wait_for_prefix("[", CHAT_WAIT).unwrap();
-    assert!(line.ends_with(&format!("alice: {live}")), "{line}");
+    expect_message(&mut chat, "alice", &live);
     chat.stdout
         .wait_for_prefix("* alice is offline", CHAT_WAIT)
         .unwrap();
@@ -379,14 +378,7 @@ fn chat_over_piped_stdin_shows_live_messages_and_presence() {
         .unwrap();
     writeln!(stdin, "quit").unwrap();
     drop(stdin);
-    let deadline = Instant::now() + CHAT_WAIT;
-    let status = loop {
-        if let Some(status) = chat.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "chat did not quit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = chat_exit(&mut chat);
     assert!(status.success(), "{}", chat.stdout.transcript());
     // The users listing showed bob himself, numbered.
     assert!(
@@ -407,6 +399,25 @@ fn chat_over_piped_stdin_shows_live_messages_and_presence() {
     assert_no_marker_in("the server's log", log.as_bytes(), &markers);
     drop(server);
     assert_no_marker_in_dir(&data, &markers);
+}
+
+/// Waits for the chat's next message line and checks it is `text` from
+/// `from`.
+fn expect_message(chat: &mut Started, from: &str, text: &str) {
+    let line = chat.stdout.wait_for_prefix("[", CHAT_WAIT).unwrap();
+    assert!(line.ends_with(&format!("{from}: {text}")), "{line}");
+}
+
+/// Waits (at most [`CHAT_WAIT`]) for the chat to exit.
+fn chat_exit(chat: &mut Started) -> std::process::ExitStatus {
+    let deadline = Instant::now() + CHAT_WAIT;
+    loop {
+        if let Some(status) = chat.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "chat did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Stops `server` with SIGTERM (its clients are told it shuts down) and
@@ -493,12 +504,10 @@ fn chat_connects_again_after_the_server_restarts() {
     chat.stdout
         .wait_for_prefix("* connected again", CHAT_WAIT)
         .unwrap();
-    let line = chat.stdout.wait_for_prefix("[", CHAT_WAIT).unwrap();
-    assert!(line.ends_with(&format!("alice: {meanwhile}")), "{line}");
+    expect_message(&mut chat, "alice", &meanwhile);
     let back = format!("back {}", marker());
     alice.ok(&["send", "bob", &back]);
-    let line = chat.stdout.wait_for_prefix("[", CHAT_WAIT).unwrap();
-    assert!(line.ends_with(&format!("alice: {back}")), "{line}");
+    expect_message(&mut chat, "alice", &back);
     assert_eq!(texts(&alice.pull_json()), [away]);
 
     // Replaced by a login of the same user elsewhere, the chat ends instead
@@ -513,14 +522,7 @@ fn chat_connects_again_after_the_server_restarts() {
         .unwrap();
     assert!(line.contains("logged in on another connection"), "{line}");
     assert!(!line.contains("connecting again"), "{line}");
-    let deadline = Instant::now() + CHAT_WAIT;
-    let status = loop {
-        if let Some(status) = chat.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "chat did not end");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = chat_exit(&mut chat);
     assert_eq!(status.code(), Some(1), "{}", chat.stdout.transcript());
     drop(stdin);
     drop(server);
