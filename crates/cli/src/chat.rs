@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use messenger_client::client::{Client, ClientError, Event};
+use messenger_client::conn::ClosedReason;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -105,6 +106,9 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
     let mut held: VecDeque<String> = VecDeque::new();
     // Why the last try to connect again failed, as shown.
     let mut said: Option<String> = None;
+    // Whether the server's notice of a replacing login was shown (the
+    // close that follows need not say it again).
+    let mut told_replaced = false;
     loop {
         if state.retry.is_some() && client.is_connected() {
             // A command connected on its own.
@@ -123,6 +127,7 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
                         Some(push) => match client.handle_push(push).await {
                             Ok(events) => {
                                 for event in &events {
+                                    told_replaced |= matches!(event, Event::Disconnected { .. });
                                     show_event(&mut screen, out, event)?;
                                 }
                             }
@@ -136,7 +141,9 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
                         None => {
                             let reason = client.disconnect_reason();
                             if !reason.is_transient() {
-                                screen.show(out, &format!("* disconnected: {reason}"))?;
+                                if !(told_replaced && reason == ClosedReason::Replaced) {
+                                    screen.show(out, &format!("* disconnected: {reason}"))?;
+                                }
                                 anyhow::bail!("disconnected: {reason}");
                             }
                             let delay = jittered(RECONNECT_FIRST);
