@@ -163,6 +163,14 @@ pub enum Warning {
     /// An announcement not signed by the key the server showed at the
     /// start of this connection; dropped (T-77).
     BadAnnouncement,
+    /// A message waiting in the outbox was refused for a reason of its
+    /// recipient's (a full mailbox, an account gone); the others went on.
+    NotDelivered {
+        /// The recipient.
+        user: String,
+        /// What happened, and what becomes of the message.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Warning {
@@ -185,6 +193,12 @@ impl fmt::Display for Warning {
             Self::Upkeep(what) => write!(f, "key upkeep failed: {what}"),
             Self::BadAnnouncement => {
                 f.write_str("dropped an announcement that the server's key did not sign")
+            }
+            Self::NotDelivered { user, reason } => {
+                write!(
+                    f,
+                    "an earlier message to {user} was not delivered: {reason}"
+                )
             }
         }
     }
@@ -461,12 +475,39 @@ impl Client {
     }
 
     /// Sends every outbox entry, oldest first, each with its saved
-    /// ciphertext and id; stops at the first failure (the rest stay).
+    /// ciphertext and id. A refusal that concerns one recipient (their
+    /// mailbox is full, their account is gone) holds back only that
+    /// recipient's later entries, so their order holds and nobody else
+    /// waits behind them; it is told as a [`Warning::NotDelivered`]. Any
+    /// other failure (the connection, the server) stops the flush, and the
+    /// rest stay.
     async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
         let mut sent = 0;
+        let mut held: Vec<String> = Vec::new();
         for entry in self.engine.outbox()? {
-            self.deliver(&entry).await?;
-            sent += 1;
+            let to = entry.to.to_string();
+            if held.contains(&to) {
+                continue;
+            }
+            match self.deliver(&entry).await {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    let reason = match e {
+                        ClientError::UnknownUser { .. } => {
+                            "the account no longer exists; the message is marked failed"
+                        }
+                        ClientError::Conn(ConnError::Server(ErrorCode::QuotaExceeded)) => {
+                            "their mailbox on the server is full; it stays in the outbox and goes out with a later send"
+                        }
+                        e => return Err(e),
+                    };
+                    self.pending.push(Event::Warning(Warning::NotDelivered {
+                        user: to.clone(),
+                        reason: reason.to_owned(),
+                    }));
+                    held.push(to);
+                }
+            }
         }
         Ok(sent)
     }

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use messenger_client::client::{self, Client, Event};
+use messenger_client::client::{self, Client, ClientError, Event, Warning};
 use messenger_client::conn::ConnectOptions;
 use messenger_client::{Home, KdfParams, Passphrase};
 use messenger_rendezvous::app::{self, Running};
@@ -49,9 +49,13 @@ fn server_with(dir: &TempDir, service: ServiceConfig) -> Running {
 }
 
 fn server_with_limits(dir: &TempDir, service: ServiceConfig, limits: Limits) -> Running {
+    start(dir, service, limits, StoreOptions::default())
+}
+
+fn start(dir: &TempDir, service: ServiceConfig, limits: Limits, store: StoreOptions) -> Running {
     let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("server"));
     config.limits = limits;
-    app::start(config, service, StoreOptions::default()).unwrap()
+    app::start(config, service, store).unwrap()
 }
 
 async fn client(dir: &TempDir, name: &str, running: &Running) -> Client {
@@ -309,4 +313,88 @@ async fn the_user_list_is_read_page_by_page() {
     let listed = timeout(WAIT, clients[0].users()).await.unwrap().unwrap();
     let listed: Vec<&str> = listed.iter().map(|u| u.username.as_str()).collect();
     assert_eq!(listed, ["alice", "bob", "carol", "dave", "erin"]);
+}
+
+/// A message that waits in the outbox because its recipient's mailbox is
+/// full holds back only that recipient's later messages: a send to someone
+/// else goes out (with a warning about the one held), and the held one goes
+/// out, in order, with a later send once the mailbox has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_holds_back_only_its_own_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(
+        &dir,
+        ServiceConfig::default(),
+        Limits::default(),
+        StoreOptions {
+            mailbox_max_messages: 1,
+            ..StoreOptions::default()
+        },
+    );
+    let mut alice = client(&dir, "alice", &running).await;
+    let mut bob = client(&dir, "bob", &running).await;
+    let mut carol = client(&dir, "carol", &running).await;
+    // bob and carol are offline: their messages wait in their mailboxes.
+    timeout(WAIT, alice.send("bob", "b1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let full = timeout(WAIT, alice.send("bob", "b2")).await.unwrap();
+    assert!(
+        matches!(full, Err(ClientError::Queued { ref user, .. }) if user == "bob"),
+        "{full:?}"
+    );
+    alice.take_events();
+
+    timeout(WAIT, alice.send("carol", "c1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let warned = alice.take_events();
+    assert!(
+        warned.iter().any(|e| matches!(
+            e,
+            Event::Warning(Warning::NotDelivered { user, .. }) if user == "bob"
+        )),
+        "{warned:?}"
+    );
+    assert_eq!(
+        texts(&timeout(WAIT, carol.pull()).await.unwrap().unwrap()),
+        ["c1"]
+    );
+
+    // bob reads b1 (and goes offline again); b2 goes out with alice's next
+    // send, before it.
+    assert_eq!(
+        texts(&timeout(WAIT, bob.pull()).await.unwrap().unwrap()),
+        ["b1"]
+    );
+    timeout(WAIT, bob.close()).await.unwrap();
+    timeout(WAIT, carol.close()).await.unwrap();
+    let sent = timeout(WAIT, alice.send("carol", "c2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent.flushed, 1);
+    assert!(alice.take_events().is_empty());
+    let mut bob = reopen(&dir, "bob");
+    assert_eq!(
+        texts(&timeout(WAIT, bob.pull()).await.unwrap().unwrap()),
+        ["b2"]
+    );
+    let mut carol = reopen(&dir, "carol");
+    assert_eq!(
+        texts(&timeout(WAIT, carol.pull()).await.unwrap().unwrap()),
+        ["c2"]
+    );
+}
+
+/// The client of a home [`client`] made, opened again.
+fn reopen(dir: &TempDir, name: &str) -> Client {
+    Client::open(
+        &Home::at(dir.path().join(name)),
+        &mut Passphrase::new("correct horse".to_owned()),
+        ConnectOptions::default(),
+    )
+    .unwrap()
 }
