@@ -110,12 +110,6 @@ pub(crate) async fn run(client: &mut Client, out: &mut Output) -> anyhow::Result
     // close that follows need not say it again).
     let mut told_replaced = false;
     loop {
-        if state.retry.is_some() && client.is_connected() {
-            // A command connected on its own.
-            state.retry = None;
-            said = None;
-            connected_again(client, &mut screen, out, 0).await?;
-        }
         let line = if let Some(line) = held.pop_front() {
             Some(line)
         } else {

@@ -262,7 +262,6 @@ fn hint(error: &anyhow::Error) -> Option<String> {
     None
 }
 
-/// Keeps a message on one line: parsers' multi-line messages are folded.
 /// An error and its causes on one line, outermost first, joined by `: `.
 /// A cause whose text an earlier part already shows (an error that puts
 /// its source in its own message) is left out, so nothing is said twice.
@@ -279,6 +278,7 @@ pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// Keeps a message on one line: parsers' multi-line messages are folded.
 pub(crate) fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -483,10 +483,9 @@ impl Client {
     /// rest stay.
     async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
         let mut sent = 0;
-        let mut held: Vec<String> = Vec::new();
+        let mut held: Vec<Username> = Vec::new();
         for entry in self.engine.outbox()? {
-            let to = entry.to.to_string();
-            if held.contains(&to) {
+            if held.contains(&entry.to) {
                 continue;
             }
             match self.deliver(&entry).await {
@@ -502,10 +501,10 @@ impl Client {
                         e => return Err(e),
                     };
                     self.pending.push(Event::Warning(Warning::NotDelivered {
-                        user: to.clone(),
+                        user: entry.to.to_string(),
                         reason: reason.to_owned(),
                     }));
-                    held.push(to);
+                    held.push(entry.to);
                 }
             }
         }
